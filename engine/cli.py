@@ -1,0 +1,215 @@
+"""Command line: ``python -m engine incoming|migrate``. Parsing and output only.
+
+Every failure the engine expects ends as one line on stderr (``engine: error: ...``) and a
+non-zero exit status, never a traceback: 1 for a failed migration, 2 for bad arguments,
+130/143 when cancelled by SIGINT/SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from .compression import method_names
+from .errors import ConfigError, MigrationCancelled, MigrationError
+from .params import DEFAULT_CHANNELS, DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_STALL_TIMEOUT, MigrationParams, parse_size
+from .ram import FILLS, BlockSpec, GuestRam, fill_pages, safe_file_name
+from .stats import human_summary
+from .wire import TARGET_PAGE_SIZE
+
+DEFAULT_BLOCK = "pc.ram"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        print(f"engine: error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--channels", "--multifd-channels", dest="channels", type=int, default=DEFAULT_CHANNELS,
+                   metavar="N", help=f"multifd-channels (default {DEFAULT_CHANNELS})")
+    p.add_argument("--compression", "--multifd-compression", dest="compression", default="none",
+                   metavar="|".join(method_names()), help="multifd-compression (default none)")
+    p.add_argument("--uuid", default=None, help="uuid for the channel handshake (default all zeros, as QEMU's)")
+    p.add_argument("--dump", metavar="DIR", type=Path, default=None,
+                   help="write each RAM block to a file in DIR plus DIR/manifest.json")
+    p.add_argument("--json", action="store_true", help="print one JSON object (query-migrate names) instead of a summary")
+    p.add_argument("--handshake-timeout", type=float, default=DEFAULT_HANDSHAKE_TIMEOUT, metavar="SECONDS",
+                   help=f"deadline for connecting and each channel handshake (default {DEFAULT_HANDSHAKE_TIMEOUT:g})")
+    p.add_argument("--stall-timeout", type=float, default=DEFAULT_STALL_TIMEOUT, metavar="SECONDS",
+                   help=f"deadline for any single wait on the peer or a channel (default {DEFAULT_STALL_TIMEOUT:g})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="python -m engine", description="QEMU 7.2-compatible multifd migration engine")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    inc = sub.add_parser("incoming", help="wait for one migration and receive it")
+    inc.add_argument("uri", help="tcp:HOST:PORT, tcp:[IPV6]:PORT or unix:PATH (port 0 picks a free port)")
+    _common(inc)
+    inc.add_argument("--listen-timeout", type=float, default=600.0, metavar="SECONDS",
+                     help="how long to wait for a source to connect (default 600)")
+
+    mig = sub.add_parser("migrate", help="migrate a guest's RAM to a destination")
+    mig.add_argument("uri", help="tcp:HOST:PORT, tcp:[IPV6]:PORT or unix:PATH")
+    _common(mig)
+    src = mig.add_mutually_exclusive_group(required=True)
+    src.add_argument("--ram-image", action="append", metavar="[NAME=]PATH",
+                     help=f"a RAM block from a file (repeat for several; default name {DEFAULT_BLOCK})")
+    src.add_argument("--ram-size", metavar="SIZE", help="a generated guest of SIZE bytes (K/M/G suffixes)")
+    mig.add_argument("--fill", choices=FILLS, default="mixed", help="content of a --ram-size guest (default mixed)")
+    mig.add_argument("--seed", type=int, default=0, help="seed for --fill (default 0)")
+    mig.add_argument("--level", type=int, default=None,
+                     help="multifd-zlib-level / multifd-zstd-level / lz4 acceleration (default 1)")
+    mig.add_argument("--machine", default="none", help="machine name for the configuration section (default none)")
+    return parser
+
+
+def _params(args: argparse.Namespace) -> MigrationParams:
+    uuid = MigrationParams.uuid_from_text(args.uuid) if args.uuid else bytes(16)
+    return MigrationParams(
+        channels=args.channels, compression=args.compression, level=getattr(args, "level", None), uuid=uuid,
+        machine=getattr(args, "machine", "none"), handshake_timeout=args.handshake_timeout,
+        stall_timeout=args.stall_timeout,
+    )
+
+
+def parse_image_arg(text: str) -> tuple[str, Path]:
+    name, eq, path = text.partition("=")
+    if not eq:
+        return DEFAULT_BLOCK, Path(text)
+    if not name:
+        raise ConfigError(f"--ram-image {text!r}: empty block name before '='")
+    return name, Path(path)
+
+
+def load_images(items: Sequence[str]) -> GuestRam:
+    specs: list[BlockSpec] = []
+    paths: list[Path] = []
+    for item in items:
+        name, path = parse_image_arg(item)
+        try:
+            size = path.stat().st_size
+        except OSError as exc:
+            raise ConfigError(f"--ram-image {item!r}: cannot read {str(path)!r}: {exc.strerror}") from None
+        if not path.is_file():
+            raise ConfigError(f"--ram-image {item!r}: {str(path)!r} is not a regular file")
+        if size == 0 or size % TARGET_PAGE_SIZE:
+            raise ConfigError(
+                f"--ram-image {item!r}: {size} bytes, expected a positive multiple of {TARGET_PAGE_SIZE}"
+            )
+        specs.append(BlockSpec(name, size))
+        paths.append(path)
+    ram = GuestRam.create(specs)
+    try:
+        for block, path in zip(ram, paths):
+            with open(path, "rb", buffering=0) as f:
+                view = block.buf
+                got = 0
+                while got < block.size:
+                    n = f.readinto(view[got:])
+                    if not n:
+                        raise ConfigError(f"RAM image {str(path)!r} shrank while being read")
+                    got += n
+    except BaseException:
+        ram.close()
+        raise
+    return ram
+
+
+def generated_ram(size_text: str, fill: str, seed: int) -> GuestRam:
+    size = parse_size(size_text, "--ram-size")
+    if size <= 0 or size % TARGET_PAGE_SIZE:
+        raise ConfigError(f"--ram-size {size_text!r} is {size} bytes, expected a positive multiple of {TARGET_PAGE_SIZE}")
+    ram = GuestRam.create([BlockSpec(DEFAULT_BLOCK, size)])
+    try:
+        fill_pages(ram.blocks[0], fill, seed)
+    except BaseException:
+        ram.close()
+        raise
+    return ram
+
+
+def dump_ram(ram: GuestRam, directory: Path, extra: dict[str, Any] | None = None) -> None:
+    """Write each block to ``directory`` and a ``manifest.json`` listing them in order."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        entries = []
+        for i, block in enumerate(ram):
+            fname = safe_file_name(i, block.name)
+            with open(directory / fname, "wb") as f:
+                f.write(block.buf)
+            entries.append({"name": block.name, "file": fname, "size": block.size})
+        manifest: dict[str, Any] = {"blocks": entries}
+        if extra:
+            manifest.update(extra)
+        (directory / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    except OSError as exc:
+        raise ConfigError(f"--dump {str(directory)!r}: {exc.strerror or exc}") from None
+
+
+def _emit(stats: dict[str, Any], as_json: bool, role: str) -> None:
+    if as_json:
+        print(json.dumps(stats), flush=True)
+    else:
+        print(human_summary(stats, role), flush=True)
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from .source import migrate
+
+    params = _params(args)
+    ram = load_images(args.ram_image) if args.ram_image else generated_ram(args.ram_size, args.fill, args.seed)
+    with ram:
+        stats = migrate(args.uri, ram, params)
+        if args.dump:
+            dump_ram(ram, args.dump)
+    _emit(stats.to_json(), args.json, "source")
+    return 0
+
+
+def cmd_incoming(args: argparse.Namespace) -> int:
+    from .destination import run_incoming
+
+    params = _params(args)
+
+    def listening(uri: str) -> None:
+        print(f"engine: listening on {uri}", file=sys.stderr, flush=True)
+
+    result = run_incoming(args.uri, params, listen_timeout=args.listen_timeout, on_listening=listening,
+                          keep_ram=args.dump is not None)
+    if result.ram is not None:
+        with result.ram:
+            dump_ram(result.ram, args.dump, {"machine": result.machine})
+    _emit(result.stats.to_json(), args.json, "destination")
+    return 0
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise MigrationCancelled("migration cancelled by SIGTERM")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        if args.command == "migrate":
+            return cmd_migrate(args)
+        return cmd_incoming(args)
+    except MigrationCancelled as exc:
+        print(f"engine: error: {exc}", file=sys.stderr)
+        return 143
+    except KeyboardInterrupt:
+        print("engine: error: migration cancelled by SIGINT", file=sys.stderr)
+        return 130
+    except MigrationError as exc:
+        print(f"engine: error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)

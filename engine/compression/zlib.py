@@ -1,0 +1,52 @@
+"""``zlib``: one deflate stream per channel, never finished; each packet ends with a sync flush.
+
+Matches QEMU 7.2 (``multifd-zlib.c``): zlib-wrapped format, ``multifd-zlib-level`` (0..9,
+default 1), ``Z_SYNC_FLUSH`` after the last page of a packet so every packet ends on a byte
+boundary (``00 00 ff ff``). The receiver keeps one inflate stream per channel and bounds its
+output to ``normal_pages * 4096`` bytes, so a hostile payload cannot make it allocate more.
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import Sequence
+
+from ..errors import CompressionError
+from ..wire import MULTIFD_FLAG_ZLIB, TARGET_PAGE_SIZE
+from .base import Buffer, MultiFDMethod, PacketSink, PageBatch, RecvContext, SendContext, expect_size
+from .registry import register_method
+
+
+class ZlibSend(SendContext):
+    def __init__(self, level: int) -> None:
+        self._c = zlib.compressobj(level)
+
+    def send_prepare(self, batch: PageBatch) -> Sequence[Buffer]:
+        c = self._c
+        return [c.compress(batch.gather()) + c.flush(zlib.Z_SYNC_FLUSH)]
+
+
+class ZlibRecv(RecvContext):
+    def __init__(self) -> None:
+        self._d = zlib.decompressobj()
+
+    def recv_pages(self, packet: PacketSink) -> None:
+        want = packet.normal_pages * TARGET_PAGE_SIZE
+        payload = packet.read_payload()
+        try:
+            out = self._d.decompress(payload, want)
+            # Whatever is left after `want` bytes may only be the sync-flush marker.
+            if self._d.unconsumed_tail and self._d.decompress(self._d.unconsumed_tail, 1):
+                raise CompressionError(f"zlib: payload decompresses to more than {want} bytes ({packet.normal_pages} pages)")
+        except zlib.error as exc:
+            raise CompressionError(f"zlib: corrupt payload of {len(payload)} bytes: {exc}") from exc
+        expect_size("zlib", len(out), packet.normal_pages, TARGET_PAGE_SIZE)
+        packet.scatter(out)
+
+
+register_method(
+    MultiFDMethod(
+        "zlib", MULTIFD_FLAG_ZLIB, ZlibSend, ZlibRecv,
+        level_range=(0, 9), default_level=1, level_parameter="multifd-zlib-level",
+    )
+)

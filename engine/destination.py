@@ -1,0 +1,372 @@
+"""The destination: accept and classify connections, load the main stream, run the barrier.
+
+Theory of operation
+-------------------
+:func:`accept_migration` listens and tells connections apart by their first bytes, as QEMU 8.0+
+does (``QEVM`` = main channel, ``0x11223344`` = a multifd channel, mapped by the id in its
+handshake), so the order of connects does not matter (a QEMU 7.2 source connects the main
+channel first and works either way). A connection that sends neither within the handshake
+deadline, or sends something else, is dropped without disturbing the migration.
+
+The loader runs in this process's main thread. It pulls events from the main-stream parser;
+its reads wait on the main socket, the channel processes' event pipes and sentinels, and the
+listener together, so a channel failure or a stray connection is handled while the main
+channel is quiet. MEM_SIZE creates the RAM blocks (shared memory) and forks the N channel
+processes; ZERO and PAGE records are applied here; each EOS runs the sync barrier
+(:meth:`RecvChannels.barrier`). After the stream's tail (device state, EOF, vmdesc) every
+channel must end on a packet boundary.
+
+This process owns the listener, the RAM and the channel processes; ``run_incoming``'s
+``finally`` releases all three on every path.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing.connection as mpc
+import os
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from .errors import ChannelError, MigrationError, MigrationTimeout, RemoteProtocolError
+from .params import MigrationParams
+from .ram import BlockSpec, GuestRam
+from .recv_channels import RecvChannels
+from .stats import MigrationStats
+from .stream import (
+    QEMU_VM_EOF,
+    QEMU_VM_VMDESCRIPTION,
+    Configuration,
+    MainStreamParser,
+    RamEOS,
+    RamMemSize,
+    RamPage,
+    RamZeroPages,
+    SectionBegin,
+    StreamReader,
+    StreamTail,
+    SECTION_NAMES,
+)
+from .transport import Deadline, UnixAddress, bound_uri, listen, parse_uri
+from .wire import INIT_SIZE, MULTIFD_MAGIC, TARGET_PAGE_SIZE, MultiFDInit, validate_init
+
+QEVM = b"QEVM"
+MULTIFD_MAGIC_BYTES = MULTIFD_MAGIC.to_bytes(4, "big")
+
+Log = Callable[[str], None]
+
+
+def _stderr(msg: str) -> None:
+    print(f"engine: {msg}", file=sys.stderr, flush=True)
+
+
+@dataclass
+class Accepted:
+    main: socket.socket
+    channels: list[socket.socket]
+    connect_time: float
+
+
+def _classify(conn: socket.socket, params: MigrationParams, chans: dict[int, socket.socket]) -> str | None:
+    """'main', 'multifd', 'stray' or None (need more bytes). Raises on a bad multifd handshake."""
+    try:
+        head = conn.recv(INIT_SIZE, socket.MSG_PEEK)
+    except BlockingIOError:
+        return None
+    except OSError:
+        return "stray"
+    if not head:
+        return "stray"
+    if len(head) < 4:
+        return None if QEVM.startswith(head) or MULTIFD_MAGIC_BYTES.startswith(head) else "stray"
+    if head[:4] == QEVM:
+        return "main"
+    if head[:4] == MULTIFD_MAGIC_BYTES:
+        if len(head) < INIT_SIZE:
+            return None
+        init = MultiFDInit.unpack(conn.recv(INIT_SIZE))
+        ch = validate_init(init, expected_uuid=params.uuid, channels=params.channels, connected=set(chans))
+        chans[ch] = conn
+        return "multifd"
+    return "stray"
+
+
+def accept_migration(listener: socket.socket, params: MigrationParams, *, listen_timeout: float, log: Log) -> Accepted:
+    """Wait for one migration: its main channel and all N multifd channels."""
+    pending: dict[socket.socket, float] = {}
+    chans: dict[int, socket.socket] = {}
+    main: socket.socket | None = None
+    first: float | None = None
+    wait_all: Deadline | None = None
+    listen_deadline = Deadline(listen_timeout)
+    ok = False
+    try:
+        while main is None or len(chans) < params.channels:
+            now = time.monotonic()
+            if wait_all is None and listen_deadline.expired():
+                raise MigrationTimeout(f"no migration arrived within {listen_timeout:g}s")
+            if wait_all is not None and wait_all.expired():
+                have = "the main channel" if main is not None else "no main channel"
+                raise MigrationTimeout(
+                    f"received {have} and {len(chans)} of {params.channels} multifd channels within"
+                    f" {params.handshake_timeout:g}s (missing channel ids {sorted(set(range(params.channels)) - set(chans))})"
+                )
+            for conn, dl in list(pending.items()):
+                if now >= dl:
+                    log(f"dropped a connection that sent no handshake within {params.handshake_timeout:g}s")
+                    del pending[conn]
+                    conn.close()
+            ready = mpc.wait([listener, *pending], 0.2)
+            for obj in ready:
+                if obj is listener:
+                    conn, _ = listener.accept()
+                    conn.setblocking(False)
+                    pending[conn] = time.monotonic() + params.handshake_timeout
+                    if first is None:
+                        first = time.monotonic()
+                    continue
+                conn = obj  # type: ignore[assignment]
+                kind = _classify(conn, params, chans)
+                if kind is None:
+                    continue
+                del pending[conn]
+                if kind == "main" and main is None:
+                    main = conn
+                elif kind == "multifd":
+                    pass
+                else:
+                    log("dropped a connection that is neither a main nor a multifd channel" if kind == "stray"
+                        else "dropped a second main-channel connection")
+                    conn.close()
+                    continue
+                if wait_all is None:
+                    wait_all = Deadline(params.handshake_timeout)
+        ok = True
+    finally:
+        for conn in pending:
+            conn.close()
+        if not ok:
+            for conn in chans.values():
+                conn.close()
+            if main is not None:
+                main.close()
+    assert main is not None and first is not None
+    socks = [chans[i] for i in range(params.channels)]
+    for s in [main, *socks]:
+        s.setblocking(True)
+    return Accepted(main, socks, first)
+
+
+@dataclass
+class IncomingResult:
+    stats: MigrationStats
+    ram: GuestRam | None = None
+    machine: str | None = None
+    tail: bytes = b""
+    vmdesc: dict[str, Any] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Loader:
+    """Applies main-stream events to guest RAM and runs the sync barrier."""
+
+    def __init__(self, acc: Accepted, params: MigrationParams, listener: socket.socket | None, log: Log) -> None:
+        self.acc = acc
+        self.params = params
+        self.listener = listener
+        self.log = log
+        self.ram: GuestRam | None = None
+        self.channels: RecvChannels | None = None
+        self.stats = MigrationStats()
+        self.stats.start = acc.connect_time
+        self.machine: str | None = None
+        self.tail = b""
+        self.main_bytes = 0
+        self.section = "the stream header"
+
+    # -- reading the main socket while watching everything else
+
+    def _fill(self, view: memoryview) -> int:
+        main = self.acc.main
+        deadline = time.monotonic() + self.params.stall_timeout
+        while True:
+            handles: list[Any] = [main]
+            if self.channels is not None:
+                handles += self.channels.event_handles
+            if self.listener is not None:
+                handles.append(self.listener)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise MigrationTimeout(
+                    f"main channel: nothing received for {self.params.stall_timeout:g}s (in {self.section})"
+                )
+            ready = mpc.wait(handles, min(left, 1.0))
+            if self.channels is not None and any(h is not main and h is not self.listener for h in ready):
+                self.channels.poll(0)
+            if self.listener is not None and self.listener in ready:
+                self._extra_connection()
+            if main in ready:
+                try:
+                    n = main.recv_into(view)
+                except OSError as exc:
+                    raise ChannelError(f"main channel: receive failed: {exc.strerror or exc}") from exc
+                self.main_bytes += n
+                return n
+
+    def _extra_connection(self) -> None:
+        assert self.listener is not None
+        conn, _ = self.listener.accept()
+        with conn:
+            conn.settimeout(min(1.0, self.params.handshake_timeout))
+            try:
+                head = conn.recv(INIT_SIZE, socket.MSG_PEEK | socket.MSG_WAITALL)
+            except OSError:
+                head = b""
+            if len(head) == INIT_SIZE and head[:4] == MULTIFD_MAGIC_BYTES:
+                init = MultiFDInit.unpack(head)
+                validate_init(init, expected_uuid=self.params.uuid, channels=self.params.channels,
+                              connected=set(range(self.params.channels)))
+            self.log("extra incoming migration connection; ignoring")
+
+    # -- applying events
+
+    def run(self) -> None:
+        reader = StreamReader(self._fill)
+        parser = MainStreamParser(reader)
+        stats = self.stats
+        for ev in parser.events():
+            if isinstance(ev, RamZeroPages):
+                self._zero(ev)
+            elif isinstance(ev, RamPage):
+                self._page(ev)
+            elif isinstance(ev, RamEOS):
+                if self.channels is None:
+                    raise RemoteProtocolError("main channel: received EOS before MEM_SIZE set up the RAM blocks")
+                self.channels.barrier(self.section)
+                stats.ram.dirty_sync_count += 1
+            elif isinstance(ev, SectionBegin):
+                self.section = f"ram section {ev.section_id} ({ev.kind_name})"
+            elif isinstance(ev, RamMemSize):
+                self._mem_size(ev)
+            elif isinstance(ev, Configuration):
+                self.machine = ev.machine
+            elif isinstance(ev, StreamTail):
+                self.tail = ev.data
+        if self.ram is None:
+            raise RemoteProtocolError("main channel: the stream ended without a ram section (no MEM_SIZE)")
+        if not parser.ram_ended:
+            raise RemoteProtocolError("main channel: the stream ended before the ram END section")
+        assert self.channels is not None
+        self.channels.finish(self.params.stall_timeout)
+
+    def _mem_size(self, ev: RamMemSize) -> None:
+        if self.ram is not None:
+            if list(ev.blocks) == [(b.name, b.size) for b in self.ram]:
+                return
+            raise RemoteProtocolError("main channel: received a second MEM_SIZE with a different block list")
+        specs = [BlockSpec(name, size) for name, size in ev.blocks]
+        self.ram = GuestRam.create(specs)
+        self.stats.ram.total = self.ram.total_size
+        others: list[Any] = [self.acc.main]
+        if self.listener is not None:
+            others.append(self.listener)
+        self.channels = RecvChannels(self.acc.channels, self.ram, self.params.method,
+                                     stall_timeout=self.params.stall_timeout, close_in_children=others)
+        self.stats.setup_time = time.monotonic() - self.stats.start
+        self.stats.status = "active"
+
+    def _zero(self, ev: RamZeroPages) -> None:
+        assert self.ram is not None and self.channels is not None
+        idx = ev.offsets >> 12
+        written = self.channels.written.maps[ev.block]
+        pages = self.ram[ev.block].pages
+        if ev.fill == 0:
+            idx = idx[written[idx] != 0]  # untouched pages of fresh memory are zero already
+            if len(idx):
+                pages[idx] = 0
+        else:
+            pages[idx] = ev.fill
+            written[idx] = 1
+        self.stats.ram.duplicate += len(ev.offsets)
+
+    def _page(self, ev: RamPage) -> None:
+        assert self.ram is not None and self.channels is not None
+        i = ev.offset >> 12
+        self.ram[ev.block].pages[i] = np.frombuffer(ev.data, dtype=np.uint8)
+        self.channels.written.maps[ev.block][i] = 1
+        self.stats.ram.normal += 1
+
+    def close(self, ok: bool) -> None:
+        if self.channels is not None:
+            self.stats.channels = self.channels.stats()
+            self.channels.close(graceful=ok)
+        for s in [self.acc.main, *self.acc.channels]:
+            s.close()
+
+
+def parse_tail(tail: bytes) -> tuple[bytes, dict[str, Any] | None]:
+    """Split the stream tail into device-state bytes (up to and including EOF) and the vmdesc."""
+    n = len(tail)
+    for pos in range(n - 5, -1, -1):
+        if tail[pos] == QEMU_VM_VMDESCRIPTION and int.from_bytes(tail[pos + 1:pos + 5], "big") == n - pos - 5:
+            if pos == 0 or tail[pos - 1] != QEMU_VM_EOF:
+                continue
+            try:
+                desc = json.loads(tail[pos + 5:])
+            except ValueError:
+                continue
+            return tail[:pos], desc
+    return tail, None
+
+
+def run_incoming(
+    uri: str,
+    params: MigrationParams,
+    *,
+    listen_timeout: float = 600.0,
+    log: Log = _stderr,
+    on_listening: Callable[[str], None] | None = None,
+    keep_ram: bool = False,
+) -> IncomingResult:
+    """Receive one migration on ``uri``. With ``keep_ram`` the caller owns (and must close) ``result.ram``."""
+    addr = parse_uri(uri)
+    listener = listen(addr, backlog=params.channels + 1)
+    loader: Loader | None = None
+    ok = False
+    try:
+        if on_listening:
+            on_listening(bound_uri(listener, addr))
+        acc = accept_migration(listener, params, listen_timeout=listen_timeout, log=log)
+        loader = Loader(acc, params, listener, log)
+        try:
+            loader.run()
+            ok = True
+        finally:
+            loader.close(ok)
+        stats = loader.stats
+        stats.end = time.monotonic()
+        stats.status = "completed"
+        stats.ram.main_bytes = loader.main_bytes
+        stats.ram.multifd_bytes = sum(c.bytes for c in stats.channels)
+        stats.ram.normal += sum(c.normal_pages for c in stats.channels)
+        _, desc = parse_tail(loader.tail)
+        return IncomingResult(stats, loader.ram if keep_ram else None, loader.machine, loader.tail, desc)
+    except MigrationError as exc:
+        if loader is not None:
+            loader.stats.status = "failed"
+            loader.stats.error = str(exc)
+        raise
+    finally:
+        listener.close()
+        if isinstance(addr, UnixAddress):
+            try:
+                os.unlink(addr.path)
+            except OSError:
+                pass
+        if loader is not None and loader.ram is not None and not (ok and keep_ram):
+            loader.ram.close()

@@ -1,0 +1,84 @@
+"""Migration parameters with QEMU's names and defaults, validated once, up front.
+
+| field            | QEMU parameter          | default                   |
+|------------------|-------------------------|---------------------------|
+| channels         | multifd-channels        | 2 (1..255)                |
+| compression      | multifd-compression     | none                      |
+| level            | multifd-zlib-level / multifd-zstd-level (lz4: acceleration) | 1 |
+| uuid             | -uuid (channel handshake) | all zeros               |
+| machine          | -machine (configuration section) | none             |
+
+Engine-only deadlines (QEMU has none and can hang; the engine never does):
+
+| handshake_timeout | connect + every channel's 64-byte handshake | 15 s |
+| stall_timeout     | any single wait for the peer or a channel    | 60 s |
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from .compression import get_method
+from .compression.base import MultiFDMethod
+from .errors import ConfigError
+from .wire import MAX_CHANNELS, parse_uuid
+
+DEFAULT_CHANNELS = 2
+DEFAULT_HANDSHAKE_TIMEOUT = 15.0
+DEFAULT_STALL_TIMEOUT = 60.0
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([bBkKmMgGtTpPeE]?)(?:i?[bB])?\s*$")
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50, "e": 1 << 60}
+
+
+def parse_size(text: str, what: str = "size") -> int:
+    """QEMU-style sizes: plain bytes or a K/M/G/T/P/E suffix (binary units), e.g. ``1G``, ``512M``."""
+    m = _SIZE.match(text)
+    if not m:
+        raise ConfigError(f"invalid {what} {text!r}: expected a number with an optional K/M/G/T suffix, e.g. 1G")
+    value = float(m.group(1)) * _UNITS[m.group(2).lower()]
+    if value != int(value):
+        raise ConfigError(f"invalid {what} {text!r}: not a whole number of bytes")
+    return int(value)
+
+
+@dataclass(frozen=True)
+class MigrationParams:
+    channels: int = DEFAULT_CHANNELS
+    compression: str = "none"
+    level: int | None = None
+    uuid: bytes = bytes(16)
+    machine: str = "none"
+    handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT
+    stall_timeout: float = DEFAULT_STALL_TIMEOUT
+    method: MultiFDMethod = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.channels <= MAX_CHANNELS:
+            raise ConfigError(f"multifd-channels {self.channels} is out of range, expected 1..{MAX_CHANNELS}")
+        method = get_method(self.compression)
+        object.__setattr__(self, "method", method)
+        if self.level is not None:
+            try:
+                method.check_level(self.level)
+            except Exception as exc:
+                raise ConfigError(str(exc)) from None
+        if len(self.uuid) != 16:
+            raise ConfigError(f"uuid is {len(self.uuid)} bytes, expected 16")
+        if not self.machine or len(self.machine.encode()) > 255:
+            raise ConfigError(f"machine name {self.machine!r} must be 1..255 bytes")
+        for name in ("handshake_timeout", "stall_timeout"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+
+    @property
+    def effective_level(self) -> int:
+        return self.method.default_level if self.level is None else self.level
+
+    @staticmethod
+    def uuid_from_text(text: str) -> bytes:
+        try:
+            return parse_uuid(text)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None

@@ -1,0 +1,196 @@
+"""Channel processes: forking, parent-death safety, errors as data, one shutdown path.
+
+Theory of operation
+-------------------
+Channel processes are forked (``multiprocessing`` "fork" context) from the process that owns
+the guest RAM and the sockets, so they inherit the shared-memory mappings and their own
+socket without attaching anything by name. Right after the fork a child:
+
+* asks the kernel to SIGKILL it if the parent dies (``PR_SET_PDEATHSIG``), so a killed
+  parent never leaves orphans behind;
+* ignores SIGINT: Ctrl-C reaches the whole process group, and only the parent decides how the
+  migration ends;
+* closes every inherited socket that is not its own, so a peer sees EOF exactly when the owner
+  closes.
+
+A child never raises into the void: :func:`child_main` catches everything and sends
+``("error", channel, message)`` on its event pipe, then exits 1. The parent watches event pipes
+and process sentinels together (:func:`wait_events`), so a crash, a kill -9 or an error
+message all surface as one :class:`ChannelError` naming the channel.
+
+:class:`ChildGroup` is the single owner of the children. ``close()`` is idempotent; on the
+success path it joins with a deadline, on any failure it terminates, then kills, then reaps:
+no zombies, whatever state the children were in.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import multiprocessing
+import multiprocessing.connection as mpc
+import os
+import signal
+import socket
+import time
+import traceback
+from typing import Any, Callable, Sequence
+
+from .errors import ChannelError, MigrationError
+
+_CTX = multiprocessing.get_context("fork")
+_PR_SET_PDEATHSIG = 1
+
+Connection = mpc.Connection
+
+
+def _set_pdeathsig() -> None:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
+def child_main(
+    channel: int,
+    parent_pid: int,
+    events: Connection,
+    close: Sequence[Any],
+    target: Callable[..., None],
+    args: tuple[Any, ...],
+) -> None:
+    """Entry point of every channel process (runs in the child)."""
+    _set_pdeathsig()
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(1)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    for obj in close:  # inherited sockets and fds that belong to others
+        try:
+            os.close(obj) if isinstance(obj, int) else obj.close()
+        except OSError:
+            pass
+    try:
+        target(events, *args)
+    except MigrationError as exc:
+        _report(events, channel, str(exc))
+        os._exit(1)
+    except BaseException as exc:  # a bug: still report it as data, with where it happened
+        where = traceback.extract_tb(exc.__traceback__)[-1]
+        _report(events, channel, f"internal error {type(exc).__name__}: {exc} ({os.path.basename(where.filename)}:{where.lineno})")
+        os._exit(1)
+    os._exit(0)
+
+
+def _report(events: Connection, channel: int, message: str) -> None:
+    try:
+        events.send(("error", channel, message))
+    except OSError:
+        pass
+
+
+class ChildGroup:
+    """The channel processes of one side of a migration, and their event pipes."""
+
+    def __init__(self, role: str) -> None:
+        self.role = role  # "source" or "destination", for messages
+        self.procs: list[multiprocessing.process.BaseProcess] = []
+        self.events: list[Connection] = []  # parent's read ends, index = channel id
+        self._closed = False
+
+    def start(
+        self,
+        channel: int,
+        target: Callable[..., None],
+        args: tuple[Any, ...],
+        *,
+        own: socket.socket,
+        others: Sequence[Any],
+    ) -> Connection:
+        """Fork channel ``channel`` running ``target(events, *args)``; ``own`` is its socket.
+
+        The parent closes its copy of ``own``: from here on the child is its only owner.
+        """
+        ev_read, ev_write = _CTX.Pipe(duplex=False)
+        close = [s for s in others if s is not own]
+        proc = _CTX.Process(
+            target=child_main,
+            args=(channel, os.getpid(), ev_write, close, target, args),
+            name=f"multifd-{self.role}-{channel}",
+            daemon=True,
+        )
+        proc.start()
+        ev_write.close()
+        own.close()
+        self.procs.append(proc)
+        self.events.append(ev_read)
+        return ev_read
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid or 0 for p in self.procs]
+
+    def wait_events(self, timeout: float) -> list[tuple[Any, ...]]:
+        """Messages from any channel within ``timeout``; raises on an error or a dead child."""
+        ready = mpc.wait([*self.events, *[p.sentinel for p in self.procs]], timeout)
+        out: list[tuple[Any, ...]] = []
+        dead: list[int] = []
+        for obj in ready:
+            if isinstance(obj, int):
+                dead.append(next(i for i, p in enumerate(self.procs) if p.sentinel == obj))
+                continue
+            ch = self.events.index(obj)  # type: ignore[arg-type]
+            out.extend(self._drain(ch))
+        for msg in out:
+            if msg[0] == "error":
+                raise ChannelError(f"multifd channel {msg[1]} ({self.role}): {msg[2]}")
+        for ch in dead:
+            # it may have reported just before dying
+            for msg in self._drain(ch):
+                if msg[0] == "error":
+                    raise ChannelError(f"multifd channel {msg[1]} ({self.role}): {msg[2]}")
+                out.append(msg)
+            proc = self.procs[ch]
+            proc.join(0.1)
+            code = proc.exitcode
+            if code not in (0, None):
+                how = f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
+                raise ChannelError(f"multifd channel {ch} ({self.role}): channel process {proc.pid} {how}")
+        return out
+
+    def _drain(self, ch: int) -> list[tuple[Any, ...]]:
+        conn = self.events[ch]
+        out = []
+        try:
+            while conn.poll():
+                out.append(conn.recv())
+        except (EOFError, OSError):
+            pass
+        return out
+
+    def close(self, *, graceful: bool, timeout: float = 5.0) -> None:
+        """Idempotent: join (graceful) or terminate, then kill whatever is left, then reap."""
+        if self._closed:
+            return
+        self._closed = True
+        deadline = time.monotonic() + (timeout if graceful else 0.0)
+        for proc in self.procs:
+            if proc.pid is None:
+                continue
+            proc.join(max(0.0, deadline - time.monotonic()))
+        for proc in self.procs:
+            if proc.pid is not None and proc.exitcode is None:
+                proc.terminate()
+        for proc in self.procs:
+            if proc.pid is not None:
+                proc.join(1.0)
+                if proc.exitcode is None:
+                    proc.kill()
+                    proc.join(1.0)
+        for conn in self.events:
+            conn.close()
+        for proc in self.procs:
+            try:
+                proc.close()
+            except ValueError:
+                pass

@@ -1,0 +1,272 @@
+"""Destination side multifd channels: the receive loop and the ``multifd_recv_sync_main`` barrier.
+
+Theory of operation
+-------------------
+Each channel process owns one socket (already past its 64-byte handshake) and one
+decompression context. It reads a 1344-byte header into a reused buffer, validates every field
+against the RAM block table *before* touching memory, then receives the payload straight into
+guest RAM (``none``: ``recvmsg_into`` on views of the pages) or through its decompressor
+(scattered into the pages with one numpy assignment). Pages are always written before the
+packet's SYNC flag is acted on (a merged data+SYNC packet, doc 2.4).
+
+On a SYNC packet the channel reports ``synced`` to the parent and blocks until released. The
+parent's main-stream loader releases all channels only when it has reached the matching EOS
+record *and* all N channels have synced: so nothing from section k+1 is applied before all of
+section k, on any channel or on the main channel.
+
+EOF on a packet boundary is a clean end (reported as ``eof``); EOF inside a packet is an error.
+
+Channels also mark the pages they write in a shared per-block ``written`` map; the main
+process uses it to skip zero-filling pages that are still untouched (fresh shared memory reads
+as zero, and touching it would allocate it).
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import socket
+import struct
+import time
+from typing import Any, Sequence
+
+import numpy as np
+import numpy.typing as npt
+
+from .compression import MultiFDMethod
+from .compression.base import Buffer
+from .errors import ChannelError, MigrationTimeout
+from .procs import ChildGroup, Connection, _CTX
+from .ram import GuestRam, RamBlock
+from .send_channels import C_BYTES, C_NCOUNTERS, C_PACKETS, C_PAGES, ChannelStats, page_runs
+from .transport import recv_exact_into, recv_exact_into_many
+from .wire import MAX_PACKET_PAYLOAD, PACKET_HEADER_SIZE, TARGET_PAGE_SIZE, decode_packet_header
+
+RELEASE = b"r"
+QUIT = b"q"
+
+
+class WrittenMap:
+    """Per-block byte-per-page maps in one shared anonymous mapping (survives fork)."""
+
+    def __init__(self, ram: GuestRam) -> None:
+        total = sum(b.npages for b in ram)
+        self._mm = mmap.mmap(-1, max(total, 1))
+        self.maps: dict[str, npt.NDArray[np.uint8]] = {}
+        off = 0
+        for b in ram:
+            self.maps[b.name] = np.frombuffer(self._mm, dtype=np.uint8, count=b.npages, offset=off)
+            off += b.npages
+
+
+class _Sink:
+    """The packet being received (implements ``compression.PacketSink``)."""
+
+    def __init__(self, sock: socket.socket, what: str) -> None:
+        self.sock = sock
+        self.what = what
+        self.payload = bytearray(MAX_PACKET_PAYLOAD)
+        self.payload_view = memoryview(self.payload)
+        self.block: RamBlock | None = None
+        self.written: npt.NDArray[np.uint8] | None = None
+        self.idx: npt.NDArray[np.int64] = np.zeros(0, dtype=np.int64)
+        self.next_packet_size = 0
+
+    @property
+    def normal_pages(self) -> int:
+        return len(self.idx)
+
+    def read_payload(self) -> memoryview:
+        view = self.payload_view[: self.next_packet_size]
+        recv_exact_into(self.sock, view, f"{self.what} payload")
+        return view
+
+    def recv_into_pages(self) -> None:
+        assert self.block is not None
+        buf = self.block.buf
+        starts, stops = page_runs(self.idx)
+        views = [buf[int(a) * TARGET_PAGE_SIZE:int(b) * TARGET_PAGE_SIZE] for a, b in zip(starts, stops)]
+        recv_exact_into_many(self.sock, views, f"{self.what} payload")
+
+    def scatter(self, data: Buffer) -> None:
+        assert self.block is not None
+        pages = np.frombuffer(data, dtype=np.uint8).reshape(len(self.idx), TARGET_PAGE_SIZE)
+        idx = self.idx
+        if idx[-1] - idx[0] == len(idx) - 1:  # one contiguous run: a slice, no fancy indexing
+            self.block.pages[idx[0]:idx[-1] + 1] = pages
+        else:
+            self.block.pages[idx] = pages
+
+
+def _channel_loop(
+    events: Connection,
+    channel: int,
+    sock: socket.socket,
+    control: Connection,
+    ram: GuestRam,
+    written: WrittenMap,
+    method: MultiFDMethod,
+    counters: npt.NDArray[np.uint64],
+    stall_timeout: float,
+) -> None:
+    ctx = method.recv_setup()
+    what = f"multifd channel {channel}"
+    header = bytearray(PACKET_HEADER_SIZE)
+    hview = memoryview(header)
+    sink = _Sink(sock, what)
+    lengths = ram.lengths
+    mine = counters[channel]
+    sock.settimeout(stall_timeout)
+    try:
+        while True:
+            if not recv_exact_into(sock, hview, f"{what} packet header", eof_ok=True):
+                events.send(("eof", channel))
+                return
+            hdr = decode_packet_header(header, channel=channel, expected_compression=method.flag, blocks=lengths)
+            mine[C_PACKETS] += 1
+            wire_bytes = PACKET_HEADER_SIZE
+            if hdr.normal_pages:
+                sink.block = ram[hdr.ramblock]
+                sink.idx = hdr.offsets >> 12
+                sink.next_packet_size = hdr.next_packet_size or hdr.normal_pages * TARGET_PAGE_SIZE
+                ctx.recv_pages(sink)
+                written.maps[hdr.ramblock][sink.idx] = 1
+                mine[C_PAGES] += hdr.normal_pages
+                wire_bytes += sink.next_packet_size
+            mine[C_BYTES] += wire_bytes
+            if hdr.sync:
+                events.send(("synced", channel, hdr.packet_num))
+                if not _wait_release(control, channel):
+                    return
+    finally:
+        ctx.recv_cleanup()
+
+
+def _wait_release(control: Connection, channel: int) -> bool:
+    """Block at the sync barrier; True when released, False when told to quit."""
+    parent = os.getppid()
+    while not control.poll(1.0):
+        if os.getppid() != parent:
+            raise ChannelError(f"multifd channel {channel}: parent process went away at the sync barrier")
+    return control.recv_bytes() == RELEASE
+
+
+class RecvChannels:
+    """The destination's N channel processes and the sync barrier (``multifd_recv_state``)."""
+
+    def __init__(
+        self,
+        socks: Sequence[socket.socket],
+        ram: GuestRam,
+        method: MultiFDMethod,
+        *,
+        stall_timeout: float,
+        close_in_children: Sequence[Any] = (),
+    ) -> None:
+        n = len(socks)
+        self.n = n
+        self.stall_timeout = stall_timeout
+        self.written = WrittenMap(ram)
+        self._shared = mmap.mmap(-1, 8 * n * C_NCOUNTERS)
+        self._counters = np.frombuffer(self._shared, dtype=np.uint64).reshape(n, C_NCOUNTERS)
+        self.group = ChildGroup("destination")
+        self._control: list[Connection] = []
+        self.synced: dict[int, int] = {}  # channel -> packet_num of its pending SYNC
+        self.ended: set[int] = set()
+        self.max_packet_num = 0
+        self.barrier_wait = 0.0
+        self.syncs = 0
+        self._closed = False
+        try:
+            for i, sock in enumerate(socks):
+                c_read, c_write = _CTX.Pipe(duplex=False)
+                self.group.start(
+                    i, _channel_loop,
+                    (i, sock, c_read, ram, self.written, method, self._counters, stall_timeout),
+                    own=sock, others=[*socks, *close_in_children, *self._control],
+                )
+                c_read.close()
+                self._control.append(c_write)
+        except BaseException:
+            self.close(graceful=False)
+            raise
+
+    @property
+    def event_handles(self) -> list[Any]:
+        """Everything :meth:`poll` wants to hear about (for the main loop's select)."""
+        return [*self.group.events, *[p.sentinel for p in self.group.procs]]
+
+    def poll(self, timeout: float = 0.0) -> None:
+        """Take in channel messages; raises on a channel error or death."""
+        try:
+            msgs = self.group.wait_events(timeout)
+        except ChannelError:
+            raise
+        for msg in msgs:
+            if msg[0] == "synced":
+                self.synced[msg[1]] = msg[2]
+                self.max_packet_num = max(self.max_packet_num, msg[2])
+            elif msg[0] == "eof":
+                self.ended.add(msg[1])
+
+    def barrier(self, where: str) -> None:
+        """At an EOS: wait until every channel has synced, then release them all."""
+        t0 = time.perf_counter()
+        deadline = time.monotonic() + self.stall_timeout
+        while len(self.synced) < self.n:
+            gone = self.ended - set(self.synced)
+            if gone:
+                raise ChannelError(
+                    f"multifd channel {min(gone)} (destination): connection closed before the SYNC for {where}"
+                )
+            left = deadline - time.monotonic()
+            if left <= 0:
+                missing = sorted(set(range(self.n)) - set(self.synced))
+                raise MigrationTimeout(
+                    f"multifd channels {missing} sent no SYNC packet for {where} within {self.stall_timeout:g}s"
+                )
+            self.poll(min(left, 1.0))
+        self.synced.clear()
+        self.syncs += 1
+        for conn in self._control:
+            conn.send_bytes(RELEASE)
+        self.barrier_wait += time.perf_counter() - t0
+
+    def finish(self, timeout: float) -> None:
+        """After the main stream ended: every channel must reach EOF on a packet boundary."""
+        deadline = time.monotonic() + timeout
+        while len(self.ended) < self.n:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                missing = sorted(set(range(self.n)) - self.ended)
+                raise MigrationTimeout(
+                    f"multifd channels {missing} did not close within {timeout:g}s after the end of the stream"
+                )
+            if self.synced:
+                ch = min(self.synced)
+                raise ChannelError(f"multifd channel {ch} (destination): SYNC packet after the last EOS")
+            self.poll(min(left, 1.0))
+        for ch, proc in enumerate(self.group.procs):
+            proc.join(max(0.1, deadline - time.monotonic()))
+        self.poll(0)
+
+    def stats(self) -> list[ChannelStats]:
+        pids = self.group.pids
+        return [
+            ChannelStats(i, pids[i], int(c[C_PACKETS]), int(c[C_PAGES]), int(c[C_BYTES]))
+            for i, c in enumerate(self._counters)
+        ]
+
+    def close(self, *, graceful: bool) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if not graceful:
+            for conn in self._control:
+                try:
+                    conn.send_bytes(QUIT)
+                except OSError:
+                    pass
+        self.group.close(graceful=graceful)
+        for conn in self._control:
+            conn.close()

@@ -1,0 +1,288 @@
+"""Source side multifd channels: the channel process loop and the parent's handle on them.
+
+Theory of operation
+-------------------
+The migration thread (the source's main process) batches non-zero pages of one RAM block into
+packets of at most 128 pages and hands each packet to an idle channel, like QEMU's
+``multifd_send_pages``: it takes a token from the ``channels_ready`` semaphore (a channel
+posts one whenever it becomes idle), then scans round-robin from the channel after the last
+one used for one with room in its queue (``issued - done < QUEUE_DEPTH``; QEMU's
+``pending_job``), and writes the job into that channel's pipe. A job carries only the block index, the page offsets, the packet_num and the
+flags: never page bytes. The pipe is ordered, so a SYNC job written after data jobs is handled
+after them.
+
+A channel process owns one socket and one compression context for the whole migration. For a
+data job it builds the header in its reused 1344-byte buffer, gets the payload buffers from the
+method (for ``none``: views of the guest pages, no copy) and writes header + payload with one
+``sendmsg``. Then it counts the job done and posts ``channels_ready``. (``issued`` is written
+only by the parent and ``done`` only by the child, so no counter is ever updated by two
+processes.) For a SYNC job it
+writes an empty packet with flags=SYNC and reports ``synced`` on its event pipe: the parent's
+:meth:`SendChannels.sync` returns once every channel has *written* its SYNC packet
+(``multifd_send_sync_main``), and only then may the main channel carry the EOS.
+
+Per-channel counters (packets, normal_pages, bytes) live in a shared anonymous mapping that the
+child writes and the parent reads for statistics.
+"""
+
+from __future__ import annotations
+
+import mmap
+import socket
+import struct
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import numpy.typing as npt
+
+from .compression import MultiFDMethod
+from .errors import ChannelError, MigrationTimeout
+from .procs import ChildGroup, Connection, _CTX
+from .ram import GuestRam, RamBlock
+from .transport import send_all
+from .wire import MULTIFD_FLAG_SYNC, PAGES_PER_PACKET, TARGET_PAGE_SIZE, PacketEncoder
+
+#: Jobs a channel may have queued in its pipe. QEMU 7.2 uses 1 (one ``pages`` buffer per
+#: channel); with processes, a wake-up on a busy 2-core machine costs more than a thread
+#: switch, so a short queue keeps every socket busy. The wire format is unaffected.
+QUEUE_DEPTH = 2
+
+JOB_DATA = 1
+JOB_SYNC = 2
+JOB_QUIT = 3
+_JOB = struct.Struct("<BxxxIQI")  # kind, block index, packet_num, flags; then int64 page indices
+
+# counters per channel, in the shared mapping
+C_PACKETS, C_PAGES, C_BYTES, C_NCOUNTERS = 0, 1, 2, 3
+
+
+def page_runs(idx: npt.NDArray[np.int64]) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """Coalesce sorted page indices into runs: (starts, stops), stops exclusive."""
+    if len(idx) == 0:
+        return idx, idx
+    breaks = np.flatnonzero(np.diff(idx) != 1) + 1
+    starts = idx[np.concatenate(([0], breaks))]
+    stops = idx[np.concatenate((breaks - 1, [len(idx) - 1]))] + 1
+    return starts, stops
+
+
+class _Batch:
+    """The pages of the packet being sent (implements ``compression.PageBatch``)."""
+
+    def __init__(self) -> None:
+        self.scratch = np.empty((PAGES_PER_PACKET, TARGET_PAGE_SIZE), dtype=np.uint8)
+        self.block: RamBlock | None = None
+        self.idx: npt.NDArray[np.int64] = np.zeros(0, dtype=np.int64)
+
+    @property
+    def normal_pages(self) -> int:
+        return len(self.idx)
+
+    def views(self) -> Sequence[memoryview]:
+        assert self.block is not None
+        buf = self.block.buf
+        starts, stops = page_runs(self.idx)
+        return [buf[int(a) * TARGET_PAGE_SIZE:int(b) * TARGET_PAGE_SIZE] for a, b in zip(starts, stops)]
+
+    def gather(self) -> npt.NDArray[np.uint8]:
+        assert self.block is not None
+        out = self.scratch[: len(self.idx)]
+        np.take(self.block.pages, self.idx, axis=0, out=out)
+        return out
+
+
+def _channel_loop(
+    events: Connection,
+    channel: int,
+    sock: socket.socket,
+    jobs: Connection,
+    ram: GuestRam,
+    method: MultiFDMethod,
+    level: int,
+    ready: object,
+    done: npt.NDArray[np.uint64],
+    counters: npt.NDArray[np.uint64],
+) -> None:
+    ctx = method.send_setup(level)
+    enc = PacketEncoder()
+    batch = _Batch()
+    blocks = ram.blocks
+    names = [b.name.encode() for b in blocks]
+    what = f"multifd channel {channel}"
+    mine = counters[channel]
+    try:
+        while True:
+            msg = jobs.recv_bytes()
+            kind, block_idx, packet_num, flags = _JOB.unpack_from(msg)
+            if kind == JOB_DATA:
+                batch.block = blocks[block_idx]
+                batch.idx = np.frombuffer(msg, dtype=np.int64, offset=_JOB.size)
+                payload = ctx.send_prepare(batch)
+                size = sum(memoryview(p).nbytes for p in payload)  # type: ignore[arg-type]
+                header = enc.encode(
+                    flags=flags | method.flag, packet_num=packet_num, ramblock=names[block_idx],
+                    offsets=batch.idx * TARGET_PAGE_SIZE, next_packet_size=size,
+                )
+                sent = send_all(sock, [header, *payload], what)
+                mine[C_PACKETS] += 1
+                mine[C_PAGES] += len(batch.idx)
+                mine[C_BYTES] += sent
+                done[channel] += 1  # only this process writes done[channel]
+                ready.release()  # type: ignore[attr-defined]
+            elif kind == JOB_SYNC:
+                header = enc.encode(flags=MULTIFD_FLAG_SYNC, packet_num=packet_num)
+                mine[C_BYTES] += send_all(sock, [header], what)
+                mine[C_PACKETS] += 1
+                events.send(("synced", channel, packet_num))
+            else:
+                break
+    finally:
+        ctx.send_cleanup()
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    sock.close()
+
+
+@dataclass
+class ChannelStats:
+    id: int
+    pid: int
+    packets: int
+    normal_pages: int
+    bytes: int
+
+
+class SendChannels:
+    """The parent's handle on N source channel processes (``multifd_send_state``)."""
+
+    def __init__(
+        self,
+        socks: Sequence[socket.socket],
+        ram: GuestRam,
+        method: MultiFDMethod,
+        level: int,
+        *,
+        stall_timeout: float,
+        close_in_children: Sequence[socket.socket] = (),
+        queue_depth: int = QUEUE_DEPTH,
+    ) -> None:
+        n = len(socks)
+        self.n = n
+        self.method = method
+        self.stall_timeout = stall_timeout
+        self.queue_depth = queue_depth
+        self.packet_num = 0  # the global counter shared by all channels
+        self._next = 0
+        self._ready = _CTX.Semaphore(0)
+        # shared with the children: counters and done (children write), issued stays here
+        self._shared = mmap.mmap(-1, 8 * n * (C_NCOUNTERS + 1))
+        self._counters = np.frombuffer(self._shared, dtype=np.uint64, count=n * C_NCOUNTERS).reshape(n, C_NCOUNTERS)
+        self._done = np.frombuffer(self._shared, dtype=np.uint64, count=n, offset=8 * n * C_NCOUNTERS)
+        self._issued = np.zeros(n, dtype=np.uint64)
+        self._jobs: list[Connection] = []
+        self.group = ChildGroup("source")
+        self._closed = False
+        self.sync_wait = 0.0  # seconds spent waiting for SYNC rounds
+        try:
+            for i, sock in enumerate(socks):
+                job_read, job_write = _CTX.Pipe(duplex=False)
+                self.group.start(
+                    i, _channel_loop,
+                    (i, sock, job_read, ram, method, level, self._ready, self._done, self._counters),
+                    own=sock, others=[*socks, *close_in_children, *self._jobs],
+                )
+                job_read.close()
+                self._jobs.append(job_write)
+        except BaseException:
+            self.close(graceful=False)
+            raise
+        for _ in range(n * self.queue_depth):  # every channel starts idle
+            self._ready.release()
+
+    # -- the migration thread's side
+
+    def _next_packet_num(self) -> int:
+        num = self.packet_num
+        self.packet_num += 1
+        return num
+
+    def _check(self) -> None:
+        for msg in self.group.wait_events(0):
+            raise ChannelError(f"multifd channel {msg[1]} (source): unexpected message {msg[0]!r}")
+
+    def send_pages(self, block_idx: int, idx: npt.NDArray[np.int64]) -> None:
+        """Hand one packet (at most 128 page indices of one block) to the next idle channel."""
+        waited = 0.0
+        while not self._ready.acquire(timeout=0.05):
+            self._check()  # a dead or failed channel would never post channels_ready
+            waited += 0.05
+            if waited >= self.stall_timeout:
+                raise MigrationTimeout(
+                    f"no multifd channel became idle for {self.stall_timeout:g}s (the destination is not reading)"
+                )
+        n = self.n
+        issued, done, depth = self._issued, self._done, self.queue_depth
+        for k in range(n):
+            ch = (self._next + k) % n
+            if issued[ch] - done[ch] < depth:
+                break
+        else:  # cannot happen: a token means some channel is idle
+            raise ChannelError("channels_ready was posted but no channel is idle")
+        self._next = (ch + 1) % n
+        issued[ch] += 1
+        job = _JOB.pack(JOB_DATA, block_idx, self._next_packet_num(), 0)
+        self._jobs[ch].send_bytes(job + np.ascontiguousarray(idx, dtype=np.int64).tobytes())
+
+    def sync(self) -> None:
+        """``multifd_send_sync_main``: a SYNC packet on every channel, all of them written."""
+        t0 = time.perf_counter()
+        for ch in range(self.n):
+            self._jobs[ch].send_bytes(_JOB.pack(JOB_SYNC, 0, self._next_packet_num(), MULTIFD_FLAG_SYNC))
+        synced = set()
+        deadline = time.monotonic() + self.stall_timeout
+        while len(synced) < self.n:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                missing = sorted(set(range(self.n)) - synced)
+                raise MigrationTimeout(
+                    f"multifd channels {missing} did not write their SYNC packet within {self.stall_timeout:g}s"
+                )
+            for msg in self.group.wait_events(min(left, 1.0)):
+                if msg[0] == "synced":
+                    synced.add(msg[1])
+        self.sync_wait += time.perf_counter() - t0
+
+    def quit(self, timeout: float = 10.0) -> None:
+        """Graceful end: every channel finishes its queue, closes its socket and exits 0."""
+        for conn in self._jobs:
+            conn.send_bytes(_JOB.pack(JOB_QUIT, 0, 0, 0))
+        deadline = time.monotonic() + timeout
+        for ch, proc in enumerate(self.group.procs):
+            proc.join(max(0.0, deadline - time.monotonic()))
+            if proc.exitcode is None:
+                raise MigrationTimeout(f"multifd channel {ch} (source) did not finish within {timeout:g}s")
+            if proc.exitcode != 0:
+                self.group.wait_events(0)  # raises the reported error
+                raise ChannelError(f"multifd channel {ch} (source): exited with status {proc.exitcode}")
+        self.group.wait_events(0)
+
+    # -- statistics and lifetime
+
+    def stats(self) -> list[ChannelStats]:
+        pids = self.group.pids
+        return [
+            ChannelStats(i, pids[i], int(c[C_PACKETS]), int(c[C_PAGES]), int(c[C_BYTES]))
+            for i, c in enumerate(self._counters)
+        ]
+
+    def close(self, *, graceful: bool) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self.group.close(graceful=graceful)
+        for conn in self._jobs:
+            conn.close()

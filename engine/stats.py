@@ -1,0 +1,100 @@
+"""Migration statistics, reported with QEMU ``query-migrate`` names.
+
+Counters are plain fields updated by the one thread that owns them (the main process of each
+side); per-channel figures come from the channel processes' shared counters at snapshot time.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from .send_channels import ChannelStats
+from .wire import TARGET_PAGE_SIZE
+
+
+@dataclass
+class RamCounters:
+    total: int = 0  # bytes of guest RAM (all blocks)
+    duplicate: int = 0  # zero pages (ZERO records on the main channel)
+    normal: int = 0  # pages sent whole (multifd packets + PAGE records)
+    main_bytes: int = 0  # bytes on the main channel
+    multifd_bytes: int = 0  # bytes on all multifd channels, headers included
+    dirty_sync_count: int = 0  # dirty-bitmap syncs (source) / sync barriers passed (destination)
+    remaining: int = 0
+
+    @property
+    def transferred(self) -> int:
+        return self.main_bytes + self.multifd_bytes
+
+
+@dataclass
+class MigrationStats:
+    status: str = "setup"
+    start: float = field(default_factory=time.monotonic)
+    end: float | None = None
+    setup_time: float = 0.0  # seconds
+    downtime: float = 0.0  # seconds
+    ram: RamCounters = field(default_factory=RamCounters)
+    channels: list[ChannelStats] = field(default_factory=list)
+    error: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def total_time(self) -> float:
+        return (self.end if self.end is not None else time.monotonic()) - self.start
+
+    def to_json(self) -> dict[str, Any]:
+        """A ``query-migrate``-shaped dict (times in ms, mbps in megabits/s)."""
+        t = max(self.total_time, 1e-9)
+        ram = self.ram
+        out: dict[str, Any] = {
+            "status": self.status,
+            "total-time": round(self.total_time * 1000),
+            "setup-time": round(self.setup_time * 1000),
+            "downtime": round(self.downtime * 1000),
+            "ram": {
+                "transferred": ram.transferred,
+                "remaining": ram.remaining,
+                "total": ram.total,
+                "duplicate": ram.duplicate,
+                "normal": ram.normal,
+                "normal-bytes": ram.normal * TARGET_PAGE_SIZE,
+                "mbps": round(ram.transferred * 8 / t / 1e6, 3),
+                "multifd-bytes": ram.multifd_bytes,
+                "pages-per-second": round((ram.normal + ram.duplicate) / t),
+                "dirty-sync-count": ram.dirty_sync_count,
+                "page-size": TARGET_PAGE_SIZE,
+            },
+            "throughput-mib-s": round(ram.total / t / (1 << 20), 1),
+            "channels": [
+                {"id": c.id, "pid": c.pid, "packets": c.packets, "normal_pages": c.normal_pages, "bytes": c.bytes}
+                for c in self.channels
+            ],
+        }
+        if self.error:
+            out["error-desc"] = self.error
+        out.update(self.extra)
+        return out
+
+
+def human_summary(stats: dict[str, Any], role: str) -> str:
+    ram = stats["ram"]
+    lines = [
+        f"{role}: {stats['status']}",
+        f"  total-time       {stats['total-time']} ms (setup {stats['setup-time']} ms, downtime {stats['downtime']} ms)",
+        f"  guest RAM        {ram['total'] / (1 << 20):.1f} MiB at {stats['throughput-mib-s']} MiB/s",
+        f"  transferred      {ram['transferred'] / (1 << 20):.1f} MiB ({ram['mbps']:.0f} Mbit/s),"
+        f" multifd {ram['multifd-bytes'] / (1 << 20):.1f} MiB",
+        f"  pages            normal {ram['normal']}, duplicate (zero) {ram['duplicate']},"
+        f" dirty-sync-count {ram['dirty-sync-count']}",
+    ]
+    for c in stats["channels"]:
+        lines.append(
+            f"  channel {c['id']:<3} pid {c['pid']:<7} packets {c['packets']:<7} normal_pages {c['normal_pages']:<8}"
+            f" bytes {c['bytes']}"
+        )
+    if "error-desc" in stats:
+        lines.append(f"  error            {stats['error-desc']}")
+    return "\n".join(lines)

@@ -1,0 +1,600 @@
+"""The main migration stream (QEVM v3) when multifd is on: encoder and pull parser.
+
+Pure code. The encoder appends records to a ``bytearray``; the parser pulls bytes through a
+:class:`StreamReader`, which gets them from any ``fill(buffer) -> nbytes`` callable (a socket,
+a file, a ``bytes`` object in tests) and yields typed events. Nothing here knows about sockets.
+
+Stream layout (wire doc section 5): ``QEVM`` + be32 version 3; the configuration section
+(``07`` + be32 len + machine name + optional ``05`` subsections); then sections framed as
+START/PART/END/FULL, each closed by the footer ``7e`` + be32 section_id; then ``00`` EOF and
+optionally ``06`` + be32 len + the vmdesc JSON.
+
+The ``ram`` section (idstr ``ram``, instance 0, version 4) is a run of records, each headed by a
+be64 word whose low 12 bits are flags and whose upper bits are a byte offset in a RAM block:
+MEM_SIZE (block list), ZERO (+ fill byte), PAGE (+ 4096 bytes), EOS (the multifd sync point),
+with CONTINUE meaning "same block as the last record that named one". The CONTINUE state lasts
+for the whole stream, across sections, on both sides.
+
+Runs of ``ZERO|CONTINUE`` records (9 bytes each) are decoded with numpy straight from the read
+buffer, so a quarter of a guest's pages being zero costs a few array operations, not a Python
+loop per page.
+
+Everything after the first non-``ram`` FULL section (or EOF) is device state that only the
+vmdesc JSON at the very end can describe; the parser hands it over whole as
+:class:`StreamTail` (bounded by ``max_tail``).
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Mapping, Sequence
+
+import numpy as np
+import numpy.typing as npt
+
+from .errors import LocalProtocolError, RemoteProtocolError, TruncatedError
+from .wire import MAX_RAMBLOCK_NAME, TARGET_PAGE_BITS, TARGET_PAGE_SIZE
+
+QEMU_VM_FILE_MAGIC = 0x5145564D  # "QEVM"
+QEMU_VM_FILE_VERSION = 3
+QEMU_VM_FILE_VERSION_COMPAT = 2
+
+QEMU_VM_EOF = 0x00
+QEMU_VM_SECTION_START = 0x01
+QEMU_VM_SECTION_PART = 0x02
+QEMU_VM_SECTION_END = 0x03
+QEMU_VM_SECTION_FULL = 0x04
+QEMU_VM_SUBSECTION = 0x05
+QEMU_VM_VMDESCRIPTION = 0x06
+QEMU_VM_CONFIGURATION = 0x07
+QEMU_VM_COMMAND = 0x08
+QEMU_VM_SECTION_FOOTER = 0x7E
+
+RAM_SAVE_FLAG_FULL = 0x01  # obsolete
+RAM_SAVE_FLAG_ZERO = 0x02
+RAM_SAVE_FLAG_MEM_SIZE = 0x04
+RAM_SAVE_FLAG_PAGE = 0x08
+RAM_SAVE_FLAG_EOS = 0x10
+RAM_SAVE_FLAG_CONTINUE = 0x20
+RAM_SAVE_FLAG_XBZRLE = 0x40
+RAM_SAVE_FLAG_HOOK = 0x80
+RAM_SAVE_FLAG_COMPRESS_PAGE = 0x100
+RAM_FLAGS_MASK = TARGET_PAGE_SIZE - 1
+
+RAM_SECTION_IDSTR = "ram"
+RAM_SECTION_VERSION = 4
+
+SECTION_NAMES = {
+    QEMU_VM_SECTION_START: "START",
+    QEMU_VM_SECTION_PART: "PART",
+    QEMU_VM_SECTION_END: "END",
+    QEMU_VM_SECTION_FULL: "FULL",
+}
+
+_BE32 = struct.Struct(">I")
+_BE64 = struct.Struct(">Q")
+_ZERO_RUN = np.dtype([("word", ">u8"), ("fill", "u1")])  # one ZERO|CONTINUE record, 9 bytes
+_ZERO_CONT = RAM_SAVE_FLAG_ZERO | RAM_SAVE_FLAG_CONTINUE
+
+#: Device state after RAM is small (a few KiB for a PC); refuse to buffer absurd tails.
+DEFAULT_MAX_TAIL = 64 * 1024 * 1024
+
+
+# ------------------------------------------------------------------------ encoder
+
+
+class StreamEncoder:
+    """Appends main-stream records to :attr:`out`; the caller sends and clears it.
+
+    Tracks the CONTINUE state ("last block named") for the whole stream, like QEMU.
+    """
+
+    def __init__(self) -> None:
+        self.out = bytearray()
+        self._last_block: bytes | None = None
+
+    def take(self) -> bytes:
+        data = bytes(self.out)
+        self.out.clear()
+        return data
+
+    def header(self) -> None:
+        self.out += _BE32.pack(QEMU_VM_FILE_MAGIC) + _BE32.pack(QEMU_VM_FILE_VERSION)
+
+    def configuration(self, machine: str) -> None:
+        name = machine.encode()
+        self.out += bytes([QEMU_VM_CONFIGURATION]) + _BE32.pack(len(name)) + name
+
+    def section_start(self, section_id: int, idstr: str, instance_id: int, version_id: int, *, full: bool = False) -> None:
+        name = idstr.encode()
+        if len(name) > 255:
+            raise LocalProtocolError(f"section idstr of {len(name)} bytes, at most 255")
+        kind = QEMU_VM_SECTION_FULL if full else QEMU_VM_SECTION_START
+        self.out += bytes([kind]) + _BE32.pack(section_id) + bytes([len(name)]) + name
+        self.out += _BE32.pack(instance_id) + _BE32.pack(version_id)
+
+    def section_part(self, section_id: int, *, end: bool = False) -> None:
+        self.out += bytes([QEMU_VM_SECTION_END if end else QEMU_VM_SECTION_PART]) + _BE32.pack(section_id)
+
+    def footer(self, section_id: int) -> None:
+        self.out += bytes([QEMU_VM_SECTION_FOOTER]) + _BE32.pack(section_id)
+
+    def ram_mem_size(self, blocks: Sequence[tuple[str, int]]) -> None:
+        total = sum(length for _, length in blocks)
+        self.out += _BE64.pack(total | RAM_SAVE_FLAG_MEM_SIZE)
+        for name, length in blocks:
+            raw = _block_name(name)
+            self.out += bytes([len(raw)]) + raw + _BE64.pack(length)
+        self._last_block = None
+
+    def _block_prefix(self, name: str, flag: int, offset: int) -> bytes:
+        raw = _block_name(name)
+        if raw == self._last_block:
+            return _BE64.pack(offset | flag | RAM_SAVE_FLAG_CONTINUE)
+        self._last_block = raw
+        return _BE64.pack(offset | flag) + bytes([len(raw)]) + raw
+
+    def ram_zero_pages(self, block: str, offsets: npt.NDArray[np.integer], fill: int = 0) -> None:
+        """ZERO records for ``offsets`` (byte offsets in ``block``), vectorised."""
+        n = len(offsets)
+        if n == 0:
+            return
+        self.out += self._block_prefix(block, RAM_SAVE_FLAG_ZERO, int(offsets[0])) + bytes([fill])
+        if n > 1:
+            recs = np.empty(n - 1, dtype=_ZERO_RUN)
+            recs["word"] = np.asarray(offsets[1:], dtype=np.uint64) | np.uint64(_ZERO_CONT)
+            recs["fill"] = fill
+            self.out += recs.tobytes()
+
+    def ram_page(self, block: str, offset: int, data: bytes | memoryview) -> None:
+        if len(data) != TARGET_PAGE_SIZE:
+            raise LocalProtocolError(f"PAGE record of {len(data)} bytes, expected {TARGET_PAGE_SIZE}")
+        self.out += self._block_prefix(block, RAM_SAVE_FLAG_PAGE, offset)
+        self.out += data
+
+    def ram_eos(self) -> None:
+        self.out += _BE64.pack(RAM_SAVE_FLAG_EOS)
+
+    def eof(self) -> None:
+        self.out += bytes([QEMU_VM_EOF])
+
+    def vmdesc(self, text: bytes) -> None:
+        self.out += bytes([QEMU_VM_VMDESCRIPTION]) + _BE32.pack(len(text)) + text
+
+
+def _block_name(name: str) -> bytes:
+    raw = name.encode()
+    if not 0 < len(raw) <= MAX_RAMBLOCK_NAME:
+        raise LocalProtocolError(f"RAM block name of {len(raw)} bytes, expected 1..{MAX_RAMBLOCK_NAME}")
+    return raw
+
+
+# ------------------------------------------------------------------------- reader
+
+FillFn = Callable[[memoryview], int]
+
+
+class StreamReader:
+    """Buffered reads over ``fill(into) -> nbytes`` (0 = end of stream).
+
+    ``fill`` may raise (a deadline, a channel failure); the reader never swallows it.
+    Views returned by :meth:`read_view` are valid until the next read.
+    """
+
+    def __init__(self, fill: FillFn, capacity: int = 1 << 20) -> None:
+        self._fill = fill
+        self._buf = bytearray(capacity)
+        self._view = memoryview(self._buf)
+        self._start = 0
+        self._end = 0
+        self.consumed = 0  # bytes handed out so far (stream position)
+        self.eof = False
+
+    @classmethod
+    def from_bytes(cls, data: bytes, chunk: int = 1 << 16) -> StreamReader:
+        """A reader over ``data``, delivered at most ``chunk`` bytes per fill (for tests and files)."""
+        pos = 0
+
+        def fill(into: memoryview) -> int:
+            nonlocal pos
+            n = min(len(into), chunk, len(data) - pos)
+            into[:n] = data[pos:pos + n]
+            pos += n
+            return n
+
+        return cls(fill)
+
+    @property
+    def available(self) -> int:
+        return self._end - self._start
+
+    def _more(self) -> bool:
+        if self.eof:
+            return False
+        if self._end == len(self._buf):
+            if self._start == 0:
+                raise AssertionError("stream reader buffer overflow")
+            live = self._end - self._start
+            self._buf[:live] = self._buf[self._start:self._end]
+            self._start, self._end = 0, live
+        n = self._fill(self._view[self._end:])
+        if n == 0:
+            self.eof = True
+            return False
+        self._end += n
+        return True
+
+    def ensure(self, n: int, what: str) -> None:
+        """Make ``n`` bytes available or raise (ChannelClosed at a clean start, TruncatedError mid-way)."""
+        while self._end - self._start < n:
+            if not self._more():
+                have = self._end - self._start
+                raise TruncatedError(
+                    f"main channel: end of stream inside {what} at byte {self.consumed + have}"
+                    f" (received {have} of {n} bytes)"
+                )
+
+    def read_view(self, n: int, what: str) -> memoryview:
+        self.ensure(n, what)
+        v = self._view[self._start:self._start + n]
+        self._start += n
+        self.consumed += n
+        return v
+
+    def read(self, n: int, what: str) -> bytes:
+        return bytes(self.read_view(n, what))
+
+    def u8(self, what: str) -> int:
+        self.ensure(1, what)
+        b = self._buf[self._start]
+        self._start += 1
+        self.consumed += 1
+        return b
+
+    def be32(self, what: str) -> int:
+        return int(_BE32.unpack(self.read_view(4, what))[0])
+
+    def be64(self, what: str) -> int:
+        return int(_BE64.unpack(self.read_view(8, what))[0])
+
+    def peek_u8(self, what: str) -> int:
+        self.ensure(1, what)
+        return self._buf[self._start]
+
+    def buffered(self) -> memoryview:
+        return self._view[self._start:self._end]
+
+    def skip(self, n: int) -> None:
+        self._start += n
+        self.consumed += n
+
+    def read_to_eof(self, limit: int, what: str) -> bytes:
+        """Everything up to end of stream; more than ``limit`` bytes is an error."""
+        while self._more():
+            if self._end - self._start > limit:
+                break
+            if self._end == len(self._buf) and self._start == 0:
+                self._buf.extend(bytes(len(self._buf)))
+                self._view.release()
+                self._view = memoryview(self._buf)
+        if self._end - self._start > limit:
+            raise RemoteProtocolError(f"main channel: {what} is larger than {limit} bytes")
+        data = bytes(self._view[self._start:self._end])
+        self.skip(len(data))
+        return data
+
+
+# ------------------------------------------------------------------------- events
+
+
+@dataclass(frozen=True)
+class StreamHeader:
+    version: int
+
+
+@dataclass(frozen=True)
+class Configuration:
+    machine: str
+    subsections: tuple[tuple[str, bytes], ...] = ()
+
+
+@dataclass(frozen=True)
+class SectionBegin:
+    """A START/PART/END (or FULL ``ram``) section header for the ``ram`` section."""
+
+    kind: int
+    section_id: int
+    idstr: str
+    instance_id: int
+    version_id: int
+
+    @property
+    def kind_name(self) -> str:
+        return SECTION_NAMES.get(self.kind, hex(self.kind))
+
+
+@dataclass(frozen=True)
+class RamMemSize:
+    blocks: tuple[tuple[str, int], ...]
+
+
+@dataclass(frozen=True)
+class RamZeroPages:
+    """``len(offsets)`` pages of ``block`` to fill with ``fill`` (byte offsets, int64)."""
+
+    block: str
+    offsets: npt.NDArray[np.int64]
+    fill: int
+
+
+@dataclass(frozen=True)
+class RamPage:
+    """One PAGE record; ``data`` is a view valid only until the next event is pulled."""
+
+    block: str
+    offset: int
+    data: memoryview
+
+
+@dataclass(frozen=True)
+class RamEOS:
+    """End of a ram section's records: the multifd sync point."""
+
+    section_id: int
+    kind: int
+
+
+@dataclass(frozen=True)
+class SectionFooter:
+    section_id: int
+
+
+@dataclass(frozen=True)
+class StreamTail:
+    """Everything from the first device (FULL) section or EOF byte to end of stream."""
+
+    data: bytes
+
+
+Event = StreamHeader | Configuration | SectionBegin | RamMemSize | RamZeroPages | RamPage | RamEOS | SectionFooter | StreamTail
+
+
+# -------------------------------------------------------------------------- parser
+
+
+@dataclass
+class _RamState:
+    blocks: dict[str, int] = field(default_factory=dict)  # name -> used_length
+    last_block: str | None = None
+    section_ids: dict[int, str] = field(default_factory=dict)
+
+
+class MainStreamParser:
+    """Pulls events out of a main stream, validating every field as it goes.
+
+    ``expected_blocks`` (name -> length), when given, must match MEM_SIZE exactly (a
+    destination whose RAM was declared up front).
+    """
+
+    def __init__(self, reader: StreamReader, *, max_tail: int = DEFAULT_MAX_TAIL) -> None:
+        self.r = reader
+        self.max_tail = max_tail
+        self.ram = _RamState()
+        self.ram_ended = False
+
+    # -- top level
+
+    def events(self) -> Iterator[Event]:
+        r = self.r
+        magic = r.be32("the stream header")
+        if magic != QEMU_VM_FILE_MAGIC:
+            raise RemoteProtocolError(
+                f"main channel: received stream magic {magic:#010x}, expected {QEMU_VM_FILE_MAGIC:#010x} ('QEVM')"
+            )
+        version = r.be32("the stream header")
+        if version != QEMU_VM_FILE_VERSION:
+            raise RemoteProtocolError(
+                f"main channel: received stream version {version}, expected {QEMU_VM_FILE_VERSION}"
+            )
+        yield StreamHeader(version)
+        while True:
+            kind = r.u8("a section type")
+            if kind == QEMU_VM_CONFIGURATION:
+                yield self._configuration()
+            elif kind in (QEMU_VM_SECTION_START, QEMU_VM_SECTION_FULL):
+                section_id = r.be32("a section header")
+                idstr = self._short_string("a section idstr")
+                instance_id = r.be32("a section header")
+                version_id = r.be32("a section header")
+                if idstr != RAM_SECTION_IDSTR:
+                    yield StreamTail(self._tail(kind, section_id, idstr, instance_id, version_id))
+                    return
+                if instance_id != 0 or version_id != RAM_SECTION_VERSION:
+                    raise RemoteProtocolError(
+                        f"main channel: received section 'ram' instance {instance_id} version {version_id},"
+                        f" expected instance 0 version {RAM_SECTION_VERSION}"
+                    )
+                self.ram.section_ids[section_id] = idstr
+                yield SectionBegin(kind, section_id, idstr, instance_id, version_id)
+                yield from self._ram_records(section_id, kind)
+                yield self._footer(section_id)
+                if kind == QEMU_VM_SECTION_FULL:
+                    self.ram_ended = True
+            elif kind in (QEMU_VM_SECTION_PART, QEMU_VM_SECTION_END):
+                section_id = r.be32("a section header")
+                idstr = self.ram.section_ids.get(section_id)
+                if idstr is None:
+                    raise RemoteProtocolError(
+                        f"main channel: received {SECTION_NAMES[kind]} for section_id {section_id},"
+                        f" expected one opened by START ({sorted(self.ram.section_ids) or 'none open'})"
+                    )
+                yield SectionBegin(kind, section_id, idstr, 0, RAM_SECTION_VERSION)
+                yield from self._ram_records(section_id, kind)
+                yield self._footer(section_id)
+                if kind == QEMU_VM_SECTION_END:
+                    self.ram_ended = True
+            elif kind == QEMU_VM_EOF:
+                yield StreamTail(bytes([QEMU_VM_EOF]) + self.r.read_to_eof(self.max_tail, "the stream tail"))
+                return
+            else:
+                raise RemoteProtocolError(
+                    f"main channel: received section type {kind:#04x} at byte {r.consumed - 1}, expected one of"
+                    " START 0x01, PART 0x02, END 0x03, FULL 0x04, CONFIGURATION 0x07, EOF 0x00"
+                )
+
+    def _tail(self, kind: int, section_id: int, idstr: str, instance_id: int, version_id: int) -> bytes:
+        head = bytes([kind]) + _BE32.pack(section_id) + bytes([len(idstr.encode())]) + idstr.encode()
+        head += _BE32.pack(instance_id) + _BE32.pack(version_id)
+        if kind == QEMU_VM_SECTION_START:
+            raise RemoteProtocolError(
+                f"main channel: received START for unsupported live section {idstr!r}, expected only 'ram'"
+            )
+        return head + self.r.read_to_eof(self.max_tail, "the device state after RAM")
+
+    def _short_string(self, what: str) -> str:
+        n = self.r.u8(what)
+        return self.r.read(n, what).decode("utf-8", "replace")
+
+    def _configuration(self) -> Configuration:
+        r = self.r
+        n = r.be32("the configuration section")
+        if n > 255:
+            raise RemoteProtocolError(f"main channel: received machine name length {n}, expected <= 255")
+        machine = r.read(n, "the configuration section").decode("utf-8", "replace")
+        subs: list[tuple[str, bytes]] = []
+        while r.peek_u8("the configuration section") == QEMU_VM_SUBSECTION:
+            r.skip(1)
+            name = self._short_string("a configuration subsection")
+            r.be32("a configuration subsection version")
+            if name == "configuration/target-page-bits":
+                bits = r.be32(name)
+                if bits != TARGET_PAGE_BITS:
+                    raise RemoteProtocolError(
+                        f"main channel: received target-page-bits {bits}, expected {TARGET_PAGE_BITS}"
+                    )
+                subs.append((name, _BE32.pack(bits)))
+            elif name == "configuration/uuid":
+                subs.append((name, r.read(16, name)))
+            elif name == "configuration/capabilities":
+                count = r.be32(name)
+                if count > 64:
+                    raise RemoteProtocolError(f"main channel: received {count} capabilities, expected <= 64")
+                caps = [self._short_string(name) for _ in range(count)]
+                if caps:
+                    raise RemoteProtocolError(
+                        f"main channel: received validated capabilities {caps}, expected none"
+                        " (x-ignore-shared is not supported)"
+                    )
+                subs.append((name, b""))
+            else:
+                raise RemoteProtocolError(f"main channel: received unknown configuration subsection {name!r}")
+        return Configuration(machine, tuple(subs))
+
+    def _footer(self, section_id: int) -> SectionFooter:
+        kind = self.r.u8("a section footer")
+        if kind != QEMU_VM_SECTION_FOOTER:
+            raise RemoteProtocolError(
+                f"main channel: received {kind:#04x} where the footer of section {section_id} belongs,"
+                f" expected {QEMU_VM_SECTION_FOOTER:#04x}"
+            )
+        sid = self.r.be32("a section footer")
+        if sid != section_id:
+            raise RemoteProtocolError(f"main channel: received footer for section {sid}, expected {section_id}")
+        return SectionFooter(section_id)
+
+    # -- ram records
+
+    def _ram_records(self, section_id: int, kind: int) -> Iterator[Event]:
+        r = self.r
+        ram = self.ram
+        while True:
+            word = r.be64("a ram record")
+            flags = word & RAM_FLAGS_MASK
+            addr = word & ~RAM_FLAGS_MASK
+            base = flags & ~RAM_SAVE_FLAG_CONTINUE
+            if base == RAM_SAVE_FLAG_EOS:
+                yield RamEOS(section_id, kind)
+                return
+            if base == RAM_SAVE_FLAG_MEM_SIZE:
+                yield self._mem_size(addr)
+                continue
+            if base not in (RAM_SAVE_FLAG_ZERO, RAM_SAVE_FLAG_PAGE):
+                raise RemoteProtocolError(
+                    f"main channel: received ram record flags {flags:#x} at byte {r.consumed - 8},"
+                    " expected MEM_SIZE 0x4, ZERO 0x2, PAGE 0x8 or EOS 0x10 (with CONTINUE 0x20)"
+                )
+            if flags & RAM_SAVE_FLAG_CONTINUE:
+                if ram.last_block is None:
+                    raise RemoteProtocolError(
+                        f"main channel: received a CONTINUE record at byte {r.consumed - 8} before any RAM block was named"
+                    )
+                block = ram.last_block
+            else:
+                block = self._short_string("a ram record's block name")
+                if block not in ram.blocks:
+                    raise RemoteProtocolError(
+                        f"main channel: received unknown RAM block {block!r}, expected one of {sorted(ram.blocks)}"
+                    )
+                ram.last_block = block
+            length = ram.blocks[block]
+            if addr > length - TARGET_PAGE_SIZE:
+                raise RemoteProtocolError(
+                    f"main channel: received offset {addr:#x} in RAM block {block!r}, expected below {length:#x}"
+                )
+            if base == RAM_SAVE_FLAG_PAGE:
+                yield RamPage(block, addr, r.read_view(TARGET_PAGE_SIZE, "a PAGE record"))
+                continue
+            fill = r.u8("a ZERO record")
+            yield self._zero_run(block, addr, fill, length)
+
+    def _zero_run(self, block: str, first: int, fill: int, length: int) -> RamZeroPages:
+        """The ZERO record just read plus every ``ZERO|CONTINUE`` record with the same fill after it."""
+        buf = self.r.buffered()
+        n = len(buf) // _ZERO_RUN.itemsize
+        offsets = [np.array([first], dtype=np.int64)]
+        if n:
+            recs = np.frombuffer(buf, dtype=_ZERO_RUN, count=n)
+            words = recs["word"]
+            ok = ((words & np.uint64(RAM_FLAGS_MASK)) == _ZERO_CONT) & (recs["fill"] == fill)
+            run = n if ok.all() else int(np.argmin(ok))
+            if run:
+                more = (words[:run] & ~np.uint64(RAM_FLAGS_MASK)).astype(np.int64)
+                bad = more > length - TARGET_PAGE_SIZE
+                if bad.any():
+                    i = int(np.argmax(bad))
+                    raise RemoteProtocolError(
+                        f"main channel: received offset {int(more[i]):#x} in RAM block {block!r},"
+                        f" expected below {length:#x}"
+                    )
+                offsets.append(more)
+                self.r.skip(run * _ZERO_RUN.itemsize)
+        return RamZeroPages(block, np.concatenate(offsets), fill)
+
+    def _mem_size(self, total: int) -> RamMemSize:
+        r = self.r
+        blocks: list[tuple[str, int]] = []
+        remaining = total
+        while remaining > 0:
+            name = self._short_string("the MEM_SIZE block list")
+            length = r.be64("the MEM_SIZE block list")
+            if not name:
+                raise RemoteProtocolError("main channel: received an empty RAM block name in MEM_SIZE")
+            if length == 0 or length % TARGET_PAGE_SIZE or length > remaining:
+                raise RemoteProtocolError(
+                    f"main channel: received RAM block {name!r} of {length} bytes, expected a non-zero multiple of"
+                    f" {TARGET_PAGE_SIZE} within the MEM_SIZE total of {total} (remaining {remaining})"
+                )
+            if any(name == b for b, _ in blocks):
+                raise RemoteProtocolError(f"main channel: received RAM block {name!r} twice in MEM_SIZE")
+            blocks.append((name, length))
+            remaining -= length
+        if not blocks:
+            raise RemoteProtocolError("main channel: received MEM_SIZE with a total of 0 bytes, expected RAM blocks")
+        self.ram.blocks = dict(blocks)
+        self.ram.last_block = None
+        return RamMemSize(tuple(blocks))
+
+
+def block_lengths(mem: RamMemSize) -> Mapping[str, int]:
+    return dict(mem.blocks)

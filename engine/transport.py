@@ -1,0 +1,222 @@
+"""Transports: QEMU migration URIs (``tcp:HOST:PORT``, ``unix:PATH``), listen, connect,
+vectored send and exact receives into caller memory.
+
+Every blocking call here has a deadline: sockets carry a timeout, and a timeout becomes
+:class:`MigrationTimeout` naming what we were waiting for.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+from .errors import ChannelClosed, ChannelError, ConfigError, MigrationTimeout, TruncatedError
+
+SOCKET_BUFFER = 4 << 20
+
+
+@dataclass(frozen=True)
+class TcpAddress:
+    host: str
+    port: int
+
+    @property
+    def uri(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"tcp:{host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class UnixAddress:
+    path: str
+
+    @property
+    def uri(self) -> str:
+        return f"unix:{self.path}"
+
+
+Address = TcpAddress | UnixAddress
+
+
+def parse_uri(uri: str) -> Address:
+    """Parse a QEMU migration URI: ``tcp:HOST:PORT``, ``tcp:[IPV6]:PORT`` or ``unix:PATH``."""
+    scheme, sep, rest = uri.partition(":")
+    if not sep or not rest:
+        raise ConfigError(f"invalid migration URI {uri!r}: expected tcp:HOST:PORT or unix:PATH")
+    if scheme == "unix":
+        return UnixAddress(rest)
+    if scheme != "tcp":
+        raise ConfigError(f"unsupported migration URI scheme {scheme!r} in {uri!r}: expected tcp or unix (multifd needs a socket)")
+    if rest.startswith("["):
+        host, bracket, port_text = rest[1:].partition("]")
+        if not bracket or not port_text.startswith(":"):
+            raise ConfigError(f"invalid migration URI {uri!r}: expected tcp:[IPV6]:PORT")
+        port_text = port_text[1:]
+    else:
+        host, colon, port_text = rest.rpartition(":")
+        if not colon:
+            raise ConfigError(f"invalid migration URI {uri!r}: expected tcp:HOST:PORT")
+    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ConfigError(f"invalid port {port_text!r} in migration URI {uri!r}: expected 0..65535")
+    return TcpAddress(host or "0.0.0.0", int(port_text))
+
+
+def _tune(sock: socket.socket) -> None:
+    for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
+        except OSError:
+            pass
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def listen(addr: Address, backlog: int) -> socket.socket:
+    """A listening socket bound exactly to ``addr``."""
+    try:
+        if isinstance(addr, UnixAddress):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                if os.path.exists(addr.path):
+                    import stat
+
+                    if stat.S_ISSOCK(os.stat(addr.path).st_mode):
+                        os.unlink(addr.path)
+                sock.bind(addr.path)
+            except BaseException:
+                sock.close()
+                raise
+        else:
+            infos = socket.getaddrinfo(addr.host, addr.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+            family, _, _, _, sockaddr = infos[0]
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.bind(sockaddr)
+            except BaseException:
+                sock.close()
+                raise
+        _tune(sock)
+        sock.listen(backlog)
+        return sock
+    except socket.gaierror as exc:
+        raise ConfigError(f"cannot resolve {addr.uri}: {exc.strerror}") from exc
+    except OSError as exc:
+        raise ConfigError(f"cannot listen on {addr.uri}: {exc.strerror or exc}") from exc
+
+
+def bound_uri(sock: socket.socket, addr: Address) -> str:
+    """The URI a peer should use, with the real port when listening on port 0."""
+    if isinstance(addr, UnixAddress):
+        return addr.uri
+    host, port = sock.getsockname()[:2]
+    if addr.host not in ("0.0.0.0", "::", ""):
+        host = addr.host
+    return TcpAddress(host, port).uri
+
+
+def connect(addr: Address, timeout: float) -> socket.socket:
+    """Connect with a deadline; the socket keeps ``timeout`` for later blocking calls."""
+    try:
+        if isinstance(addr, UnixAddress):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(timeout)
+            try:
+                sock.connect(addr.path)
+            except BaseException:
+                sock.close()
+                raise
+        else:
+            sock = socket.create_connection((addr.host, addr.port), timeout=timeout)
+        _tune(sock)
+        return sock
+    except socket.timeout as exc:
+        raise MigrationTimeout(f"connecting to {addr.uri} timed out after {timeout:g}s") from exc
+    except socket.gaierror as exc:
+        raise ConfigError(f"cannot resolve {addr.uri}: {exc.strerror}") from exc
+    except OSError as exc:
+        raise ChannelError(f"cannot connect to {addr.uri}: {exc.strerror or exc}") from exc
+
+
+def send_all(sock: socket.socket, buffers: Sequence[object], what: str) -> int:
+    """Send every buffer with as few ``sendmsg`` calls as the kernel allows; returns the byte count."""
+    views = [memoryview(b).cast("B") for b in buffers]  # type: ignore[arg-type]
+    total = sum(len(v) for v in views)
+    sent_total = 0
+    try:
+        while views:
+            sent = sock.sendmsg(views)
+            sent_total += sent
+            if sent_total == total:
+                break
+            while sent and sent >= len(views[0]):
+                sent -= len(views[0])
+                views.pop(0)
+            if sent:
+                views[0] = views[0][sent:]
+    except socket.timeout as exc:
+        raise MigrationTimeout(f"{what}: sending stalled for {sock.gettimeout():g}s (the peer is not reading)") from exc
+    except OSError as exc:
+        raise ChannelError(f"{what}: send failed: {exc.strerror or exc}") from exc
+    return total
+
+
+def recv_exact_into(sock: socket.socket, view: memoryview, what: str, *, eof_ok: bool = False) -> bool:
+    """Fill ``view`` completely. Returns False on EOF before the first byte when ``eof_ok``."""
+    got = 0
+    n = len(view)
+    try:
+        while got < n:
+            r = sock.recv_into(view[got:])
+            if r == 0:
+                if got == 0 and eof_ok:
+                    return False
+                if got == 0:
+                    raise ChannelClosed(f"{what}: connection closed by the peer")
+                raise TruncatedError(f"{what}: connection closed after {got} of {n} bytes")
+            got += r
+    except socket.timeout as exc:
+        raise MigrationTimeout(f"{what}: nothing received for {sock.gettimeout():g}s") from exc
+    except (ConnectionError, OSError) as exc:
+        if isinstance(exc, (ChannelError,)):
+            raise
+        raise ChannelError(f"{what}: receive failed: {exc.strerror or exc}") from exc
+    return True
+
+
+def recv_exact_into_many(sock: socket.socket, views: list[memoryview], what: str) -> None:
+    """Fill several buffers in order (``recvmsg_into``), e.g. runs of guest pages."""
+    total = sum(len(v) for v in views)
+    got = 0
+    try:
+        while views:
+            r = sock.recvmsg_into(views)[0]
+            if r == 0:
+                raise TruncatedError(f"{what}: connection closed after {got} of {total} payload bytes")
+            got += r
+            while r and r >= len(views[0]):
+                r -= len(views[0])
+                views.pop(0)
+            if r:
+                views[0] = views[0][r:]
+    except socket.timeout as exc:
+        raise MigrationTimeout(f"{what}: nothing received for {sock.gettimeout():g}s") from exc
+    except OSError as exc:
+        raise ChannelError(f"{what}: receive failed: {exc.strerror or exc}") from exc
+
+
+class Deadline:
+    """A point in time; ``remaining()`` never goes below zero."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.at = time.monotonic() + seconds
+
+    def remaining(self) -> float:
+        return max(0.0, self.at - time.monotonic())
+
+    def expired(self) -> bool:
+        return time.monotonic() >= self.at

@@ -70,6 +70,8 @@ class Accepted:
     main: socket.socket
     channels: list[socket.socket]
     connect_time: float
+    #: connections accepted but not yet identified when the migration's own were complete
+    pending: dict[socket.socket, float] = field(default_factory=dict)
 
 
 def _classify(conn: socket.socket, params: MigrationParams, chans: dict[int, socket.socket]) -> str | None:
@@ -148,9 +150,9 @@ def accept_migration(listener: socket.socket, params: MigrationParams, *, listen
                     wait_all = Deadline(params.handshake_timeout)
         ok = True
     finally:
-        for conn in pending:
-            conn.close()
         if not ok:
+            for conn in pending:
+                conn.close()
             for conn in chans.values():
                 conn.close()
             if main is not None:
@@ -159,7 +161,7 @@ def accept_migration(listener: socket.socket, params: MigrationParams, *, listen
     socks = [chans[i] for i in range(params.channels)]
     for s in [main, *socks]:
         s.setblocking(True)
-    return Accepted(main, socks, first)
+    return Accepted(main, socks, first, pending)
 
 
 @dataclass
@@ -200,6 +202,7 @@ class Loader:
                 handles += self.channels.event_handles
             if self.listener is not None:
                 handles.append(self.listener)
+            handles += self._extras_due()
             left = deadline - time.monotonic()
             if left <= 0:
                 raise MigrationTimeout(
@@ -209,7 +212,12 @@ class Loader:
             if self.channels is not None and any(h is not main and h is not self.listener for h in ready):
                 self.channels.poll(0)
             if self.listener is not None and self.listener in ready:
-                self._extra_connection()
+                conn, _ = self.listener.accept()
+                conn.setblocking(False)
+                self.acc.pending[conn] = time.monotonic() + self.params.handshake_timeout
+            for h in ready:
+                if h in self.acc.pending:
+                    self._extra_connection(h)
             if main in ready:
                 try:
                     n = main.recv_into(view)
@@ -218,20 +226,30 @@ class Loader:
                 self.main_bytes += n
                 return n
 
-    def _extra_connection(self) -> None:
-        assert self.listener is not None
-        conn, _ = self.listener.accept()
-        with conn:
-            conn.settimeout(min(1.0, self.params.handshake_timeout))
-            try:
-                head = conn.recv(INIT_SIZE, socket.MSG_PEEK | socket.MSG_WAITALL)
-            except OSError:
-                head = b""
-            if len(head) == INIT_SIZE and head[:4] == MULTIFD_MAGIC_BYTES:
-                init = MultiFDInit.unpack(head)
-                validate_init(init, expected_uuid=self.params.uuid, channels=self.params.channels,
-                              connected=set(range(self.params.channels)))
-            self.log("extra incoming migration connection; ignoring")
+    def _extras_due(self) -> list[socket.socket]:
+        """Stray connections still being identified; drops those past their deadline."""
+        now = time.monotonic()
+        for conn, dl in list(self.acc.pending.items()):
+            if now >= dl:
+                self.log(f"dropped a connection that sent no handshake within {self.params.handshake_timeout:g}s")
+                del self.acc.pending[conn]
+                conn.close()
+        return list(self.acc.pending)
+
+    def _extra_connection(self, conn: socket.socket) -> None:
+        """A connection beyond the migration's 1 + N: a channel id error is fatal, the rest is ignored."""
+        everyone = {i: conn for i in range(self.params.channels)}
+        try:
+            kind = _classify(conn, self.params, everyone)
+        except BaseException:
+            del self.acc.pending[conn]
+            conn.close()
+            raise
+        if kind is None:
+            return
+        del self.acc.pending[conn]
+        conn.close()
+        self.log("extra incoming migration connection; ignoring")
 
     # -- applying events
 
@@ -302,6 +320,9 @@ class Loader:
         self.stats.ram.normal += 1
 
     def close(self, ok: bool) -> None:
+        for conn in self.acc.pending:
+            conn.close()
+        self.acc.pending.clear()
         if self.channels is not None:
             self.stats.channels = self.channels.stats()
             self.channels.close(graceful=ok)

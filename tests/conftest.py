@@ -1,0 +1,78 @@
+"""Shared fixtures: every test must leave no shared-memory segment and no child process."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, settings
+
+settings.register_profile("ci", max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("dev", max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("deep", max_examples=5000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
+
+SHM = Path("/dev/shm")
+
+
+def shm_segments() -> set[str]:
+    # multiprocessing semaphores (sem.mp-*) are unlinked right after creation; ignore strays
+    return {p.name for p in SHM.iterdir() if not p.name.startswith("sem.")}
+
+
+def _tracker_pid() -> int | None:
+    try:
+        from multiprocessing import resource_tracker
+
+        return resource_tracker._resource_tracker._pid  # type: ignore[attr-defined]
+    except Exception:
+        return None
+
+
+def child_pids() -> set[int]:
+    me = str(os.getpid())
+    out = set()
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            stat = (d / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        if fields[1] == me:  # ppid
+            out.add(int(d.name))
+    tracker = _tracker_pid()
+    out.discard(tracker or -1)
+    return out
+
+
+@pytest.fixture(autouse=True)
+def no_leaks():
+    """Fail a test that leaves a /dev/shm segment or a child process behind."""
+    before_shm = shm_segments()
+    before_kids = child_pids()
+    yield
+    deadline = time.monotonic() + 5.0
+    while True:
+        leaked_shm = shm_segments() - before_shm
+        leaked_kids = child_pids() - before_kids
+        if not leaked_shm and not leaked_kids:
+            return
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    for pid in leaked_kids:
+        try:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+        except OSError:
+            pass
+    for name in leaked_shm:
+        try:
+            (SHM / name).unlink()
+        except OSError:
+            pass
+    pytest.fail(f"test leaked shared-memory segments {sorted(leaked_shm)} and/or child processes {sorted(leaked_kids)}")

@@ -1,0 +1,136 @@
+"""Helpers for end-to-end tests: run the real CLI in real processes, make RAM images, compare dumps."""
+
+from __future__ import annotations
+
+import json
+import os
+import selectors
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+PAGE = 4096
+
+
+def engine_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "engine", *args]
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+class Incoming:
+    """``python -m engine incoming URI ...`` in a child process; knows its real URI."""
+
+    def __init__(self, uri: str, *args: str, startup: float = 30.0) -> None:
+        self.proc = subprocess.Popen(
+            engine_cmd("incoming", uri, *args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(), cwd=ROOT
+        )
+        self.stderr_head = b""
+        self.uri = self._wait_listening(startup)
+        self.stdout = ""
+        self.stderr = ""
+
+    def _wait_listening(self, timeout: float) -> str:
+        assert self.proc.stderr is not None
+        sel = selectors.DefaultSelector()
+        sel.register(self.proc.stderr, selectors.EVENT_READ)
+        deadline = time.monotonic() + timeout
+        buf = b""
+        fd = self.proc.stderr.fileno()
+        while time.monotonic() < deadline:
+            if not sel.select(0.1):
+                if self.proc.poll() is not None:
+                    break
+                continue
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                break
+            buf += chunk
+            for line in buf.decode(errors="replace").splitlines():
+                if line.startswith("engine: listening on "):
+                    self.stderr_head = buf
+                    sel.close()
+                    return line.removeprefix("engine: listening on ").strip()
+        sel.close()
+        self.kill()
+        raise AssertionError(f"destination did not start listening: {buf.decode(errors='replace')}")
+
+    def wait(self, timeout: float = 60.0) -> int:
+        out, err = self.proc.communicate(timeout=timeout)
+        self.stdout = out.decode()
+        self.stderr = (self.stderr_head + err).decode()
+        return self.proc.returncode
+
+    def json(self) -> dict[str, Any]:
+        return json.loads(self.stdout)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.communicate(timeout=10)
+
+    def __enter__(self) -> Incoming:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc.poll() is None:
+            self.kill()
+        else:
+            self.proc.communicate(timeout=10)
+
+
+def run_engine(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(engine_cmd(*args), capture_output=True, text=True, timeout=timeout, env=_env(), cwd=ROOT)
+
+
+def make_image(path: Path, pages: int, kind: str = "mixed", seed: int = 0) -> bytes:
+    """A RAM image of ``pages`` pages: zero, random, text-like (compressible) or mixed."""
+    rng = np.random.default_rng(seed)
+    data = np.zeros((pages, PAGE), dtype=np.uint8)
+    kinds = {"zero": 0, "random": 1, "text": 2}
+    per_page = rng.integers(0, 3, size=pages) if kind == "mixed" else np.full(pages, kinds[kind])
+    rnd = np.flatnonzero(per_page == 1)
+    data[rnd] = rng.integers(0, 256, size=(len(rnd), PAGE), dtype=np.uint8)
+    txt = np.flatnonzero(per_page == 2)
+    words = np.frombuffer(b"abcdefgh migration page ", dtype=np.uint8)
+    data[txt] = np.resize(words, PAGE)
+    data[txt, :8] = txt.astype("<u8").view(np.uint8).reshape(-1, 8)  # unique per page
+    raw = data.tobytes()
+    path.write_bytes(raw)
+    return raw
+
+
+def read_dump(directory: Path) -> dict[str, bytes]:
+    manifest = json.loads((directory / "manifest.json").read_text())
+    out = {}
+    for entry in manifest["blocks"]:
+        data = (directory / entry["file"]).read_bytes()
+        assert len(data) == entry["size"], entry
+        out[entry["name"]] = data
+    return out
+
+
+def assert_same_ram(a: dict[str, bytes], b: dict[str, bytes]) -> None:
+    assert list(a) == list(b), (list(a), list(b))
+    for name in a:
+        if a[name] != b[name]:
+            x = np.frombuffer(a[name], dtype=np.uint8).reshape(-1, PAGE)
+            y = np.frombuffer(b[name], dtype=np.uint8).reshape(-1, PAGE)
+            bad = np.flatnonzero((x != y).any(axis=1))
+            raise AssertionError(f"block {name!r}: {len(bad)} pages differ, first at page {bad[0]}")
+
+
+def image_args(images: Sequence[tuple[str, Path]]) -> list[str]:
+    out = []
+    for name, path in images:
+        out += ["--ram-image", f"{name}={path}"]
+    return out

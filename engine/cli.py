@@ -68,6 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     mig.add_argument("--level", type=int, default=None,
                      help="multifd-zlib-level / multifd-zstd-level / lz4 acceleration (default 1)")
     mig.add_argument("--machine", default="none", help="machine name for the configuration section (default none)")
+
+    ins = sub.add_parser("inspect", help="decode captured main-stream and multifd channel bytes")
+    ins.add_argument("files", nargs="+", type=Path, help="captured streams (main channel and/or multifd channels)")
+    ins.add_argument("--json", action="store_true", help="print one JSON object instead of a summary")
     return parser
 
 
@@ -186,9 +190,28 @@ def cmd_incoming(args: argparse.Namespace) -> int:
                           keep_ram=args.dump is not None)
     if result.ram is not None:
         with result.ram:
-            dump_ram(result.ram, args.dump, {"machine": result.machine})
+            extra: dict[str, Any] = {"machine": result.machine}
+            if result.devices is not None:
+                extra["devices"] = write_devices(args.dump, result.devices)
+            dump_ram(result.ram, args.dump, extra)
     _emit(result.stats.to_json(), args.json, "destination")
     return 0
+
+
+def write_devices(directory: Path, devices: Any) -> str:
+    """``devices.json`` in the dump directory; returns its name for the manifest."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "devices.json").write_text(json.dumps(devices, indent=2) + "\n")
+    except OSError as exc:
+        raise ConfigError(f"--dump {str(directory)!r}: {exc.strerror or exc}") from None
+    return "devices.json"
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from .inspect import run_inspect
+
+    return run_inspect(args.files, as_json=args.json)
 
 
 def _on_sigterm(signum: int, frame: object) -> None:
@@ -201,6 +224,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "migrate":
             return cmd_migrate(args)
+        if args.command == "inspect":
+            return cmd_inspect(args)
         return cmd_incoming(args)
     except MigrationCancelled as exc:
         print(f"engine: error: {exc}", file=sys.stderr)

@@ -52,6 +52,7 @@ from .stream import (
     StreamTail,
     SECTION_NAMES,
 )
+from .vmstate import parse_device_state
 from .transport import Deadline, UnixAddress, bound_uri, listen, parse_uri
 from .wire import INIT_SIZE, MULTIFD_MAGIC, TARGET_PAGE_SIZE, MultiFDInit, validate_init
 
@@ -171,7 +172,8 @@ class IncomingResult:
     machine: str | None = None
     tail: bytes = b""
     vmdesc: dict[str, Any] | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    #: device sections after RAM, decoded through the vmdesc (None when the stream had none)
+    devices: Any = None
 
 
 class Loader:
@@ -375,8 +377,9 @@ def run_incoming(
         stats.ram.main_bytes = loader.main_bytes
         stats.ram.multifd_bytes = sum(c.bytes for c in stats.channels)
         stats.ram.normal += sum(c.normal_pages for c in stats.channels)
-        _, desc = parse_tail(loader.tail)
-        return IncomingResult(stats, loader.ram if keep_ram else None, loader.machine, loader.tail, desc)
+        state, desc = parse_tail(loader.tail)
+        devices = parse_device_state(state, desc)
+        return IncomingResult(stats, loader.ram if keep_ram else None, loader.machine, loader.tail, desc, devices)
     except MigrationError as exc:
         if loader is not None:
             loader.stats.status = "failed"

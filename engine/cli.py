@@ -18,7 +18,7 @@ from typing import Any, Sequence
 from .compression import method_names
 from .errors import ConfigError, MigrationCancelled, MigrationError
 from .params import DEFAULT_CHANNELS, DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_STALL_TIMEOUT, MigrationParams, parse_size
-from .ram import FILLS, BlockSpec, GuestRam, fill_pages, safe_file_name
+from .ram import FILLS, BlockSpec, GuestRam, block_digest, fill_pages, safe_file_name
 from .stats import human_summary
 from .wire import TARGET_PAGE_SIZE
 
@@ -40,6 +40,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dump", metavar="DIR", type=Path, default=None,
                    help="write each RAM block to a file in DIR plus DIR/manifest.json")
     p.add_argument("--json", action="store_true", help="print one JSON object (query-migrate names) instead of a summary")
+    p.add_argument("--digest", action="store_true",
+                   help="add a BLAKE2b digest of every RAM block (after the migration) to the output")
     p.add_argument("--handshake-timeout", type=float, default=DEFAULT_HANDSHAKE_TIMEOUT, metavar="SECONDS",
                    help=f"deadline for connecting and each channel handshake (default {DEFAULT_HANDSHAKE_TIMEOUT:g})")
     p.add_argument("--stall-timeout", type=float, default=DEFAULT_STALL_TIMEOUT, metavar="SECONDS",
@@ -174,7 +176,10 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         stats = migrate(args.uri, ram, params)
         if args.dump:
             dump_ram(ram, args.dump)
-    _emit(stats.to_json(), args.json, "source")
+        out = stats.to_json()
+        if args.digest:
+            out["ram-digest"] = {b.name: block_digest(b) for b in ram}
+    _emit(out, args.json, "source")
     return 0
 
 
@@ -187,14 +192,18 @@ def cmd_incoming(args: argparse.Namespace) -> int:
         print(f"engine: listening on {uri}", file=sys.stderr, flush=True)
 
     result = run_incoming(args.uri, params, listen_timeout=args.listen_timeout, on_listening=listening,
-                          keep_ram=args.dump is not None)
+                          keep_ram=args.dump is not None or args.digest)
+    out = result.stats.to_json()
     if result.ram is not None:
         with result.ram:
-            extra: dict[str, Any] = {"machine": result.machine}
-            if result.devices is not None:
-                extra["devices"] = write_devices(args.dump, result.devices)
-            dump_ram(result.ram, args.dump, extra)
-    _emit(result.stats.to_json(), args.json, "destination")
+            if args.digest:
+                out["ram-digest"] = {b.name: block_digest(b) for b in result.ram}
+            if args.dump is not None:
+                extra: dict[str, Any] = {"machine": result.machine}
+                if result.devices is not None:
+                    extra["devices"] = write_devices(args.dump, result.devices)
+                dump_ram(result.ram, args.dump, extra)
+    _emit(out, args.json, "destination")
     return 0
 
 

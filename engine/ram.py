@@ -296,6 +296,17 @@ def _text_pages(rng: np.random.Generator, count: int) -> npt.NDArray[np.uint64]:
     return out.view(np.uint64)
 
 
+def block_digest(block: RamBlock) -> str:
+    """BLAKE2b-128 of a block's bytes, for comparing two sides without writing dumps."""
+    import hashlib
+
+    h = hashlib.blake2b(digest_size=16)
+    step = 64 << 20
+    for off in range(0, block.size, step):
+        h.update(block.buf[off:off + step])
+    return h.hexdigest()
+
+
 def safe_file_name(index: int, name: str) -> str:
     """A dump file name for a block: unique by index, readable, no path separators."""
     cleaned = re.sub(r"[^A-Za-z0-9._@-]+", "_", name).strip("._") or "block"

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 
 from engine.params import MigrationParams
-from engine.source import migrate
+from engine.migration import migrate
 from support import Incoming
 
 METHODS = ["none", "lz4", "zstd", "zlib"]

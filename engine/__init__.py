@@ -41,6 +41,7 @@ __all__ = [
     "RamBlock",
     "RemoteProtocolError",
     "TruncatedError",
+    "Migration",
     "migrate",
     "parse_size",
     "run_incoming",
@@ -49,10 +50,10 @@ __all__ = [
 
 def __getattr__(name: str) -> object:
     # the process-level entry points import lazily, to keep `import engine` light
-    if name == "migrate":
-        from .source import migrate
+    if name in ("migrate", "Migration"):
+        from . import migration
 
-        return migrate
+        return getattr(migration, name)
     if name == "run_incoming":
         from .destination import run_incoming
 

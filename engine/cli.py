@@ -21,6 +21,7 @@ from .params import DEFAULT_CHANNELS, DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_STALL_T
 from .ram import FILLS, BlockSpec, GuestRam, block_digest, fill_pages, safe_file_name
 from .stats import human_summary
 from .wire import TARGET_PAGE_SIZE
+from .workload import DIRTY_PATTERNS
 
 DEFAULT_BLOCK = "pc.ram"
 
@@ -70,6 +71,23 @@ def build_parser() -> argparse.ArgumentParser:
     mig.add_argument("--level", type=int, default=None,
                      help="multifd-zlib-level / multifd-zstd-level / lz4 acceleration (default 1)")
     mig.add_argument("--machine", default="none", help="machine name for the configuration section (default none)")
+    live = mig.add_argument_group("live guest (precopy)")
+    live.add_argument("--dirty-rate", metavar="BYTES/s", default=None,
+                      help="run a guest workload dirtying this many bytes/s (K/M/G suffixes; 0 = as fast as it can)")
+    live.add_argument("--dirty-pattern", choices=DIRTY_PATTERNS, default="uniform",
+                      help="where the workload writes (default uniform)")
+    live.add_argument("--writers", type=int, default=1, metavar="K", help="workload writer processes (default 1)")
+    live.add_argument("--max-bandwidth", metavar="BYTES/s", default="0",
+                      help="max-bandwidth, headers included (K/M/G suffixes; default 0 = unlimited; QEMU's is 128M)")
+    live.add_argument("--downtime-limit", type=int, default=300, metavar="MS", help="downtime-limit in ms (default 300)")
+    live.add_argument("--auto-converge", action="store_true", help="throttle the guest when it dirties too fast")
+    live.add_argument("--cpu-throttle-initial", type=int, default=20, metavar="PCT", help="default 20")
+    live.add_argument("--cpu-throttle-increment", type=int, default=10, metavar="PCT", help="default 10")
+    live.add_argument("--max-cpu-throttle", type=int, default=99, metavar="PCT", help="default 99")
+    live.add_argument("--max-iterations", type=int, default=100, metavar="N",
+                      help="fail if not converged after N iterations (default 100)")
+    live.add_argument("--max-time", type=float, default=0.0, metavar="SECONDS",
+                      help="fail if not completed after this long (default 0 = no limit)")
 
     ins = sub.add_parser("inspect", help="decode captured main-stream and multifd channel bytes")
     ins.add_argument("files", nargs="+", type=Path, help="captured streams (main channel and/or multifd channels)")
@@ -79,10 +97,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _params(args: argparse.Namespace) -> MigrationParams:
     uuid = MigrationParams.uuid_from_text(args.uuid) if args.uuid else bytes(16)
+    extra: dict[str, Any] = {}
+    if args.command == "migrate":
+        extra = dict(
+            max_bandwidth=parse_size(args.max_bandwidth, "--max-bandwidth"), downtime_limit=args.downtime_limit,
+            auto_converge=args.auto_converge, cpu_throttle_initial=args.cpu_throttle_initial,
+            cpu_throttle_increment=args.cpu_throttle_increment, max_cpu_throttle=args.max_cpu_throttle,
+            max_iterations=args.max_iterations, max_time=args.max_time,
+        )
     return MigrationParams(
         channels=args.channels, compression=args.compression, level=getattr(args, "level", None), uuid=uuid,
         machine=getattr(args, "machine", "none"), handshake_timeout=args.handshake_timeout,
-        stall_timeout=args.stall_timeout,
+        stall_timeout=args.stall_timeout, **extra,
     )
 
 
@@ -167,18 +193,63 @@ def _emit(stats: dict[str, Any], as_json: bool, role: str) -> None:
         print(human_summary(stats, role), flush=True)
 
 
+def _mib(n: float) -> str:
+    return f"{n / (1 << 20):.1f} MiB"
+
+
+def progress_line(q: dict[str, Any]) -> str:
+    ram = q["ram"]
+    its = q.get("iterations") or []
+    last = its[-1] if its else None
+    rate = f"{last['bytes'] / max(last['duration-ms'], 1e-3) * 1000 / (1 << 20):.0f} MiB/s" if last else "-"
+    dirty = f"{last['dirty-pages-rate'] * TARGET_PAGE_SIZE / (1 << 20):.1f} MiB/s" if last else "-"
+    return (f"{q['status']:<9} iteration {len(its) + (q['status'] == 'active')} | transferred {_mib(ram['transferred'])}"
+            f" | remaining {_mib(ram['remaining'])} | {rate} | dirty {dirty}"
+            f" | expected downtime {q.get('expected-downtime', 0)} ms | throttle {q.get('cpu-throttle-percentage', 0)}%")
+
+
 def cmd_migrate(args: argparse.Namespace) -> int:
-    from .source import migrate
+    from .dirty import DirtyLog
+    from .migration import Migration
+    from .workload import Workload, WorkloadSpec
 
     params = _params(args)
+    spec = None
+    if args.dirty_rate is not None:
+        spec = WorkloadSpec(dirty_rate=parse_size(args.dirty_rate, "--dirty-rate"), pattern=args.dirty_pattern,
+                            writers=args.writers, seed=args.seed)
     ram = load_images(args.ram_image) if args.ram_image else generated_ram(args.ram_size, args.fill, args.seed)
+    show = sys.stderr.isatty() and not args.json
     with ram:
-        stats = migrate(args.uri, ram, params)
-        if args.dump:
-            dump_ram(ram, args.dump)
-        out = stats.to_json()
-        if args.digest:
-            out["ram-digest"] = {b.name: block_digest(b) for b in ram}
+        log = DirtyLog(ram) if spec else None
+        workload = Workload(ram, spec, log).start() if spec else None
+        try:
+            mig = Migration(args.uri, ram, params, tracker=log, guest=workload)
+            mig.start()
+            try:
+                while not mig._done.wait(0.25):
+                    if workload is not None:
+                        workload.check()
+                    if show:
+                        print("\r" + progress_line(mig.query()).ljust(120), end="", file=sys.stderr, flush=True)
+            except (KeyboardInterrupt, MigrationCancelled):
+                mig.cancel()
+                mig._done.wait(params.stall_timeout + 10)
+                raise
+            finally:
+                if show:
+                    print(file=sys.stderr)
+            mig.wait()
+            if args.dump:
+                dump_ram(ram, args.dump)
+            out = mig.query()
+            if args.digest:
+                out["ram-digest"] = {b.name: block_digest(b) for b in ram}
+        finally:
+            if workload is not None:
+                workload.close()
+            if log is not None:
+                pass
     _emit(out, args.json, "source")
     return 0
 

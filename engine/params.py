@@ -8,6 +8,17 @@
 | uuid             | -uuid (channel handshake) | all zeros               |
 | machine          | -machine (configuration section) | none             |
 
+Precopy (QEMU names and defaults, except where noted):
+
+| max_bandwidth          | max-bandwidth (bytes/s, headers included) | 0 = unlimited (QEMU: 128 MiB/s) |
+| downtime_limit         | downtime-limit (ms)                       | 300                       |
+| auto_converge          | auto-converge capability                  | off                       |
+| cpu_throttle_initial   | cpu-throttle-initial (%)                  | 20                        |
+| cpu_throttle_increment | cpu-throttle-increment (%)                | 10                        |
+| max_cpu_throttle       | max-cpu-throttle (%)                      | 99                        |
+| max_iterations         | (engine) fail instead of iterating forever | 100                      |
+| max_time               | (engine) fail after this many seconds      | 0 = no limit             |
+
 Engine-only deadlines (QEMU has none and can hang; the engine never does):
 
 | handshake_timeout | connect + every channel's 64-byte handshake | 15 s |
@@ -52,6 +63,14 @@ class MigrationParams:
     machine: str = "none"
     handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT
     stall_timeout: float = DEFAULT_STALL_TIMEOUT
+    max_bandwidth: int = 0
+    downtime_limit: int = 300
+    auto_converge: bool = False
+    cpu_throttle_initial: int = 20
+    cpu_throttle_increment: int = 10
+    max_cpu_throttle: int = 99
+    max_iterations: int = 100
+    max_time: float = 0.0
     method: MultiFDMethod = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -71,6 +90,18 @@ class MigrationParams:
         for name in ("handshake_timeout", "stall_timeout"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.max_bandwidth < 0:
+            raise ConfigError(f"max-bandwidth {self.max_bandwidth} must be >= 0 (0 = unlimited)")
+        if not 0 <= self.downtime_limit <= 2_000_000:
+            raise ConfigError(f"downtime-limit {self.downtime_limit} is out of range, expected 0..2000000 ms")
+        for name, lo, hi in (("cpu_throttle_initial", 1, 99), ("cpu_throttle_increment", 1, 99), ("max_cpu_throttle", 1, 99)):
+            v = getattr(self, name)
+            if not lo <= v <= hi:
+                raise ConfigError(f"{name.replace('_', '-')} {v} is out of range, expected {lo}..{hi}")
+        if self.max_iterations < 1:
+            raise ConfigError(f"max-iterations {self.max_iterations} must be >= 1")
+        if self.max_time < 0:
+            raise ConfigError(f"max-time {self.max_time} must be >= 0 (0 = no limit)")
 
     @property
     def effective_level(self) -> int:

@@ -92,10 +92,12 @@ def _report(events: Connection, channel: int, message: str) -> None:
 class ChildGroup:
     """The channel processes of one side of a migration, and their event pipes."""
 
-    def __init__(self, role: str) -> None:
-        self.role = role  # "source" or "destination", for messages
+    def __init__(self, role: str, noun: str = "multifd channel") -> None:
+        self.role = role  # "source", "destination", "guest", for messages
+        self.noun = noun
         self.procs: list[multiprocessing.process.BaseProcess] = []
         self.events: list[Connection] = []  # parent's read ends, index = channel id
+        self._pids: list[int] = []
         self._closed = False
 
     def start(
@@ -104,8 +106,8 @@ class ChildGroup:
         target: Callable[..., None],
         args: tuple[Any, ...],
         *,
-        own: socket.socket,
-        others: Sequence[Any],
+        own: socket.socket | None = None,
+        others: Sequence[Any] = (),
     ) -> Connection:
         """Fork channel ``channel`` running ``target(events, *args)``; ``own`` is its socket.
 
@@ -116,19 +118,21 @@ class ChildGroup:
         proc = _CTX.Process(
             target=child_main,
             args=(channel, os.getpid(), ev_write, close, target, args),
-            name=f"multifd-{self.role}-{channel}",
+            name=f"{self.noun.replace(' ', '-')}-{self.role}-{channel}",
             daemon=True,
         )
         proc.start()
         ev_write.close()
-        own.close()
+        if own is not None:
+            own.close()
         self.procs.append(proc)
+        self._pids.append(proc.pid or 0)
         self.events.append(ev_read)
         return ev_read
 
     @property
     def pids(self) -> list[int]:
-        return [p.pid or 0 for p in self.procs]
+        return list(self._pids)
 
     def wait_events(self, timeout: float) -> list[tuple[Any, ...]]:
         """Messages from any channel within ``timeout``; raises on an error or a dead child."""
@@ -143,19 +147,19 @@ class ChildGroup:
             out.extend(self._drain(ch))
         for msg in out:
             if msg[0] == "error":
-                raise ChannelError(f"multifd channel {msg[1]} ({self.role}): {msg[2]}")
+                raise ChannelError(f"{self.noun} {msg[1]} ({self.role}): {msg[2]}")
         for ch in dead:
             # it may have reported just before dying
             for msg in self._drain(ch):
                 if msg[0] == "error":
-                    raise ChannelError(f"multifd channel {msg[1]} ({self.role}): {msg[2]}")
+                    raise ChannelError(f"{self.noun} {msg[1]} ({self.role}): {msg[2]}")
                 out.append(msg)
             proc = self.procs[ch]
             proc.join(0.1)
             code = proc.exitcode
             if code not in (0, None):
                 how = f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
-                raise ChannelError(f"multifd channel {ch} ({self.role}): channel process {proc.pid} {how}")
+                raise ChannelError(f"{self.noun} {ch} ({self.role}): process {proc.pid} {how}")
         return out
 
     def _drain(self, ch: int) -> list[tuple[Any, ...]]:

@@ -32,7 +32,7 @@ import socket
 import struct
 import time
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import numpy.typing as npt
@@ -169,12 +169,14 @@ class SendChannels:
         stall_timeout: float,
         close_in_children: Sequence[socket.socket] = (),
         queue_depth: int = QUEUE_DEPTH,
+        should_stop: Callable[[], None] = lambda: None,
     ) -> None:
         n = len(socks)
         self.n = n
         self.method = method
         self.stall_timeout = stall_timeout
         self.queue_depth = queue_depth
+        self.should_stop = should_stop  # raises to abandon a wait (cancellation)
         self.packet_num = 0  # the global counter shared by all channels
         self._next = 0
         self._ready = _CTX.Semaphore(0)
@@ -219,6 +221,7 @@ class SendChannels:
         waited = 0.0
         while not self._ready.acquire(timeout=0.05):
             self._check()  # a dead or failed channel would never post channels_ready
+            self.should_stop()
             waited += 0.05
             if waited >= self.stall_timeout:
                 raise MigrationTimeout(
@@ -251,7 +254,8 @@ class SendChannels:
                 raise MigrationTimeout(
                     f"multifd channels {missing} did not write their SYNC packet within {self.stall_timeout:g}s"
                 )
-            for msg in self.group.wait_events(min(left, 1.0)):
+            self.should_stop()
+            for msg in self.group.wait_events(min(left, 0.2)):
                 if msg[0] == "synced":
                     synced.add(msg[1])
         self.sync_wait += time.perf_counter() - t0

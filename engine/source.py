@@ -1,4 +1,4 @@
-"""The source: the ``ram`` section writer, page batching, and the migration driver.
+"""The source's ``ram`` section writer and page batching (``multifd_queue_page``).
 
 Theory of operation
 -------------------
@@ -11,27 +11,22 @@ go to :class:`MultiFDQueue`, which cuts them into packets of at most 128 pages o
 ``SendChannels.sync`` returns once every channel has written its SYNC packet, and only then is
 the EOS record written, so the destination's barrier sees every page of the section first.
 
-A static migration is START (MEM_SIZE, sync, EOS), one PART with every page, END (sync, EOS),
-then EOF and the vmdesc. Live precopy calls ``save_section`` once per iteration.
+The migration driver (engine/migration.py) calls ``save_setup`` once, ``save_section`` once per
+precopy iteration, and ``save_section(..., end=True)`` for stop-and-copy.
 """
 
 from __future__ import annotations
 
-import json
-import time
 from typing import Callable, Mapping
 
 import numpy as np
 import numpy.typing as npt
 
-from .errors import MigrationError
-from .params import MigrationParams
 from .ram import GuestRam
 from .send_channels import SendChannels
 from .stats import MigrationStats
 from .stream import RAM_SECTION_IDSTR, RAM_SECTION_VERSION, StreamEncoder
-from .transport import Deadline, connect, parse_uri, send_all
-from .wire import PAGES_PER_PACKET, TARGET_PAGE_SIZE, MultiFDInit
+from .wire import PAGES_PER_PACKET, TARGET_PAGE_SIZE
 
 RAM_SECTION_ID = 2
 ZERO_SCAN_CHUNK = 4096  # pages per numpy zero scan (16 MiB)
@@ -95,7 +90,8 @@ class RamSaver:
     """Writes the ``ram`` section (main channel) and feeds the multifd channels."""
 
     def __init__(self, main_send: Callable[[bytes], None], enc: StreamEncoder, channels: SendChannels,
-                 ram: GuestRam, stats: MigrationStats) -> None:
+                 ram: GuestRam, stats: MigrationStats, *, after_chunk: Callable[[], None] = lambda: None,
+                 chunk_pages: int = ZERO_SCAN_CHUNK) -> None:
         self._send = main_send
         self.enc = enc
         self.channels = channels
@@ -103,6 +99,9 @@ class RamSaver:
         self.ram = ram
         self.stats = stats
         self.sections = 0
+        self.pages_done = 0  # pages of the current section handled so far (progress)
+        self.after_chunk = after_chunk  # rate limiting and cancellation, between chunks
+        self.chunk_pages = chunk_pages
 
     def _flush_main(self, force: bool = False) -> None:
         if self.enc.out and (force or len(self.enc.out) >= MAIN_FLUSH):
@@ -131,6 +130,7 @@ class RamSaver:
         ``None`` means every page of every block. Page indices must be sorted and unique.
         """
         self.enc.section_part(RAM_SECTION_ID, end=end)
+        self.pages_done = 0
         for block_idx, block in enumerate(self.ram):
             if dirty is None:
                 self._save_block_range(block_idx, 0, block.npages)
@@ -140,15 +140,18 @@ class RamSaver:
 
     def _save_block_range(self, block_idx: int, start: int, stop: int) -> None:
         words = self.ram.blocks[block_idx].words
-        for a in range(start, stop, ZERO_SCAN_CHUNK):
-            b = min(a + ZERO_SCAN_CHUNK, stop)
+        for a in range(start, stop, self.chunk_pages):
+            b = min(a + self.chunk_pages, stop)
             self._emit(block_idx, np.arange(a, b, dtype=np.int64), zero_pages(words[a:b]))
 
     def _save_block_pages(self, block_idx: int, idx: npt.NDArray[np.int64]) -> None:
         words = self.ram.blocks[block_idx].words
-        for a in range(0, len(idx), ZERO_SCAN_CHUNK):
-            chunk = idx[a:a + ZERO_SCAN_CHUNK]
-            self._emit(block_idx, chunk, zero_pages(words[chunk]))
+        for a in range(0, len(idx), self.chunk_pages):
+            chunk = idx[a:a + self.chunk_pages]
+            if chunk[-1] - chunk[0] == len(chunk) - 1:  # a contiguous run: scan a view, no gather
+                self._emit(block_idx, chunk, zero_pages(words[chunk[0]:chunk[-1] + 1]))
+            else:
+                self._emit(block_idx, chunk, zero_pages(words[chunk]))
 
     def _emit(self, block_idx: int, idx: npt.NDArray[np.int64], zero: npt.NDArray[np.bool_]) -> None:
         zeros = idx[zero]
@@ -160,82 +163,5 @@ class RamSaver:
         if len(normal):
             self.queue.queue(block_idx, normal)
             self.stats.ram.normal += len(normal)
-
-
-def vmdesc_json() -> bytes:
-    """The trailing vmdesc: no device sections follow RAM in an engine stream."""
-    return json.dumps({"page_size": TARGET_PAGE_SIZE, "devices": []}, separators=(", ", ": ")).encode()
-
-
-def migrate(uri: str, ram: GuestRam, params: MigrationParams,
-            on_event: Callable[[str, MigrationStats], None] | None = None) -> MigrationStats:
-    """Migrate a static guest to ``uri``. Raises :class:`MigrationError` on failure."""
-    addr = parse_uri(uri)
-    stats = MigrationStats()
-    stats.ram.total = ram.total_size
-    enc = StreamEncoder()
-    channels: SendChannels | None = None
-    socks = []
-    main = connect(addr, params.handshake_timeout)
-    ok = False
-    try:
-        main.settimeout(params.stall_timeout)
-
-        def main_send(data: bytes) -> None:
-            send_all(main, [data], "main channel")
-
-        enc.header()
-        enc.configuration(params.machine)
-        data = enc.take()
-        main_send(data)
-        stats.ram.main_bytes += len(data)
-        deadline = Deadline(params.handshake_timeout)
-        for i in range(params.channels):
-            sock = connect(addr, max(deadline.remaining(), 0.001))
-            socks.append(sock)
-            sock.settimeout(params.stall_timeout)
-            send_all(sock, [MultiFDInit(i, params.uuid).pack()], f"multifd channel {i} handshake")
-        channels = SendChannels(socks, ram, params.method, params.effective_level,
-                                stall_timeout=params.stall_timeout, close_in_children=[main])
-        socks = []  # the channel processes own them now
-        saver = RamSaver(main_send, enc, channels, ram, stats)
-        saver.save_setup()
-        stats.setup_time = time.monotonic() - stats.start
-        stats.status = "active"
-        if on_event:
-            on_event("active", stats)
-        saver.save_section(None)
-        stats.ram.dirty_sync_count += 1
-        down = time.monotonic()
-        stats.status = "device"
-        saver.save_section({}, end=True)
-        stats.ram.dirty_sync_count += 1
-        enc.eof()
-        enc.vmdesc(vmdesc_json())
-        data = enc.take()
-        main_send(data)
-        stats.ram.main_bytes += len(data)
-        channels.quit(timeout=params.stall_timeout)
-        stats.channels = channels.stats()
-        stats.ram.multifd_bytes = sum(c.bytes for c in stats.channels)
-        stats.downtime = time.monotonic() - down
-        stats.status = "completed"
-        ok = True
-    except MigrationError as exc:
-        stats.status = "failed"
-        stats.error = str(exc)
-        raise
-    finally:
-        if channels is not None:
-            if not ok:
-                stats.channels = channels.stats()
-            channels.close(graceful=ok)
-        for s in socks:
-            s.close()
-        try:
-            main.shutdown(2)
-        except OSError:
-            pass
-        main.close()
-        stats.end = time.monotonic()
-    return stats
+        self.pages_done += len(idx)
+        self.after_chunk()

@@ -1,0 +1,400 @@
+"""The source's migration driver: setup, live precopy iterations, stop-and-copy; the Python API.
+
+Theory of operation
+-------------------
+:class:`Migration` is QEMU's migration thread. ``start()`` connects the main channel, writes the
+stream header, connects and hands over the N multifd channels (forking their processes) on the
+caller's thread, so a bad URI or a refused connection raises right there; the rest runs on a
+background thread:
+
+1. **setup**: the ram START section (MEM_SIZE, sync, EOS); the first dirty sync returns every
+   page (``dirty-sync-count`` 1).
+2. **active**: each iteration sends the pages dirtied since the previous sync as one ram PART
+   section (ending with the multifd SYNC and the EOS), then syncs the dirty tracker again.
+   ``remaining`` = dirty bytes; ``expected-downtime`` = remaining / the bandwidth measured over
+   the iteration. When it fits in ``downtime-limit`` the migration converges. With
+   ``auto-converge``, each time the guest dirtied more than half of what was sent in an
+   iteration (twice in a row) the writers are throttled: ``cpu-throttle-initial``, then
+   ``+cpu-throttle-increment`` up to ``max-cpu-throttle``. ``max-bandwidth`` is enforced in
+   100 ms windows between page chunks. ``max-iterations`` / ``max-time`` end a migration that
+   does not converge with a failure that says why.
+3. **device** (stop-and-copy): the guest is paused (``vm_stop``: every writer acknowledges),
+   the tracker synced one last time, and the remaining pages go out in the END section
+   without a bandwidth limit; then EOF and the vmdesc. ``downtime`` runs from the pause to the
+   last byte written.
+4. **completed | failed | cancelled**. On failure or cancel the guest is resumed (its RAM was
+   only read), channel processes are stopped and reaped, sockets closed. The guest stays
+   paused after completion, like QEMU's ``postmigrate``.
+
+``query()`` may be called from any thread at any time; it reads counters the migration thread
+owns (plain ints) and the channels' shared counters, and returns a fresh dict.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+from .dirty import DirtyTracker, PageSets, count_pages, merge
+from .errors import MigrationCancelled, MigrationError, MigrationTimeout
+from .params import MigrationParams
+from .ram import GuestRam
+from .send_channels import SendChannels
+from .source import ZERO_SCAN_CHUNK, RamSaver
+from .stats import MigrationStats
+from .stream import StreamEncoder
+from .transport import Deadline, connect, parse_uri, send_all
+from .wire import PAGES_PER_PACKET, TARGET_PAGE_SIZE, MultiFDInit
+
+RATE_WINDOW = 0.1  # seconds; QEMU enforces max-bandwidth per 100 ms too
+DIRTY_RATE_HIGH = 0.5  # auto-converge trigger: dirtied > 50% of what was sent (throttle-trigger-threshold)
+
+
+class Guest(Protocol):
+    """What the migration needs from a running guest: ``vm_stop`` / ``vm_start``."""
+
+    def pause(self, timeout: float = ...) -> None: ...
+
+    def resume(self) -> None: ...
+
+
+class Throttleable(Protocol):
+    def set_throttle(self, percent: int) -> None: ...
+
+
+@dataclass
+class IterationStats:
+    iteration: int
+    pages: int
+    zero_pages: int
+    bytes: int
+    duration: float
+    dirty_pages: int  # dirtied during this iteration (found by the next sync)
+    expected_downtime: float  # seconds, after this iteration
+    throttle: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "iteration": self.iteration, "pages": self.pages, "zero-pages": self.zero_pages, "bytes": self.bytes,
+            "duration-ms": round(self.duration * 1000, 1), "dirty-pages": self.dirty_pages,
+            "dirty-pages-rate": round(self.dirty_pages / max(self.duration, 1e-9)),
+            "expected-downtime": round(self.expected_downtime * 1000), "cpu-throttle-percentage": self.throttle,
+        }
+
+
+class RateLimiter:
+    """``max-bandwidth``: at most ``rate * window`` bytes per window; sleeps the rest of it."""
+
+    def __init__(self, rate: int, check: Any) -> None:
+        self.rate = rate
+        self.check = check
+        self._end = 0.0
+        self._start_bytes = 0
+
+    def __call__(self, transferred: int) -> None:
+        if not self.rate:
+            return
+        now = time.monotonic()
+        if now >= self._end:
+            self._end = now + RATE_WINDOW
+            self._start_bytes = transferred
+            return
+        if transferred - self._start_bytes >= self.rate * RATE_WINDOW:
+            while True:
+                self.check()
+                left = self._end - time.monotonic()
+                if left <= 0:
+                    break
+                time.sleep(min(left, 0.02))
+            self._end = time.monotonic() + RATE_WINDOW
+            self._start_bytes = transferred
+
+
+class Migration:
+    """One outgoing migration. Use as a context manager, or ``start()`` / ``wait()``.
+
+    ``tracker`` finds dirty pages between iterations (a :class:`~engine.dirty.DirtyLog` filled
+    by the guest's writers, or a :class:`~engine.dirty.ChecksumTracker`); without one the guest
+    is taken as static. ``guest`` is paused for stop-and-copy.
+    """
+
+    def __init__(self, uri: str, ram: GuestRam, params: MigrationParams, *, tracker: DirtyTracker | None = None,
+                 guest: Guest | None = None) -> None:
+        self.uri = uri
+        self.addr = parse_uri(uri)
+        self.ram = ram
+        self.params = params
+        self.tracker = tracker
+        self.guest = guest
+        self.stats = MigrationStats(status="none")
+        self.stats.ram.total = ram.total_size
+        self.iterations: list[IterationStats] = []
+        self.throttle = 0
+        self.expected_downtime = 0.0
+        self.dirty_pages_rate = 0
+        self.error: MigrationError | None = None
+        self._cancel = threading.Event()
+        self._done = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._channels: SendChannels | None = None
+        self._main: Any = None
+        self._saver: RamSaver | None = None
+        self._remaining_pages = ram.total_size // TARGET_PAGE_SIZE
+        self._guest_paused = False
+
+    # ------------------------------------------------------------------ public API
+
+    def start(self) -> Migration:
+        """Connect and start the channels (raises on failure), then migrate in the background."""
+        if self._thread is not None:
+            return self
+        self.stats = MigrationStats(status="setup")
+        self.stats.ram.total = self.ram.total_size
+        try:
+            self._connect()
+        except BaseException as exc:
+            self._finish(exc if isinstance(exc, MigrationError) else None)
+            raise
+        self._thread = threading.Thread(target=self._run, name="migration", daemon=True)
+        self._thread.start()
+        return self
+
+    def cancel(self) -> None:
+        """Cancel (``migrate_cancel``): the destination fails, the guest keeps running."""
+        self._cancel.set()
+
+    def wait(self, timeout: float | None = None) -> MigrationStats:
+        """Wait for the end; returns the stats on completion, raises the error otherwise."""
+        if self._thread is None:
+            raise MigrationError("the migration was not started")
+        if not self._done.wait(timeout):
+            raise MigrationTimeout(f"the migration did not finish within {timeout:g}s")
+        self._thread.join()
+        if self.error is not None:
+            raise self.error
+        return self.stats
+
+    @property
+    def status(self) -> str:
+        return self.stats.status
+
+    def query(self) -> dict[str, Any]:
+        """A ``query-migrate``-shaped snapshot (safe from any thread)."""
+        st = self.stats
+        if self._channels is not None:
+            st.channels = self._channels.stats()
+            st.ram.multifd_bytes = sum(c.bytes for c in st.channels)
+        if self._saver is not None and st.status == "active" and self.iterations is not None:
+            pass
+        st.ram.remaining = self._remaining_pages * TARGET_PAGE_SIZE
+        out = st.to_json()
+        out["expected-downtime"] = round(self.expected_downtime * 1000)
+        out["ram"]["dirty-pages-rate"] = self.dirty_pages_rate
+        out["cpu-throttle-percentage"] = self.throttle
+        out["iterations"] = [it.to_json() for it in self.iterations]
+        return out
+
+    def __enter__(self) -> Migration:
+        return self.start()
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if self._thread is not None and not self._done.is_set():
+            self.cancel()
+            self._done.wait(self.params.stall_timeout + 10)
+
+    # ------------------------------------------------------------------- internals
+
+    def _check(self) -> None:
+        if self._cancel.is_set():
+            raise MigrationCancelled("migration cancelled")
+
+    def _transferred(self) -> int:
+        ch = self._channels
+        multifd = int(ch._counters[:, 2].sum()) if ch is not None else 0
+        return self.stats.ram.main_bytes + multifd
+
+    def _main_send(self, data: bytes) -> None:
+        send_all(self._main, [data], "main channel")
+
+    def _connect(self) -> None:
+        p = self.params
+        enc = StreamEncoder()
+        self._enc = enc
+        self._main = connect(self.addr, p.handshake_timeout)
+        self._main.settimeout(p.stall_timeout)
+        enc.header()
+        enc.configuration(p.machine)
+        data = enc.take()
+        self._main_send(data)
+        self.stats.ram.main_bytes += len(data)
+        socks = []
+        deadline = Deadline(p.handshake_timeout)
+        try:
+            for i in range(p.channels):
+                sock = connect(self.addr, max(deadline.remaining(), 0.001))
+                socks.append(sock)
+                sock.settimeout(p.stall_timeout)
+                send_all(sock, [MultiFDInit(i, p.uuid).pack()], f"multifd channel {i} handshake")
+            self._channels = SendChannels(socks, self.ram, p.method, p.effective_level,
+                                          stall_timeout=p.stall_timeout, close_in_children=[self._main],
+                                          should_stop=self._check)
+        finally:
+            if self._channels is None:
+                for s in socks:
+                    s.close()
+
+    def _run(self) -> None:
+        error: BaseException | None = None
+        try:
+            self._migrate()
+        except BaseException as exc:  # noqa: BLE001 - reported through wait()
+            error = exc
+        self._finish(error)
+
+    def _make_saver(self) -> RamSaver:
+        assert self._channels is not None
+        limiter = RateLimiter(self.params.max_bandwidth, self._check)
+
+        def after_chunk() -> None:
+            self._check()
+            limiter(self._transferred())
+            if self._saver is not None:
+                self._remaining_pages = self._section_pages - self._saver.pages_done
+
+        chunk = ZERO_SCAN_CHUNK
+        if self.params.max_bandwidth:  # small enough chunks to hold a 100 ms window
+            chunk = int(np.clip(self.params.max_bandwidth * RATE_WINDOW / TARGET_PAGE_SIZE / 2,
+                                PAGES_PER_PACKET, ZERO_SCAN_CHUNK))
+        return RamSaver(self._main_send, self._enc, self._channels, self.ram, self.stats,
+                        after_chunk=after_chunk, chunk_pages=chunk)
+
+    def _sync_dirty(self) -> PageSets:
+        assert self.tracker is not None
+        dirty = self.tracker.sync()
+        self.stats.ram.dirty_sync_count += 1
+        return dirty
+
+    def _migrate(self) -> None:
+        p = self.params
+        st = self.stats
+        saver = self._saver = self._make_saver()
+        self._section_pages = 0
+        saver.save_setup()
+        if self.tracker is not None:
+            dirty: PageSets | None = self._sync_dirty()
+        else:
+            dirty = None
+            st.ram.dirty_sync_count += 1
+        st.setup_time = time.monotonic() - st.start
+        st.status = "active"
+        high = 0
+        iteration = 0
+        while True:
+            iteration += 1
+            self._check()
+            pages = count_pages(dirty) if dirty is not None else self.ram.total_size // TARGET_PAGE_SIZE
+            self._section_pages = pages
+            t0, b0, z0 = time.monotonic(), self._transferred(), st.ram.duplicate
+            saver.save_section(dirty)
+            dt = max(time.monotonic() - t0, 1e-6)
+            sent = self._transferred() - b0
+            bandwidth = max(sent / dt, 1.0)
+            if self.tracker is None:
+                dirty = {}
+                st.ram.dirty_sync_count += 1
+            else:
+                dirty = self._sync_dirty()
+            remaining = count_pages(dirty)
+            self._remaining_pages = remaining
+            self.expected_downtime = remaining * TARGET_PAGE_SIZE / bandwidth
+            self.dirty_pages_rate = round(remaining / dt)
+            self.iterations.append(IterationStats(iteration, pages, st.ram.duplicate - z0, sent, dt, remaining,
+                                                  self.expected_downtime, self.throttle))
+            if self.expected_downtime * 1000 <= p.downtime_limit:
+                break
+            if p.auto_converge and isinstance(self.guest, object) and hasattr(self.guest, "set_throttle"):
+                high = high + 1 if remaining * TARGET_PAGE_SIZE > DIRTY_RATE_HIGH * sent else 0
+                if high >= 2:
+                    high = 0
+                    self.throttle = (p.cpu_throttle_initial if not self.throttle
+                                     else min(p.max_cpu_throttle, self.throttle + p.cpu_throttle_increment))
+                    self.guest.set_throttle(self.throttle)  # type: ignore[union-attr]
+            why = None
+            if iteration >= p.max_iterations:
+                why = f"{iteration} iterations (max-iterations)"
+            elif p.max_time and time.monotonic() - st.start >= p.max_time:
+                why = f"{p.max_time:g}s (max-time)"
+            if why:
+                raise MigrationError(
+                    f"migration did not converge after {why}: {remaining * TARGET_PAGE_SIZE} bytes still dirty,"
+                    f" expected downtime {self.expected_downtime * 1000:.0f} ms > downtime-limit {p.downtime_limit} ms"
+                    " (raise max-bandwidth or downtime-limit, or enable auto-converge)"
+                )
+        self._stop_and_copy(dirty)
+
+    def _stop_and_copy(self, dirty: PageSets) -> None:
+        st = self.stats
+        assert self._saver is not None and self._channels is not None
+        st.status = "device"
+        down = time.monotonic()
+        if self.guest is not None:
+            self.guest.pause(timeout=self.params.stall_timeout)
+            self._guest_paused = True
+        if self.tracker is not None:
+            dirty = merge(dirty, self._sync_dirty())
+        self._section_pages = count_pages(dirty)
+        self._saver.after_chunk = self._check  # stop-and-copy ignores max-bandwidth
+        self._saver.save_section(dirty, end=True)
+        self._enc.eof()
+        self._enc.vmdesc(vmdesc_json())
+        data = self._enc.take()
+        self._main_send(data)
+        st.ram.main_bytes += len(data)
+        self._channels.quit(timeout=self.params.stall_timeout)
+        st.downtime = time.monotonic() - down
+        self._remaining_pages = 0
+
+    def _finish(self, error: BaseException | None) -> None:
+        st = self.stats
+        ok = error is None
+        if self._channels is not None:
+            st.channels = self._channels.stats()
+            st.ram.multifd_bytes = sum(c.bytes for c in st.channels)
+            self._channels.close(graceful=ok)
+        if self._main is not None:
+            try:
+                self._main.shutdown(2)
+            except OSError:
+                pass
+            self._main.close()
+        if not ok and self._guest_paused and self.guest is not None:
+            self.guest.resume()  # a failed or cancelled migration leaves the guest running
+        if ok:
+            st.status = "completed"
+        elif isinstance(error, MigrationCancelled):
+            st.status = "cancelled"
+            self.error = error
+        else:
+            st.status = "failed"
+            self.error = error if isinstance(error, MigrationError) else MigrationError(
+                f"internal error {type(error).__name__}: {error}")
+            st.error = str(self.error)
+        st.end = time.monotonic()
+        self._done.set()
+
+
+def vmdesc_json() -> bytes:
+    """The trailing vmdesc: no device sections follow RAM in an engine stream."""
+    return json.dumps({"page_size": TARGET_PAGE_SIZE, "devices": []}, separators=(", ", ": ")).encode()
+
+
+def migrate(uri: str, ram: GuestRam, params: MigrationParams, *, tracker: DirtyTracker | None = None,
+            guest: Guest | None = None, timeout: float | None = None) -> MigrationStats:
+    """Migrate and wait (blocking). Raises :class:`MigrationError` on failure."""
+    with Migration(uri, ram, params, tracker=tracker, guest=guest) as m:
+        return m.wait(timeout)

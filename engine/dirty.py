@@ -78,7 +78,7 @@ class DirtyLog(DirtyTracker):
             self._first = False
             self.bytes[:] = 0
             return {i: np.arange(n, dtype=np.int64) for i, n in enumerate(self.npages)}
-        hit = np.flatnonzero(self.bytes)
+        hit = np.flatnonzero(self.bytes.copy())  # a snapshot: writers keep marking meanwhile
         self.bytes[hit] = 0
         out: PageSets = {}
         if len(hit):

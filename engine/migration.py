@@ -88,31 +88,33 @@ class IterationStats:
 
 
 class RateLimiter:
-    """``max-bandwidth``: at most ``rate * window`` bytes per window; sleeps the rest of it."""
+    """``max-bandwidth`` as a token bucket: by any time t, at most ``rate * (t + window)``
+    bytes have been handed out (a burst of one 100 ms window, then the rate). Sleeps the
+    difference, checking for cancellation."""
 
     def __init__(self, rate: int, check: Any) -> None:
         self.rate = rate
         self.check = check
-        self._end = 0.0
-        self._start_bytes = 0
+        self._t0: float | None = None
+        self._b0 = 0
 
-    def __call__(self, transferred: int) -> None:
+    def __call__(self, committed: int) -> None:
         if not self.rate:
+            self._t0 = None
             return
         now = time.monotonic()
-        if now >= self._end:
-            self._end = now + RATE_WINDOW
-            self._start_bytes = transferred
+        if self._t0 is None:
+            self._t0, self._b0 = now, committed
             return
-        if transferred - self._start_bytes >= self.rate * RATE_WINDOW:
-            while True:
-                self.check()
-                left = self._end - time.monotonic()
-                if left <= 0:
-                    break
-                time.sleep(min(left, 0.02))
-            self._end = time.monotonic() + RATE_WINDOW
-            self._start_bytes = transferred
+        allowed = self.rate * (now - self._t0 + RATE_WINDOW)
+        while committed - self._b0 > allowed:
+            self.check()
+            time.sleep(min((committed - self._b0 - allowed) / self.rate, 0.02))
+            allowed = self.rate * (time.monotonic() - self._t0 + RATE_WINDOW)
+
+    def reset(self, committed: int) -> None:
+        """Start a new bucket (after the rate changed)."""
+        self._t0, self._b0 = time.monotonic(), committed
 
 
 class Migration:
@@ -146,6 +148,7 @@ class Migration:
         self._saver: RamSaver | None = None
         self._remaining_pages = ram.total_size // TARGET_PAGE_SIZE
         self._guest_paused = False
+        self._limiter: RateLimiter | None = None
 
     # ------------------------------------------------------------------ public API
 
@@ -163,6 +166,17 @@ class Migration:
         self._thread = threading.Thread(target=self._run, name="migration", daemon=True)
         self._thread.start()
         return self
+
+    def set_parameters(self, **changes: Any) -> None:
+        """``migrate-set-parameters`` while running: e.g. ``downtime_limit``, ``max_bandwidth``,
+        ``auto_converge``, ``max_iterations``. Takes effect at the next chunk or iteration."""
+        import dataclasses
+
+        new = dataclasses.replace(self.params, **changes)
+        self.params = new
+        if self._limiter is not None and self._limiter.rate != new.max_bandwidth:
+            self._limiter.rate = new.max_bandwidth
+            self._limiter.reset(self._committed())
 
     def cancel(self) -> None:
         """Cancel (``migrate_cancel``): the destination fails, the guest keeps running."""
@@ -215,7 +229,17 @@ class Migration:
 
     def _transferred(self) -> int:
         ch = self._channels
-        multifd = int(ch._counters[:, 2].sum()) if ch is not None else 0
+        multifd = ch.bytes_sent() if ch is not None else 0
+        return self.stats.ram.main_bytes + multifd
+
+    def _committed(self) -> int:
+        """Bytes handed to the channels so far (for ``max-bandwidth``: counted at hand-off,
+        so the channels' queues cannot run ahead of the limit); compressed sizes are only
+        known once sent, so compressed methods count what was sent."""
+        ch = self._channels
+        if ch is None:
+            return self.stats.ram.main_bytes
+        multifd = ch.bytes_committed if ch.method.name == "none" else ch.bytes_sent()
         return self.stats.ram.main_bytes + multifd
 
     def _main_send(self, data: bytes) -> None:
@@ -258,11 +282,11 @@ class Migration:
 
     def _make_saver(self) -> RamSaver:
         assert self._channels is not None
-        limiter = RateLimiter(self.params.max_bandwidth, self._check)
+        limiter = self._limiter = RateLimiter(self.params.max_bandwidth, self._check)
 
         def after_chunk() -> None:
             self._check()
-            limiter(self._transferred())
+            limiter(self._committed())
             if self._saver is not None:
                 self._remaining_pages = self._section_pages - self._saver.pages_done
 
@@ -297,6 +321,7 @@ class Migration:
         while True:
             iteration += 1
             self._check()
+            p = self.params  # may have been changed by set_parameters()
             pages = count_pages(dirty) if dirty is not None else self.ram.total_size // TARGET_PAGE_SIZE
             self._section_pages = pages
             t0, b0, z0 = time.monotonic(), self._transferred(), st.ram.duplicate
@@ -374,6 +399,8 @@ class Migration:
             self._main.close()
         if not ok and self._guest_paused and self.guest is not None:
             self.guest.resume()  # a failed or cancelled migration leaves the guest running
+        if error is not None:
+            error = error.with_traceback(None)  # its frames would pin views of guest RAM
         if ok:
             st.status = "completed"
         elif isinstance(error, MigrationCancelled):

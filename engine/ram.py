@@ -161,7 +161,13 @@ class GuestRam:
             try:
                 shm.close()
             except BufferError:
-                pass  # a caller still holds a view; the mapping goes with the process
+                # Someone still holds a numpy view. Drop our references instead: the mapping is
+                # unmapped when the last view is collected (the segment is already unlinked).
+                shm._buf = None  # type: ignore[attr-defined]
+                shm._mmap = None  # type: ignore[attr-defined]
+                if getattr(shm, "_fd", -1) >= 0:
+                    os.close(shm._fd)  # type: ignore[attr-defined]
+                    shm._fd = -1  # type: ignore[attr-defined]
         self._shms.clear()
 
     def __enter__(self) -> GuestRam:

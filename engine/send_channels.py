@@ -42,7 +42,7 @@ from .errors import ChannelError, MigrationTimeout
 from .procs import ChildGroup, Connection, _CTX
 from .ram import GuestRam, RamBlock
 from .transport import send_all
-from .wire import MULTIFD_FLAG_SYNC, PAGES_PER_PACKET, TARGET_PAGE_SIZE, PacketEncoder
+from .wire import MULTIFD_FLAG_SYNC, PACKET_HEADER_SIZE, PAGES_PER_PACKET, TARGET_PAGE_SIZE, PacketEncoder
 
 #: Jobs a channel may have queued in its pipe. QEMU 7.2 uses 1 (one ``pages`` buffer per
 #: channel); with processes, a wake-up on a busy 2-core machine costs more than a thread
@@ -176,6 +176,7 @@ class SendChannels:
         self.method = method
         self.stall_timeout = stall_timeout
         self.queue_depth = queue_depth
+        self.bytes_committed = 0  # header + raw page bytes of every packet handed off
         self.should_stop = should_stop  # raises to abandon a wait (cancellation)
         self.packet_num = 0  # the global counter shared by all channels
         self._next = 0
@@ -237,12 +238,14 @@ class SendChannels:
             raise ChannelError("channels_ready was posted but no channel is idle")
         self._next = (ch + 1) % n
         issued[ch] += 1
+        self.bytes_committed += PACKET_HEADER_SIZE + len(idx) * TARGET_PAGE_SIZE
         job = _JOB.pack(JOB_DATA, block_idx, self._next_packet_num(), 0)
         self._jobs[ch].send_bytes(job + np.ascontiguousarray(idx, dtype=np.int64).tobytes())
 
     def sync(self) -> None:
         """``multifd_send_sync_main``: a SYNC packet on every channel, all of them written."""
         t0 = time.perf_counter()
+        self.bytes_committed += self.n * PACKET_HEADER_SIZE
         for ch in range(self.n):
             self._jobs[ch].send_bytes(_JOB.pack(JOB_SYNC, 0, self._next_packet_num(), MULTIFD_FLAG_SYNC))
         synced = set()
@@ -275,6 +278,9 @@ class SendChannels:
         self.group.wait_events(0)
 
     # -- statistics and lifetime
+
+    def bytes_sent(self) -> int:
+        return int(self._counters[:, C_BYTES].sum())
 
     def stats(self) -> list[ChannelStats]:
         pids = self.group.pids

@@ -198,13 +198,13 @@ def _mib(n: float) -> str:
 
 
 def progress_line(q: dict[str, Any]) -> str:
+    """One line of live progress from a ``Migration.query()`` snapshot."""
     ram = q["ram"]
     its = q.get("iterations") or []
-    last = its[-1] if its else None
-    rate = f"{last['bytes'] / max(last['duration-ms'], 1e-3) * 1000 / (1 << 20):.0f} MiB/s" if last else "-"
-    dirty = f"{last['dirty-pages-rate'] * TARGET_PAGE_SIZE / (1 << 20):.1f} MiB/s" if last else "-"
-    return (f"{q['status']:<9} iteration {len(its) + (q['status'] == 'active')} | transferred {_mib(ram['transferred'])}"
-            f" | remaining {_mib(ram['remaining'])} | {rate} | dirty {dirty}"
+    rate = ram["mbps"] * 1e6 / 8 / (1 << 20)
+    dirty = f"{its[-1]['dirty-pages-rate'] * TARGET_PAGE_SIZE / (1 << 20):.1f} MiB/s" if its else "-"
+    return (f"{q['status']:<9} iteration {q.get('iteration', len(its))} | transferred {_mib(ram['transferred'])}"
+            f" | remaining {_mib(ram['remaining'])} | {rate:.0f} MiB/s | dirty {dirty}"
             f" | expected downtime {q.get('expected-downtime', 0)} ms | throttle {q.get('cpu-throttle-percentage', 0)}%")
 
 

@@ -211,6 +211,7 @@ class Migration:
         out["ram"]["dirty-pages-rate"] = self.dirty_pages_rate
         out["cpu-throttle-percentage"] = self.throttle
         out["iterations"] = [it.to_json() for it in self.iterations]
+        out["iteration"] = len(self.iterations) + (st.status == "active")
         return out
 
     def __enter__(self) -> Migration:
@@ -380,9 +381,10 @@ class Migration:
         data = self._enc.take()
         self._main_send(data)
         st.ram.main_bytes += len(data)
-        self._channels.quit(timeout=self.params.stall_timeout)
+        # every data packet was written before the END section's EOS; the rest is teardown
         st.downtime = time.monotonic() - down
         self._remaining_pages = 0
+        self._channels.quit(timeout=self.params.stall_timeout)
 
     def _finish(self, error: BaseException | None) -> None:
         st = self.stats

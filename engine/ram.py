@@ -69,6 +69,28 @@ class RamBlock:
     def spec(self) -> BlockSpec:
         return BlockSpec(self.name, self.size)
 
+    @property
+    def fd(self) -> int:
+        """The segment's file descriptor (-1 if unknown): ``pwrite`` into it fills pages through
+        the page cache, which on fresh shared memory is about twice as fast as a first write
+        through the mapping (no page fault, and tmpfs does not zero a page that is written whole)."""
+        return int(getattr(self._closer, "_fd", -1))
+
+    def pwrite_pages(self, idx: npt.NDArray[np.int64], data: memoryview) -> None:
+        """Write ``len(idx)`` pages of ``data`` (contiguous) to pages ``idx`` with positioned writes."""
+        fd = self.fd
+        starts, stops = page_runs(idx)
+        pos = 0
+        for a, b in zip(starts.tolist(), stops.tolist()):
+            n = (b - a) * TARGET_PAGE_SIZE
+            chunk = data[pos:pos + n]
+            off = a * TARGET_PAGE_SIZE
+            while chunk:
+                w = os.pwrite(fd, chunk, off)
+                chunk = chunk[w:]
+                off += w
+            pos += n
+
     def release_views(self) -> None:
         """Drop this object's numpy/memoryview exports (so the mapping can be closed)."""
         self.pages = self.words = None  # type: ignore[assignment]
@@ -234,13 +256,18 @@ class AttachedSegment:
             if actual < size:
                 raise ConfigError(f"shared-memory segment {name!r} is {actual} bytes, expected at least {size}")
             self._mmap = mmap.mmap(fd, size)
-        finally:
+        except BaseException:
             os.close(fd)
+            raise
+        self._fd = fd
         self.buf = memoryview(self._mmap)
 
     def close(self) -> None:
         self.buf.release()
         self._mmap.close()
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
 
 def attach(specs_and_segments: Sequence[tuple[BlockSpec, str]]) -> GuestRam:
@@ -311,6 +338,16 @@ def block_digest(block: RamBlock) -> str:
     for off in range(0, block.size, step):
         h.update(block.buf[off:off + step])
     return h.hexdigest()
+
+
+def page_runs(idx: npt.NDArray[np.int64]) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """Coalesce sorted page indices into runs: (starts, stops), stops exclusive."""
+    if len(idx) == 0:
+        return idx, idx
+    breaks = np.flatnonzero(np.diff(idx) != 1) + 1
+    starts = idx[np.concatenate(([0], breaks))]
+    stops = idx[np.concatenate((breaks - 1, [len(idx) - 1]))] + 1
+    return starts, stops
 
 
 def safe_file_name(index: int, name: str) -> str:

@@ -38,7 +38,8 @@ from .compression.base import Buffer
 from .errors import ChannelError, MigrationTimeout
 from .procs import ChildGroup, Connection, _CTX
 from .ram import GuestRam, RamBlock
-from .send_channels import C_BYTES, C_NCOUNTERS, C_PACKETS, C_PAGES, ChannelStats, page_runs
+from .ram import page_runs
+from .send_channels import C_BYTES, C_NCOUNTERS, C_PACKETS, C_PAGES, ChannelStats
 from .transport import recv_exact_into, recv_exact_into_many
 from .wire import MAX_PACKET_PAYLOAD, PACKET_HEADER_SIZE, TARGET_PAGE_SIZE, decode_packet_header
 
@@ -81,15 +82,29 @@ class _Sink:
         recv_exact_into(self.sock, view, f"{self.what} payload")
         return view
 
+    def _fresh(self) -> bool:
+        """No page of this packet was written on this side yet (fresh shared memory)."""
+        return self.block is not None and self.block.fd >= 0 and not self.written[self.idx].any()  # type: ignore[index]
+
     def recv_into_pages(self) -> None:
         assert self.block is not None
+        if self._fresh():
+            # Fresh memory: receive into the (cache-hot) packet buffer and pwrite it into the
+            # segment; about 2x faster here than faulting fresh pages in through the mapping.
+            view = self.payload_view[: len(self.idx) * TARGET_PAGE_SIZE]
+            recv_exact_into(self.sock, view, f"{self.what} payload")
+            self.block.pwrite_pages(self.idx, view)
+            return
         buf = self.block.buf
         starts, stops = page_runs(self.idx)
-        views = [buf[int(a) * TARGET_PAGE_SIZE:int(b) * TARGET_PAGE_SIZE] for a, b in zip(starts, stops)]
+        views = [buf[a * TARGET_PAGE_SIZE:b * TARGET_PAGE_SIZE] for a, b in zip(starts.tolist(), stops.tolist())]
         recv_exact_into_many(self.sock, views, f"{self.what} payload")
 
     def scatter(self, data: Buffer) -> None:
         assert self.block is not None
+        if self._fresh():
+            self.block.pwrite_pages(self.idx, memoryview(data).cast("B"))
+            return
         pages = np.frombuffer(data, dtype=np.uint8).reshape(len(self.idx), TARGET_PAGE_SIZE)
         idx = self.idx
         if idx[-1] - idx[0] == len(idx) - 1:  # one contiguous run: a slice, no fancy indexing
@@ -127,6 +142,7 @@ def _channel_loop(
             wire_bytes = PACKET_HEADER_SIZE
             if hdr.normal_pages:
                 sink.block = ram[hdr.ramblock]
+                sink.written = written.maps[hdr.ramblock]
                 sink.idx = hdr.offsets >> 12
                 sink.next_packet_size = hdr.next_packet_size or hdr.normal_pages * TARGET_PAGE_SIZE
                 ctx.recv_pages(sink)

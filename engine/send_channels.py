@@ -40,7 +40,7 @@ import numpy.typing as npt
 from .compression import MultiFDMethod
 from .errors import ChannelError, MigrationTimeout
 from .procs import ChildGroup, Connection, _CTX
-from .ram import GuestRam, RamBlock
+from .ram import GuestRam, RamBlock, page_runs
 from .transport import send_all
 from .wire import MULTIFD_FLAG_SYNC, PACKET_HEADER_SIZE, PAGES_PER_PACKET, TARGET_PAGE_SIZE, PacketEncoder
 
@@ -56,16 +56,6 @@ _JOB = struct.Struct("<BxxxIQI")  # kind, block index, packet_num, flags; then i
 
 # counters per channel, in the shared mapping
 C_PACKETS, C_PAGES, C_BYTES, C_NCOUNTERS = 0, 1, 2, 3
-
-
-def page_runs(idx: npt.NDArray[np.int64]) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
-    """Coalesce sorted page indices into runs: (starts, stops), stops exclusive."""
-    if len(idx) == 0:
-        return idx, idx
-    breaks = np.flatnonzero(np.diff(idx) != 1) + 1
-    starts = idx[np.concatenate(([0], breaks))]
-    stops = idx[np.concatenate((breaks - 1, [len(idx) - 1]))] + 1
-    return starts, stops
 
 
 class _Batch:

@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -43,6 +44,10 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object (query-migrate names) instead of a summary")
     p.add_argument("--digest", action="store_true",
                    help="add a BLAKE2b digest of every RAM block (after the migration) to the output")
+    p.add_argument("--trace", metavar="FILE", type=Path, default=None,
+                   help="write a Chrome trace-event JSON profile (Perfetto, chrome://tracing): one track per process")
+    p.add_argument("--stats-interval", metavar="MS", type=int, default=0,
+                   help="print a JSON line of statistics every MS milliseconds while migrating")
     p.add_argument("--handshake-timeout", type=float, default=DEFAULT_HANDSHAKE_TIMEOUT, metavar="SECONDS",
                    help=f"deadline for connecting and each channel handshake (default {DEFAULT_HANDSHAKE_TIMEOUT:g})")
     p.add_argument("--stall-timeout", type=float, default=DEFAULT_STALL_TIMEOUT, metavar="SECONDS",
@@ -208,6 +213,13 @@ def progress_line(q: dict[str, Any]) -> str:
             f" | expected downtime {q.get('expected-downtime', 0)} ms | throttle {q.get('cpu-throttle-percentage', 0)}%")
 
 
+def stats_line(q: dict[str, Any]) -> dict[str, Any]:
+    """The periodic ``--stats-interval`` record: query-migrate minus the per-iteration list."""
+    line = {k: v for k, v in q.items() if k != "iterations"}
+    line["time"] = round(time.time(), 3)
+    return line
+
+
 def cmd_migrate(args: argparse.Namespace) -> int:
     from .dirty import DirtyLog
     from .migration import Migration
@@ -224,14 +236,20 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         log = DirtyLog(ram) if spec else None
         workload = Workload(ram, spec, log).start() if spec else None
         try:
-            mig = Migration(args.uri, ram, params, tracker=log, guest=workload)
+            mig = Migration(args.uri, ram, params, tracker=log, guest=workload, trace_file=args.trace)
             mig.start()
+            interval = args.stats_interval / 1000 if args.stats_interval > 0 else None
+            tick = min(0.25, interval) if interval else 0.25
+            next_stats = time.monotonic() + (interval or 0)
             try:
-                while not mig._done.wait(0.25):
+                while not mig._done.wait(tick):
                     if workload is not None:
                         workload.check()
                     if show:
                         print("\r" + progress_line(mig.query()).ljust(120), end="", file=sys.stderr, flush=True)
+                    if interval and time.monotonic() >= next_stats:
+                        next_stats += interval
+                        print(json.dumps(stats_line(mig.query())), flush=True)
             except (KeyboardInterrupt, MigrationCancelled):
                 mig.cancel()
                 mig._done.wait(params.stall_timeout + 10)
@@ -313,6 +331,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("engine: error: migration cancelled by SIGINT", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # stdout closed (e.g. piped into head): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except MigrationError as exc:
         print(f"engine: error: {exc}", file=sys.stderr)
         return 1

@@ -36,6 +36,7 @@ import json
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -48,6 +49,7 @@ from .send_channels import SendChannels
 from .source import ZERO_SCAN_CHUNK, RamSaver
 from .stats import MigrationStats
 from .stream import StreamEncoder
+from .trace import DIRTY_SYNC, STOP_COPY, Trace, now_ns, write_trace
 from .transport import Deadline, connect, parse_uri, send_all
 from .wire import PAGES_PER_PACKET, TARGET_PAGE_SIZE, MultiFDInit
 
@@ -126,7 +128,7 @@ class Migration:
     """
 
     def __init__(self, uri: str, ram: GuestRam, params: MigrationParams, *, tracker: DirtyTracker | None = None,
-                 guest: Guest | None = None) -> None:
+                 guest: Guest | None = None, trace_file: str | Path | None = None) -> None:
         self.uri = uri
         self.addr = parse_uri(uri)
         self.ram = ram
@@ -149,6 +151,8 @@ class Migration:
         self._remaining_pages = ram.total_size // TARGET_PAGE_SIZE
         self._guest_paused = False
         self._limiter: RateLimiter | None = None
+        self.trace_file = Path(trace_file) if trace_file else None
+        self.trace = Trace("source migration thread") if trace_file else None
 
     # ------------------------------------------------------------------ public API
 
@@ -267,7 +271,7 @@ class Migration:
                 send_all(sock, [MultiFDInit(i, p.uuid).pack()], f"multifd channel {i} handshake")
             self._channels = SendChannels(socks, self.ram, p.method, p.effective_level,
                                           stall_timeout=p.stall_timeout, close_in_children=[self._main],
-                                          should_stop=self._check)
+                                          should_stop=self._check, tracing=self.trace is not None)
         finally:
             if self._channels is None:
                 for s in socks:
@@ -295,12 +299,17 @@ class Migration:
         if self.params.max_bandwidth:  # small enough chunks to hold a 100 ms window
             chunk = int(np.clip(self.params.max_bandwidth * RATE_WINDOW / TARGET_PAGE_SIZE / 2,
                                 PAGES_PER_PACKET, ZERO_SCAN_CHUNK))
-        return RamSaver(self._main_send, self._enc, self._channels, self.ram, self.stats,
-                        after_chunk=after_chunk, chunk_pages=chunk)
+        saver = RamSaver(self._main_send, self._enc, self._channels, self.ram, self.stats,
+                         after_chunk=after_chunk, chunk_pages=chunk)
+        saver.trace = self.trace
+        return saver
 
     def _sync_dirty(self) -> PageSets:
         assert self.tracker is not None
+        t0 = now_ns()
         dirty = self.tracker.sync()
+        if self.trace is not None:
+            self.trace.span(DIRTY_SYNC, t0)
         self.stats.ram.dirty_sync_count += 1
         return dirty
 
@@ -368,6 +377,7 @@ class Migration:
         assert self._saver is not None and self._channels is not None
         st.status = "device"
         down = time.monotonic()
+        self._down_ns = now_ns()
         if self.guest is not None:
             self.guest.pause(timeout=self.params.stall_timeout)
             self._guest_paused = True
@@ -384,6 +394,8 @@ class Migration:
         # every data packet was written before the END section's EOS; the rest is teardown
         st.downtime = time.monotonic() - down
         self._remaining_pages = 0
+        if self.trace is not None:
+            self.trace.span(STOP_COPY, self._down_ns)
         self._channels.quit(timeout=self.params.stall_timeout)
 
     def _finish(self, error: BaseException | None) -> None:
@@ -393,6 +405,8 @@ class Migration:
             st.channels = self._channels.stats()
             st.ram.multifd_bytes = sum(c.bytes for c in st.channels)
             self._channels.close(graceful=ok)
+        if self.trace is not None and self.trace_file is not None:
+            self._write_trace()
         if self._main is not None:
             try:
                 self._main.shutdown(2)
@@ -415,6 +429,17 @@ class Migration:
             st.error = str(self.error)
         st.end = time.monotonic()
         self._done.set()
+
+
+    def _write_trace(self) -> None:
+        assert self.trace is not None and self.trace_file is not None
+        tracks = [(self.trace.name, self.trace.pid, Trace.records(self.trace.to_bytes()))]
+        if self._channels is not None:
+            tracks += [(name, pid, Trace.records(data)) for name, pid, data in sorted(self._channels.traces)]
+        try:
+            write_trace(self.trace_file, tracks, "multifd source")
+        except OSError as exc:
+            self.stats.extra["trace-error"] = f"cannot write {str(self.trace_file)!r}: {exc.strerror}"
 
 
 def vmdesc_json() -> bytes:

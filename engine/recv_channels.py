@@ -40,6 +40,7 @@ from .procs import ChildGroup, Connection, _CTX
 from .ram import GuestRam, RamBlock
 from .ram import page_runs
 from .send_channels import C_BYTES, C_NCOUNTERS, C_PACKETS, C_PAGES, ChannelStats
+from .trace import BARRIER, DECOMPRESS, RECV_HEADER, RECV_PAYLOAD, WRITE, Trace, now_ns
 from .transport import recv_exact_into, recv_exact_into_many
 from .wire import MAX_PACKET_PAYLOAD, PACKET_HEADER_SIZE, TARGET_PAGE_SIZE, decode_packet_header
 
@@ -72,6 +73,8 @@ class _Sink:
         self.written: npt.NDArray[np.uint8] | None = None
         self.idx: npt.NDArray[np.int64] = np.zeros(0, dtype=np.int64)
         self.next_packet_size = 0
+        self.trace: Trace | None = None
+        self._t = 0  # end of the last span (tracing)
 
     @property
     def normal_pages(self) -> int:
@@ -79,7 +82,10 @@ class _Sink:
 
     def read_payload(self) -> memoryview:
         view = self.payload_view[: self.next_packet_size]
+        t0 = now_ns()
         recv_exact_into(self.sock, view, f"{self.what} payload")
+        if self.trace is not None:
+            self._t = self.trace.span(RECV_PAYLOAD, t0)
         return view
 
     def _fresh(self) -> bool:
@@ -92,15 +98,34 @@ class _Sink:
             # Fresh memory: receive into the (cache-hot) packet buffer and pwrite it into the
             # segment; about 2x faster here than faulting fresh pages in through the mapping.
             view = self.payload_view[: len(self.idx) * TARGET_PAGE_SIZE]
+            t0 = now_ns()
             recv_exact_into(self.sock, view, f"{self.what} payload")
+            t1 = now_ns()
             self.block.pwrite_pages(self.idx, view)
+            if self.trace is not None:
+                self.trace.span(RECV_PAYLOAD, t0, t1)
+                self.trace.span(WRITE, t1)
             return
         buf = self.block.buf
         starts, stops = page_runs(self.idx)
         views = [buf[a * TARGET_PAGE_SIZE:b * TARGET_PAGE_SIZE] for a, b in zip(starts.tolist(), stops.tolist())]
+        t0 = now_ns()
         recv_exact_into_many(self.sock, views, f"{self.what} payload")
+        if self.trace is not None:
+            self.trace.span(RECV_PAYLOAD, t0)
 
     def scatter(self, data: Buffer) -> None:
+        assert self.block is not None
+        t0 = now_ns()
+        if self.trace is not None:
+            self.trace.span(DECOMPRESS, self._t, t0)
+        try:
+            self._scatter(data)
+        finally:
+            if self.trace is not None:
+                self.trace.span(WRITE, t0)
+
+    def _scatter(self, data: Buffer) -> None:
         assert self.block is not None
         if self._fresh():
             self.block.pwrite_pages(self.idx, memoryview(data).cast("B"))
@@ -123,20 +148,28 @@ def _channel_loop(
     method: MultiFDMethod,
     counters: npt.NDArray[np.uint64],
     stall_timeout: float,
+    tracing: bool,
 ) -> None:
     ctx = method.recv_setup()
+    tr = sink_trace = Trace(f"destination channel {channel}") if tracing else None
     what = f"multifd channel {channel}"
     header = bytearray(PACKET_HEADER_SIZE)
     hview = memoryview(header)
     sink = _Sink(sock, what)
     lengths = ram.lengths
     mine = counters[channel]
+    sink.trace = sink_trace
     sock.settimeout(stall_timeout)
     try:
         while True:
+            t0 = now_ns()
             if not recv_exact_into(sock, hview, f"{what} packet header", eof_ok=True):
+                if tr is not None:
+                    events.send(("trace", channel, tr.name, os.getpid(), tr.to_bytes()))
                 events.send(("eof", channel))
                 return
+            if tr is not None:
+                tr.span(RECV_HEADER, t0)
             hdr = decode_packet_header(header, channel=channel, expected_compression=method.flag, blocks=lengths)
             mine[C_PACKETS] += 1
             wire_bytes = PACKET_HEADER_SIZE
@@ -152,8 +185,11 @@ def _channel_loop(
             mine[C_BYTES] += wire_bytes
             if hdr.sync:
                 events.send(("synced", channel, hdr.packet_num))
+                t0 = now_ns()
                 if not _wait_release(control, channel):
                     return
+                if tr is not None:
+                    tr.span(BARRIER, t0)
     finally:
         ctx.recv_cleanup()
 
@@ -178,8 +214,10 @@ class RecvChannels:
         *,
         stall_timeout: float,
         close_in_children: Sequence[Any] = (),
+        tracing: bool = False,
     ) -> None:
         n = len(socks)
+        self.traces: list[tuple[str, int, bytes]] = []  # (track name, pid, records) from children
         self.n = n
         self.stall_timeout = stall_timeout
         self.written = WrittenMap(ram)
@@ -198,7 +236,7 @@ class RecvChannels:
                 c_read, c_write = _CTX.Pipe(duplex=False)
                 self.group.start(
                     i, _channel_loop,
-                    (i, sock, c_read, ram, self.written, method, self._counters, stall_timeout),
+                    (i, sock, c_read, ram, self.written, method, self._counters, stall_timeout, tracing),
                     own=sock, others=[*socks, *close_in_children, *self._control],
                 )
                 c_read.close()
@@ -224,6 +262,8 @@ class RecvChannels:
                 self.max_packet_num = max(self.max_packet_num, msg[2])
             elif msg[0] == "eof":
                 self.ended.add(msg[1])
+            elif msg[0] == "trace":
+                self.traces.append((msg[2], msg[3], msg[4]))
 
     def barrier(self, where: str) -> None:
         """At an EOS: wait until every channel has synced, then release them all."""

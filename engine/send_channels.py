@@ -28,11 +28,12 @@ child writes and the parent reads for statistics.
 from __future__ import annotations
 
 import mmap
+import os
 import socket
 import struct
 import time
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import numpy.typing as npt
@@ -41,6 +42,7 @@ from .compression import MultiFDMethod
 from .errors import ChannelError, MigrationTimeout
 from .procs import ChildGroup, Connection, _CTX
 from .ram import GuestRam, RamBlock, page_runs
+from .trace import COMPRESS, GATHER, SEND, WAIT, Trace, now_ns
 from .transport import send_all
 from .wire import MULTIFD_FLAG_SYNC, PACKET_HEADER_SIZE, PAGES_PER_PACKET, TARGET_PAGE_SIZE, PacketEncoder
 
@@ -94,8 +96,10 @@ def _channel_loop(
     ready: object,
     done: npt.NDArray[np.uint64],
     counters: npt.NDArray[np.uint64],
+    tracing: bool,
 ) -> None:
     ctx = method.send_setup(level)
+    tr = Trace(f"source channel {channel}") if tracing else None
     enc = PacketEncoder()
     batch = _Batch()
     blocks = ram.blocks
@@ -104,8 +108,11 @@ def _channel_loop(
     mine = counters[channel]
     try:
         while True:
+            t0 = now_ns() if tr is not None else 0
             msg = jobs.recv_bytes()
             kind, block_idx, packet_num, flags = _JOB.unpack_from(msg)
+            if tr is not None:
+                t0 = tr.span(WAIT, t0)
             if kind == JOB_DATA:
                 batch.block = blocks[block_idx]
                 batch.idx = np.frombuffer(msg, dtype=np.int64, offset=_JOB.size)
@@ -115,7 +122,11 @@ def _channel_loop(
                     flags=flags | method.flag, packet_num=packet_num, ramblock=names[block_idx],
                     offsets=batch.idx * TARGET_PAGE_SIZE, next_packet_size=size,
                 )
+                if tr is not None:
+                    t0 = tr.span(GATHER if method.flag == 0 else COMPRESS, t0)
                 sent = send_all(sock, [header, *payload], what)
+                if tr is not None:
+                    tr.span(SEND, t0)
                 mine[C_PACKETS] += 1
                 mine[C_PAGES] += len(batch.idx)
                 mine[C_BYTES] += sent
@@ -125,11 +136,15 @@ def _channel_loop(
                 header = enc.encode(flags=MULTIFD_FLAG_SYNC, packet_num=packet_num)
                 mine[C_BYTES] += send_all(sock, [header], what)
                 mine[C_PACKETS] += 1
+                if tr is not None:
+                    tr.span(SEND, t0)
                 events.send(("synced", channel, packet_num))
             else:
                 break
     finally:
         ctx.send_cleanup()
+    if tr is not None:
+        events.send(("trace", channel, tr.name, os.getpid(), tr.to_bytes()))
     try:
         sock.shutdown(socket.SHUT_RDWR)
     except OSError:
@@ -160,6 +175,7 @@ class SendChannels:
         close_in_children: Sequence[socket.socket] = (),
         queue_depth: int = QUEUE_DEPTH,
         should_stop: Callable[[], None] = lambda: None,
+        tracing: bool = False,
     ) -> None:
         n = len(socks)
         self.n = n
@@ -167,6 +183,7 @@ class SendChannels:
         self.stall_timeout = stall_timeout
         self.queue_depth = queue_depth
         self.bytes_committed = 0  # header + raw page bytes of every packet handed off
+        self.traces: list[tuple[str, int, bytes]] = []  # (track name, pid, records) from children
         self.should_stop = should_stop  # raises to abandon a wait (cancellation)
         self.packet_num = 0  # the global counter shared by all channels
         self._next = 0
@@ -185,7 +202,7 @@ class SendChannels:
                 job_read, job_write = _CTX.Pipe(duplex=False)
                 self.group.start(
                     i, _channel_loop,
-                    (i, sock, job_read, ram, method, level, self._ready, self._done, self._counters),
+                    (i, sock, job_read, ram, method, level, self._ready, self._done, self._counters, tracing),
                     own=sock, others=[*socks, *close_in_children, *self._jobs],
                 )
                 job_read.close()
@@ -205,7 +222,13 @@ class SendChannels:
 
     def _check(self) -> None:
         for msg in self.group.wait_events(0):
-            raise ChannelError(f"multifd channel {msg[1]} (source): unexpected message {msg[0]!r}")
+            self._unexpected(msg)
+
+    def _unexpected(self, msg: tuple[Any, ...]) -> None:
+        if msg[0] == "trace":
+            self.traces.append((msg[2], msg[3], msg[4]))
+            return
+        raise ChannelError(f"multifd channel {msg[1]} (source): unexpected message {msg[0]!r}")
 
     def send_pages(self, block_idx: int, idx: npt.NDArray[np.int64]) -> None:
         """Hand one packet (at most 128 page indices of one block) to the next idle channel."""
@@ -251,6 +274,8 @@ class SendChannels:
             for msg in self.group.wait_events(min(left, 0.2)):
                 if msg[0] == "synced":
                     synced.add(msg[1])
+                else:
+                    self._unexpected(msg)
         self.sync_wait += time.perf_counter() - t0
 
     def quit(self, timeout: float = 10.0) -> None:
@@ -258,14 +283,15 @@ class SendChannels:
         for conn in self._jobs:
             conn.send_bytes(_JOB.pack(JOB_QUIT, 0, 0, 0))
         deadline = time.monotonic() + timeout
-        for ch, proc in enumerate(self.group.procs):
-            proc.join(max(0.0, deadline - time.monotonic()))
-            if proc.exitcode is None:
+        procs = self.group.procs
+        while any(p.exitcode is None for p in procs):
+            if time.monotonic() > deadline:
+                ch = next(i for i, p in enumerate(procs) if p.exitcode is None)
                 raise MigrationTimeout(f"multifd channel {ch} (source) did not finish within {timeout:g}s")
-            if proc.exitcode != 0:
-                self.group.wait_events(0)  # raises the reported error
-                raise ChannelError(f"multifd channel {ch} (source): exited with status {proc.exitcode}")
-        self.group.wait_events(0)
+            for msg in self.group.wait_events(0.05):  # raises on an error or a non-zero exit
+                self._unexpected(msg)
+        for msg in self.group.wait_events(0):
+            self._unexpected(msg)
 
     # -- statistics and lifetime
 

@@ -25,6 +25,7 @@ import numpy.typing as npt
 from .ram import GuestRam
 from .send_channels import SendChannels
 from .stats import MigrationStats
+from .trace import SYNC_WAIT, ZERO_SCAN, Trace, now_ns
 from .stream import RAM_SECTION_IDSTR, RAM_SECTION_VERSION, StreamEncoder
 from .wire import PAGES_PER_PACKET, TARGET_PAGE_SIZE
 
@@ -102,6 +103,7 @@ class RamSaver:
         self.pages_done = 0  # pages of the current section handled so far (progress)
         self.after_chunk = after_chunk  # rate limiting and cancellation, between chunks
         self.chunk_pages = chunk_pages
+        self.trace: Trace | None = None
 
     def _flush_main(self, force: bool = False) -> None:
         if self.enc.out and (force or len(self.enc.out) >= MAIN_FLUSH):
@@ -112,7 +114,10 @@ class RamSaver:
     def _sync_and_eos(self) -> None:
         self.queue.flush()
         self._flush_main(force=True)
+        t0 = now_ns()
         self.channels.sync()
+        if self.trace is not None:
+            self.trace.span(SYNC_WAIT, t0)
         self.enc.ram_eos()
         self.enc.footer(RAM_SECTION_ID)
         self._flush_main(force=True)
@@ -142,16 +147,24 @@ class RamSaver:
         words = self.ram.blocks[block_idx].words
         for a in range(start, stop, self.chunk_pages):
             b = min(a + self.chunk_pages, stop)
-            self._emit(block_idx, np.arange(a, b, dtype=np.int64), zero_pages(words[a:b]))
+            t0 = now_ns()
+            zero = zero_pages(words[a:b])
+            if self.trace is not None:
+                self.trace.span(ZERO_SCAN, t0)
+            self._emit(block_idx, np.arange(a, b, dtype=np.int64), zero)
 
     def _save_block_pages(self, block_idx: int, idx: npt.NDArray[np.int64]) -> None:
         words = self.ram.blocks[block_idx].words
         for a in range(0, len(idx), self.chunk_pages):
             chunk = idx[a:a + self.chunk_pages]
+            t0 = now_ns()
             if chunk[-1] - chunk[0] == len(chunk) - 1:  # a contiguous run: scan a view, no gather
-                self._emit(block_idx, chunk, zero_pages(words[chunk[0]:chunk[-1] + 1]))
+                zero = zero_pages(words[chunk[0]:chunk[-1] + 1])
             else:
-                self._emit(block_idx, chunk, zero_pages(words[chunk]))
+                zero = zero_pages(words[chunk])
+            if self.trace is not None:
+                self.trace.span(ZERO_SCAN, t0)
+            self._emit(block_idx, chunk, zero)
 
     def _emit(self, block_idx: int, idx: npt.NDArray[np.int64], zero: npt.NDArray[np.bool_]) -> None:
         zeros = idx[zero]

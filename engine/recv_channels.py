@@ -36,10 +36,10 @@ import numpy.typing as npt
 from .compression import MultiFDMethod
 from .compression.base import Buffer
 from .errors import ChannelError, MigrationTimeout
-from .procs import ChildGroup, Connection, _CTX
+from .procs import ChildGroup, Connection, _CTX, self_usage
 from .ram import GuestRam, RamBlock
 from .ram import page_runs
-from .send_channels import C_BYTES, C_NCOUNTERS, C_PACKETS, C_PAGES, ChannelStats
+from .send_channels import C_ANON_RSS, C_BYTES, C_CPU_US, C_NCOUNTERS, C_PACKETS, C_PAGES, C_PEAK_RSS, ChannelStats
 from .trace import BARRIER, DECOMPRESS, RECV_HEADER, RECV_PAYLOAD, WRITE, Trace, now_ns
 from .transport import recv_exact_into, recv_exact_into_many
 from .wire import MAX_PACKET_PAYLOAD, PACKET_HEADER_SIZE, TARGET_PAGE_SIZE, decode_packet_header
@@ -88,15 +88,15 @@ class _Sink:
             self._t = self.trace.span(RECV_PAYLOAD, t0)
         return view
 
-    def _fresh(self) -> bool:
-        """No page of this packet was written on this side yet (fresh shared memory)."""
-        return self.block is not None and self.block.fd >= 0 and not self.written[self.idx].any()  # type: ignore[index]
+    def _by_fd(self) -> bool:
+        """Write through the segment's file descriptor: on fresh shared memory about 2x faster
+        than faulting pages in through the mapping (tmpfs does not zero a page written whole),
+        and the channel never maps guest pages, so its RSS does not grow with the guest."""
+        return self.block is not None and self.block.fd >= 0
 
     def recv_into_pages(self) -> None:
         assert self.block is not None
-        if self._fresh():
-            # Fresh memory: receive into the (cache-hot) packet buffer and pwrite it into the
-            # segment; about 2x faster here than faulting fresh pages in through the mapping.
+        if self._by_fd():  # receive into the (cache-hot) packet buffer, then pwrite it
             view = self.payload_view[: len(self.idx) * TARGET_PAGE_SIZE]
             t0 = now_ns()
             recv_exact_into(self.sock, view, f"{self.what} payload")
@@ -127,7 +127,7 @@ class _Sink:
 
     def _scatter(self, data: Buffer) -> None:
         assert self.block is not None
-        if self._fresh():
+        if self._by_fd():
             self.block.pwrite_pages(self.idx, memoryview(data).cast("B"))
             return
         pages = np.frombuffer(data, dtype=np.uint8).reshape(len(self.idx), TARGET_PAGE_SIZE)
@@ -192,6 +192,7 @@ def _channel_loop(
                     tr.span(BARRIER, t0)
     finally:
         ctx.recv_cleanup()
+        mine[C_CPU_US], mine[C_PEAK_RSS], mine[C_ANON_RSS] = self_usage()
 
 
 def _wait_release(control: Connection, channel: int) -> bool:
@@ -308,10 +309,7 @@ class RecvChannels:
 
     def stats(self) -> list[ChannelStats]:
         pids = self.group.pids
-        return [
-            ChannelStats(i, pids[i], int(c[C_PACKETS]), int(c[C_PAGES]), int(c[C_BYTES]))
-            for i, c in enumerate(self._counters)
-        ]
+        return [ChannelStats.from_counters(i, pids[i], c) for i, c in enumerate(self._counters)]
 
     def close(self, *, graceful: bool) -> None:
         if self._closed:

@@ -40,7 +40,7 @@ import numpy.typing as npt
 
 from .compression import MultiFDMethod
 from .errors import ChannelError, MigrationTimeout
-from .procs import ChildGroup, Connection, _CTX
+from .procs import ChildGroup, Connection, _CTX, self_usage
 from .ram import GuestRam, RamBlock, page_runs
 from .trace import COMPRESS, GATHER, SEND, WAIT, Trace, now_ns
 from .transport import send_all
@@ -56,8 +56,8 @@ JOB_SYNC = 2
 JOB_QUIT = 3
 _JOB = struct.Struct("<BxxxIQI")  # kind, block index, packet_num, flags; then int64 page indices
 
-# counters per channel, in the shared mapping
-C_PACKETS, C_PAGES, C_BYTES, C_NCOUNTERS = 0, 1, 2, 3
+# counters per channel, in the shared mapping (resource usage is written when the channel ends)
+C_PACKETS, C_PAGES, C_BYTES, C_CPU_US, C_PEAK_RSS, C_ANON_RSS, C_NCOUNTERS = range(7)
 
 
 class _Batch:
@@ -79,9 +79,25 @@ class _Batch:
         return [buf[int(a) * TARGET_PAGE_SIZE:int(b) * TARGET_PAGE_SIZE] for a, b in zip(starts, stops)]
 
     def gather(self) -> npt.NDArray[np.uint8]:
-        assert self.block is not None
+        """Copy the pages into the scratch buffer with positioned reads of the segment (the
+        channel never maps guest pages, so its RSS does not grow with the guest); falls back
+        to a numpy gather from the mapping for segments without a file descriptor."""
+        block = self.block
+        assert block is not None
         out = self.scratch[: len(self.idx)]
-        np.take(self.block.pages, self.idx, axis=0, out=out)
+        fd = block.fd
+        if fd < 0:
+            np.take(block.pages, self.idx, axis=0, out=out)
+            return out
+        flat = memoryview(out).cast("B")
+        starts, stops = page_runs(self.idx)
+        pos = 0
+        for a, b in zip(starts.tolist(), stops.tolist()):
+            n = (b - a) * TARGET_PAGE_SIZE
+            got = os.preadv(fd, [flat[pos:pos + n]], a * TARGET_PAGE_SIZE)
+            if got != n:
+                raise ChannelError(f"short read of RAM block {block.name!r}: {got} of {n} bytes")
+            pos += n
         return out
 
 
@@ -143,6 +159,7 @@ def _channel_loop(
                 break
     finally:
         ctx.send_cleanup()
+        mine[C_CPU_US], mine[C_PEAK_RSS], mine[C_ANON_RSS] = self_usage()
     if tr is not None:
         events.send(("trace", channel, tr.name, os.getpid(), tr.to_bytes()))
     try:
@@ -159,6 +176,14 @@ class ChannelStats:
     packets: int
     normal_pages: int
     bytes: int
+    cpu_seconds: float = 0.0  # known once the channel ended
+    peak_rss_kib: int = 0  # VmHWM, including guest pages touched through the mapping
+    private_rss_kib: int = 0  # RssAnon at the end
+
+    @classmethod
+    def from_counters(cls, i: int, pid: int, c: npt.NDArray[np.uint64]) -> ChannelStats:
+        return cls(i, pid, int(c[C_PACKETS]), int(c[C_PAGES]), int(c[C_BYTES]), int(c[C_CPU_US]) / 1e6,
+                   int(c[C_PEAK_RSS]), int(c[C_ANON_RSS]))
 
 
 class SendChannels:
@@ -300,10 +325,7 @@ class SendChannels:
 
     def stats(self) -> list[ChannelStats]:
         pids = self.group.pids
-        return [
-            ChannelStats(i, pids[i], int(c[C_PACKETS]), int(c[C_PAGES]), int(c[C_BYTES]))
-            for i, c in enumerate(self._counters)
-        ]
+        return [ChannelStats.from_counters(i, pids[i], c) for i, c in enumerate(self._counters)]
 
     def close(self, *, graceful: bool) -> None:
         if self._closed:

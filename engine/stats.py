@@ -69,7 +69,9 @@ class MigrationStats:
             },
             "throughput-mib-s": round(ram.total / t / (1 << 20), 1),
             "channels": [
-                {"id": c.id, "pid": c.pid, "packets": c.packets, "normal_pages": c.normal_pages, "bytes": c.bytes}
+                {"id": c.id, "pid": c.pid, "packets": c.packets, "normal_pages": c.normal_pages, "bytes": c.bytes,
+                 "cpu-seconds": round(c.cpu_seconds, 3), "peak-rss-kib": c.peak_rss_kib,
+                 "private-rss-kib": c.private_rss_kib}
                 for c in self.channels
             ],
         }

@@ -245,6 +245,16 @@ class SendChannels:
         self.packet_num += 1
         return num
 
+    def _send_job(self, ch: int, data: bytes) -> None:
+        try:
+            self._jobs[ch].send_bytes(data)
+        except OSError as exc:  # the channel process is gone: say why, if it told us
+            deadline = time.monotonic() + 1.0
+            while time.monotonic() < deadline:
+                self._check()
+                time.sleep(0.01)
+            raise ChannelError(f"multifd channel {ch} (source): its process stopped taking work ({exc})") from exc
+
     def _check(self) -> None:
         for msg in self.group.wait_events(0):
             self._unexpected(msg)
@@ -278,14 +288,14 @@ class SendChannels:
         issued[ch] += 1
         self.bytes_committed += PACKET_HEADER_SIZE + len(idx) * TARGET_PAGE_SIZE
         job = _JOB.pack(JOB_DATA, block_idx, self._next_packet_num(), 0)
-        self._jobs[ch].send_bytes(job + np.ascontiguousarray(idx, dtype=np.int64).tobytes())
+        self._send_job(ch, job + np.ascontiguousarray(idx, dtype=np.int64).tobytes())
 
     def sync(self) -> None:
         """``multifd_send_sync_main``: a SYNC packet on every channel, all of them written."""
         t0 = time.perf_counter()
         self.bytes_committed += self.n * PACKET_HEADER_SIZE
         for ch in range(self.n):
-            self._jobs[ch].send_bytes(_JOB.pack(JOB_SYNC, 0, self._next_packet_num(), MULTIFD_FLAG_SYNC))
+            self._send_job(ch, _JOB.pack(JOB_SYNC, 0, self._next_packet_num(), MULTIFD_FLAG_SYNC))
         synced = set()
         deadline = time.monotonic() + self.stall_timeout
         while len(synced) < self.n:
@@ -305,8 +315,8 @@ class SendChannels:
 
     def quit(self, timeout: float = 10.0) -> None:
         """Graceful end: every channel finishes its queue, closes its socket and exits 0."""
-        for conn in self._jobs:
-            conn.send_bytes(_JOB.pack(JOB_QUIT, 0, 0, 0))
+        for ch in range(self.n):
+            self._send_job(ch, _JOB.pack(JOB_QUIT, 0, 0, 0))
         deadline = time.monotonic() + timeout
         procs = self.group.procs
         while any(p.exitcode is None for p in procs):

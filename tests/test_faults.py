@@ -1,0 +1,207 @@
+"""Faults end to end, with real processes: kill -9 anywhere, sockets closed mid-packet, stalls.
+
+Every surviving side must end within a bounded time with a clear error naming what happened,
+leave no process and no shared-memory segment behind, and a retry must then succeed.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from support import ROOT, Incoming, _env, engine_cmd, run_engine
+from engine.wire import MultiFDInit, encode_packet_header, MULTIFD_FLAG_SYNC
+from engine.stream import StreamEncoder
+
+SLOW = ["--ram-size", "64M", "--max-bandwidth", "16M"]  # about 3 s: time to strike mid-way
+
+
+def children(pid: int) -> list[int]:
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if fields[1] == str(pid) and fields[0] != "Z":
+                out.append(int(d.name))
+    return sorted(out)
+
+
+def channel_pids(pid: int, n: int, timeout: float = 10.0) -> list[int]:
+    """The channel processes of an engine process (its children other than the resource tracker)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        kids = [k for k in children(pid) if b"resource_tracker" not in Path(f"/proc/{k}/cmdline").read_bytes()]
+        if len(kids) >= n:
+            return kids
+        time.sleep(0.05)
+    raise AssertionError(f"process {pid} did not start {n} channel processes")
+
+
+def start_source(uri: str, *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(engine_cmd("migrate", uri, *args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=_env(), cwd=ROOT)
+
+
+def gone(pids: list[int], timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not any(Path(f"/proc/{p}").exists() and "Z" not in _state(p) for p in pids):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "X"
+
+
+def retry_succeeds() -> None:
+    with Incoming("tcp:127.0.0.1:0", "--channels", "2") as dst:
+        src = run_engine("migrate", dst.uri, "--ram-size", "4M", "--channels", "2")
+        assert src.returncode == 0, src.stderr
+        assert dst.wait() == 0, dst.stderr
+
+
+def test_kill_source_channel_process() -> None:
+    with Incoming("tcp:127.0.0.1:0", "--channels", "2", "--stall-timeout", "10") as dst:
+        src = start_source(dst.uri, *SLOW, "--channels", "2")
+        victim = channel_pids(src.pid, 2)[0]
+        time.sleep(0.5)
+        os.kill(victim, signal.SIGKILL)
+        out, err = src.communicate(timeout=30)
+        assert src.returncode == 1
+        assert err.strip().splitlines()[-1].startswith("engine: error: multifd channel 0 (source): process ")
+        assert f"process {victim} was killed by signal 9" in err
+        assert dst.wait(30) == 1
+        assert "engine: error:" in dst.stderr and "Traceback" not in dst.stderr
+    retry_succeeds()
+
+
+def test_kill_destination_channel_process() -> None:
+    with Incoming("tcp:127.0.0.1:0", "--channels", "2", "--stall-timeout", "10") as dst:
+        src = start_source(dst.uri, *SLOW, "--channels", "2", "--stall-timeout", "10")
+        victim = channel_pids(dst.proc.pid, 2)[1]
+        time.sleep(0.3)
+        os.kill(victim, signal.SIGKILL)
+        assert dst.wait(30) == 1
+        assert f"multifd channel 1 (destination): process {victim} was killed by signal 9" in dst.stderr
+        out, err = src.communicate(timeout=30)
+        assert src.returncode == 1, err
+        assert "engine: error:" in err and "Traceback" not in err
+    retry_succeeds()
+
+
+def test_kill_source_main_process() -> None:
+    with Incoming("tcp:127.0.0.1:0", "--channels", "2", "--stall-timeout", "10") as dst:
+        src = start_source(dst.uri, *SLOW, "--channels", "2")
+        kids = channel_pids(src.pid, 2)
+        time.sleep(0.5)
+        src.kill()
+        src.communicate(timeout=10)
+        assert gone(kids), "source channel processes outlived their parent"
+        assert dst.wait(30) == 1
+        assert "connection closed" in dst.stderr or "end of stream" in dst.stderr, dst.stderr
+    retry_succeeds()
+
+
+def test_kill_destination_main_process() -> None:
+    dst = Incoming("tcp:127.0.0.1:0", "--channels", "2", "--stall-timeout", "10")
+    with dst:
+        src = start_source(dst.uri, *SLOW, "--channels", "2", "--stall-timeout", "10")
+        kids = channel_pids(dst.proc.pid, 2)
+        time.sleep(0.3)
+        dst.proc.kill()
+        dst.proc.wait(10)
+        assert gone(kids), "destination channel processes outlived their parent"
+        out, err = src.communicate(timeout=30)
+        assert src.returncode == 1
+        assert "engine: error:" in err and "Traceback" not in err
+    retry_succeeds()
+
+
+def _fake_source(uri_port: int, *, channels: int = 1):
+    """A hand-driven source: main channel with header + START(MEM_SIZE), channels with handshakes."""
+    main = socket.create_connection(("127.0.0.1", uri_port), timeout=10)
+    enc = StreamEncoder()
+    enc.header()
+    enc.configuration("none")
+    enc.section_start(2, "ram", 0, 4)
+    enc.ram_mem_size([("pc.ram", 1 << 20)])
+    main.sendall(enc.take())
+    socks = []
+    for i in range(channels):
+        s = socket.create_connection(("127.0.0.1", uri_port), timeout=10)
+        s.sendall(MultiFDInit(i).pack())
+        socks.append(s)
+    return main, socks
+
+
+def test_socket_closed_mid_packet() -> None:
+    with Incoming("tcp:127.0.0.1:0", "--channels", "1", "--stall-timeout", "10") as dst:
+        port = int(dst.uri.rsplit(":", 1)[1])
+        main, (ch,) = _fake_source(port)
+        header = encode_packet_header(flags=0, packet_num=1, ramblock=b"pc.ram",
+                                      offsets=__import__("numpy").array([0, 4096]), next_packet_size=8192)
+        ch.sendall(header + b"\x01" * 5000)
+        ch.close()
+        assert dst.wait(30) == 1
+        main.close()
+    assert "multifd channel 0 payload: connection closed after 5000 of 8192 bytes" in dst.stderr
+
+
+def test_stalled_source_mid_stream_times_out() -> None:
+    with Incoming("tcp:127.0.0.1:0", "--channels", "1", "--stall-timeout", "2") as dst:
+        port = int(dst.uri.rsplit(":", 1)[1])
+        main, (ch,) = _fake_source(port)
+        ch.sendall(encode_packet_header(flags=MULTIFD_FLAG_SYNC, packet_num=0))
+        # ... and then nothing more: no EOS on the main channel
+        t0 = time.monotonic()
+        assert dst.wait(30) == 1
+        assert time.monotonic() - t0 < 15
+        main.close()
+        ch.close()
+    assert "main channel: nothing received for 2s" in dst.stderr
+
+
+def test_stalled_destination_source_times_out() -> None:
+    """A destination that accepts but never reads: the source gives up after --stall-timeout."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(8)
+    port = srv.getsockname()[1]
+    try:
+        t0 = time.monotonic()
+        src = run_engine("migrate", f"tcp:127.0.0.1:{port}", "--ram-size", "64M", "--fill", "random",
+                         "--stall-timeout", "2", "--handshake-timeout", "2", timeout=60)
+        assert src.returncode == 1
+        assert time.monotonic() - t0 < 30
+        assert "Traceback" not in src.stderr
+        assert "stalled for 2s" in src.stderr or "did not" in src.stderr or "no multifd channel became idle" in src.stderr, src.stderr
+    finally:
+        srv.close()
+
+
+def test_port_scanner_does_not_break_an_incoming_migration() -> None:
+    with Incoming("tcp:127.0.0.1:0", "--channels", "2", "--handshake-timeout", "1") as dst:
+        port = int(dst.uri.rsplit(":", 1)[1])
+        idle = socket.create_connection(("127.0.0.1", port))  # connects, sends nothing
+        junk = socket.create_connection(("127.0.0.1", port))
+        junk.sendall(b"GET / HTTP/1.0\r\n\r\n")
+        src = run_engine("migrate", dst.uri, "--ram-size", "4M", "--channels", "2")
+        assert src.returncode == 0, src.stderr
+        assert dst.wait(30) == 0, dst.stderr
+        idle.close()
+        junk.close()
+    assert "dropped a connection" in dst.stderr

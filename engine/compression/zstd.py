@@ -7,9 +7,15 @@ receiver keeps one decompression stream per channel.
 
 from __future__ import annotations
 
+import sys
 from typing import Sequence
 
 import zstandard
+
+if sys.version_info >= (3, 14):
+    from compression.zstd import ZstdDecompressor, ZstdError as _BoundedZstdError
+else:  # the backport of Python 3.14's compression.zstd: decompress() takes max_length
+    from backports.zstd import ZstdDecompressor, ZstdError as _BoundedZstdError
 
 from ..errors import CompressionError
 from ..wire import MULTIFD_FLAG_ZSTD, TARGET_PAGE_SIZE
@@ -27,15 +33,22 @@ class ZstdSend(SendContext):
 
 
 class ZstdRecv(RecvContext):
+    """One decompression stream per channel, its output bounded by ``normal_pages * 4096``:
+    a hostile payload (zstd can expand 1 MiB into gigabytes) never makes it allocate more.
+    python-zstandard's streaming decompressor has no output bound, so the receive side uses
+    the standard library's ``compression.zstd`` API (its backport before Python 3.14)."""
+
     def __init__(self) -> None:
-        # A QEMU sender at level <= 20 uses windows of at most 128 MiB; refuse larger ones.
-        self._d = zstandard.ZstdDecompressor(max_window_size=1 << 27).decompressobj()
+        self._d = ZstdDecompressor()
 
     def recv_pages(self, packet: PacketSink) -> None:
+        want = packet.normal_pages * TARGET_PAGE_SIZE
         payload = packet.read_payload()
         try:
-            out = self._d.decompress(payload)
-        except zstandard.ZstdError as exc:
+            out = self._d.decompress(payload, want)
+            if not self._d.needs_input and self._d.decompress(b"", 1):
+                raise CompressionError(f"zstd: payload decompresses to more than {want} bytes ({packet.normal_pages} pages)")
+        except _BoundedZstdError as exc:
             raise CompressionError(f"zstd: corrupt payload of {len(payload)} bytes: {exc}") from exc
         expect_size("zstd", len(out), packet.normal_pages, TARGET_PAGE_SIZE)
         packet.scatter(out)

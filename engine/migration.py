@@ -50,7 +50,7 @@ from .source import ZERO_SCAN_CHUNK, RamSaver
 from .stats import MigrationStats
 from .stream import StreamEncoder
 from .trace import DIRTY_SYNC, STOP_COPY, Trace, now_ns, write_trace
-from .transport import Deadline, connect, parse_uri, send_all
+from .transport import Deadline, connect, ensure_fd_budget, parse_uri, send_all
 from .wire import PAGES_PER_PACKET, TARGET_PAGE_SIZE, MultiFDInit
 
 RATE_WINDOW = 0.1  # seconds; QEMU enforces max-bandwidth per 100 ms too
@@ -252,6 +252,7 @@ class Migration:
 
     def _connect(self) -> None:
         p = self.params
+        ensure_fd_budget(p.channels, "source")
         enc = StreamEncoder()
         self._enc = enc
         self._main = connect(self.addr, p.handshake_timeout)

@@ -208,6 +208,29 @@ def recv_exact_into_many(sock: socket.socket, views: list[memoryview], what: str
         raise ChannelError(f"{what}: receive failed: {exc.strerror or exc}") from exc
 
 
+FDS_PER_CHANNEL = 6  # socket, job/control pipe, event pipe, sentinel, slack
+
+
+def ensure_fd_budget(channels: int, role: str) -> None:
+    """Check (and if possible raise) the open-file limit before opening any socket."""
+    import resource
+
+    need = 32 + FDS_PER_CHANNEL * channels
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < need:
+        target = need if hard == resource.RLIM_INFINITY else min(need, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    if soft != resource.RLIM_INFINITY and soft < need:
+        raise ConfigError(
+            f"{role}: multifd-channels {channels} needs about {need} open files, the limit is {soft}"
+            f" (hard limit {hard}); raise it with ulimit -n or use fewer channels"
+        )
+
+
 class Deadline:
     """A point in time; ``remaining()`` never goes below zero."""
 

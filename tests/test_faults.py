@@ -205,3 +205,36 @@ def test_port_scanner_does_not_break_an_incoming_migration() -> None:
         idle.close()
         junk.close()
     assert "dropped a connection" in dst.stderr
+
+
+def test_255_channels() -> None:
+    with Incoming("tcp:127.0.0.1:0", "--channels", "255", "--json") as dst:
+        src = run_engine("migrate", dst.uri, "--ram-size", "8M", "--channels", "255", "--json", timeout=120)
+        assert src.returncode == 0, src.stderr
+        assert dst.wait(120) == 0, dst.stderr
+    import json
+
+    assert len(json.loads(src.stdout)["channels"]) == 255
+
+
+def test_guest_larger_than_dev_shm_is_refused_up_front() -> None:
+    src = run_engine("migrate", "tcp:127.0.0.1:1", "--ram-size", "64T")
+    assert src.returncode == 1
+    line = src.stderr.strip()
+    assert line.startswith("engine: error: guest RAM of 70368744177664 bytes does not fit in /dev/shm (")
+    assert line.endswith("bytes free); free space or use a smaller guest")
+
+
+def test_fd_limit_is_checked_before_connecting() -> None:
+    import resource
+
+    p = subprocess.run(
+        ["bash", "-c", 'ulimit -n 64 && exec "$@"', "x", *engine_cmd("migrate", "tcp:127.0.0.1:1", "--ram-size", "1M",
+                                                                   "--channels", "100")],
+        capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=60,
+    )
+    assert p.returncode == 1
+    assert p.stderr.strip() == (
+        "engine: error: source: multifd-channels 100 needs about 632 open files, the limit is 64"
+        " (hard limit 64); raise it with ulimit -n or use fewer channels"
+    )

@@ -230,7 +230,10 @@ def prefault(block: RamBlock, start: int = 0, stop: int | None = None, *, popula
 
 
 def _segment_name() -> str:
-    return f"{SEGMENT_PREFIX}_{os.getpid()}_{os.urandom(6).hex()}"
+    # MFD_SHM_TAG (optional, inherited by child processes) lets a test session or a job tell
+    # its own segments from those of other runs on the same machine.
+    tag = os.environ.get("MFD_SHM_TAG", "")
+    return f"{SEGMENT_PREFIX}_{tag + '_' if tag else ''}{os.getpid()}_{os.urandom(6).hex()}"
 
 
 def check_shm_space(total: int) -> None:

@@ -15,11 +15,23 @@ settings.register_profile("deep", max_examples=5000, deadline=None, suppress_hea
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
 
 SHM = Path("/dev/shm")
+# Every engine process started by this session (they inherit the environment) tags its
+# segments, so a concurrent run on the same machine cannot make a test fail or pass.
+os.environ.setdefault("MFD_SHM_TAG", f"t{os.getpid()}")
+_TAG = os.environ["MFD_SHM_TAG"]
 
 
 def shm_segments() -> set[str]:
-    # multiprocessing semaphores (sem.mp-*) are unlinked right after creation; ignore strays
-    return {p.name for p in SHM.iterdir() if not p.name.startswith("sem.")}
+    """This session's engine segments, plus anything else new that is not an engine segment."""
+    out = set()
+    for p in SHM.iterdir():
+        name = p.name
+        if name.startswith("sem."):  # multiprocessing semaphores, unlinked right after creation
+            continue
+        if name.startswith("mfd_") and not name.startswith(f"mfd_{_TAG}_"):
+            continue  # another run's engine segment
+        out.add(name)
+    return out
 
 
 def _tracker_pid() -> int | None:

@@ -6,7 +6,9 @@ Theory of operation
 does (``QEVM`` = main channel, ``0x11223344`` = a multifd channel, mapped by the id in its
 handshake), so the order of connects does not matter (a QEMU 7.2 source connects the main
 channel first and works either way). A connection that sends neither within the handshake
-deadline, or sends something else, is dropped without disturbing the migration.
+deadline, or sends something else, is dropped without disturbing the migration (and counted
+in the error if the migration's own channels then fail to arrive in time: a QEMU 7.2
+destination would freeze on such a connection instead).
 
 The loader runs in this process's main thread. It pulls events from the main-stream parser;
 its reads wait on the main socket, the channel processes' event pipes and sentinels, and the
@@ -14,7 +16,9 @@ listener together, so a channel failure or a stray connection is handled while t
 channel is quiet. MEM_SIZE creates the RAM blocks (shared memory) and forks the N channel
 processes; ZERO and PAGE records are applied here; each EOS runs the sync barrier
 (:meth:`RecvChannels.barrier`). After the stream's tail (device state, EOF, vmdesc) every
-channel must end on a packet boundary.
+channel must end on a packet boundary. The device sections are decoded through the vmdesc
+(:mod:`engine.vmstate`) once everything has arrived; a QEMU source that is cancelled shuts its
+sockets down mid-stream, which is reported as such (not as a malformed record).
 
 This process owns the listener, the RAM and the channel processes; ``run_incoming``'s
 ``finally`` releases all three on every path.
@@ -33,7 +37,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .errors import ChannelError, MigrationError, MigrationTimeout, RemoteProtocolError
+from .errors import ChannelError, MigrationError, MigrationTimeout, RemoteProtocolError, TruncatedError
 from .params import MigrationParams
 from .ram import BlockSpec, GuestRam
 from .recv_channels import RecvChannels
@@ -107,23 +111,33 @@ def accept_migration(listener: socket.socket, params: MigrationParams, *, listen
     first: float | None = None
     wait_all: Deadline | None = None
     listen_deadline = Deadline(listen_timeout)
+    silent = 0  # connections dropped because they sent no handshake in time
     ok = False
+
+    def no_handshake() -> str:
+        n = silent + len(pending)  # still-unidentified connections have been silent as long
+        if not n:
+            return ""
+        return f"; {n} connection{'s' if n > 1 else ''} sent no handshake within {params.handshake_timeout:g}s"
+
     try:
         while main is None or len(chans) < params.channels:
             now = time.monotonic()
             if wait_all is None and listen_deadline.expired():
-                raise MigrationTimeout(f"no migration arrived within {listen_timeout:g}s")
+                raise MigrationTimeout(f"no migration arrived within {listen_timeout:g}s{no_handshake()}")
             if wait_all is not None and wait_all.expired():
                 have = "the main channel" if main is not None else "no main channel"
                 raise MigrationTimeout(
                     f"received {have} and {len(chans)} of {params.channels} multifd channels within"
-                    f" {params.handshake_timeout:g}s (missing channel ids {sorted(set(range(params.channels)) - set(chans))})"
+                    f" {params.handshake_timeout:g}s (missing channel ids"
+                    f" {sorted(set(range(params.channels)) - set(chans))}{no_handshake()})"
                 )
             for conn, dl in list(pending.items()):
                 if now >= dl:
                     log(f"dropped a connection that sent no handshake within {params.handshake_timeout:g}s")
                     del pending[conn]
                     conn.close()
+                    silent += 1
             ready = mpc.wait([listener, *pending], 0.2)
             for obj in ready:
                 if obj is listener:
@@ -191,6 +205,7 @@ class Loader:
         self.machine: str | None = None
         self.tail = b""
         self.main_bytes = 0
+        self.main_eof = False
         self.section = "the stream header"
 
     # -- reading the main socket while watching everything else
@@ -226,6 +241,7 @@ class Loader:
                 except OSError as exc:
                     raise ChannelError(f"main channel: receive failed: {exc.strerror or exc}") from exc
                 self.main_bytes += n
+                self.main_eof = n == 0
                 return n
 
     def _extras_due(self) -> list[socket.socket]:
@@ -256,6 +272,20 @@ class Loader:
     # -- applying events
 
     def run(self) -> None:
+        try:
+            self._run()
+        except TruncatedError as exc:
+            if not self.main_eof:
+                raise
+            # A QEMU source that is cancelled (migrate_cancel) or fails shuts its sockets down
+            # mid-stream; say so in one line instead of only naming the record that was cut.
+            detail = str(exc).removeprefix("main channel: ")
+            raise TruncatedError(
+                f"main channel: connection closed by the source before the end of the migration,"
+                f" in {self.section}: {detail}"
+            ) from exc
+
+    def _run(self) -> None:
         reader = StreamReader(self._fill)
         parser = MainStreamParser(reader)
         stats = self.stats
@@ -341,7 +371,7 @@ def parse_tail(tail: bytes) -> tuple[bytes, dict[str, Any] | None]:
                 continue
             try:
                 desc = json.loads(tail[pos + 5:])
-            except ValueError:
+            except (ValueError, RecursionError):
                 continue
             return tail[:pos], desc
     return tail, None
@@ -360,12 +390,13 @@ def run_incoming(
     addr = parse_uri(uri)
     listener = listen(addr, backlog=params.channels + 1)
     loader: Loader | None = None
-    ok = False
+    handed_over = False  # the caller owns loader.ram once the result is returned
     try:
         if on_listening:
             on_listening(bound_uri(listener, addr))
         acc = accept_migration(listener, params, listen_timeout=listen_timeout, log=log)
         loader = Loader(acc, params, listener, log)
+        ok = False
         try:
             loader.run()
             ok = True
@@ -373,13 +404,15 @@ def run_incoming(
             loader.close(ok)
         stats = loader.stats
         stats.end = time.monotonic()
-        stats.status = "completed"
         stats.ram.main_bytes = loader.main_bytes
         stats.ram.multifd_bytes = sum(c.bytes for c in stats.channels)
         stats.ram.normal += sum(c.normal_pages for c in stats.channels)
         state, desc = parse_tail(loader.tail)
         devices = parse_device_state(state, desc)
-        return IncomingResult(stats, loader.ram if keep_ram else None, loader.machine, loader.tail, desc, devices)
+        stats.status = "completed"
+        result = IncomingResult(stats, loader.ram if keep_ram else None, loader.machine, loader.tail, desc, devices)
+        handed_over = keep_ram
+        return result
     except MigrationError as exc:
         if loader is not None:
             loader.stats.status = "failed"
@@ -392,5 +425,5 @@ def run_incoming(
                 os.unlink(addr.path)
             except OSError:
                 pass
-        if loader is not None and loader.ram is not None and not (ok and keep_ram):
+        if loader is not None and loader.ram is not None and not handed_over:
             loader.ram.close()

@@ -29,8 +29,12 @@ def engine(*args: str) -> list[str]:
     return [sys.executable, "-m", "engine", *args]
 
 
+# the engine processes this soak starts tag their segments, so other runs do not count
+os.environ["MFD_SHM_TAG"] = TAG = f"soak{os.getpid()}"
+
+
 def shm() -> set[str]:
-    return {p.name for p in Path("/dev/shm").iterdir() if p.name.startswith("mfd_")}
+    return {p.name for p in Path("/dev/shm").iterdir() if p.name.startswith(f"mfd_{TAG}_")}
 
 
 def descendants(pid: int) -> list[int]:

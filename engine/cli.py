@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -63,6 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     _common(inc)
     inc.add_argument("--listen-timeout", type=float, default=600.0, metavar="SECONDS",
                      help="how long to wait for a source to connect (default 600)")
+    inc.add_argument("--ram", action="append", metavar="[NAME=]SIZE", default=None,
+                     help="declare a RAM block up front (repeat, in order; like QEMU's -m); MEM_SIZE must match")
+    inc.add_argument("--prealloc", action="store_true",
+                     help="pre-fault the declared RAM before listening (QEMU's prealloc=on)")
 
     mig = sub.add_parser("migrate", help="migrate a guest's RAM to a destination")
     mig.add_argument("uri", help="tcp:HOST:PORT, tcp:[IPV6]:PORT or unix:PATH")
@@ -115,6 +120,15 @@ def _params(args: argparse.Namespace) -> MigrationParams:
         machine=getattr(args, "machine", "none"), handshake_timeout=args.handshake_timeout,
         stall_timeout=args.stall_timeout, **extra,
     )
+
+
+def parse_ram_arg(text: str) -> BlockSpec:
+    """``[NAME=]SIZE`` for a declared destination block."""
+    name, eq, size = text.rpartition("=")
+    if not eq:
+        name = DEFAULT_BLOCK
+    nbytes = parse_size(size, f"--ram {text!r} size")
+    return BlockSpec(name, nbytes)
 
 
 def parse_image_arg(text: str) -> tuple[str, Path]:
@@ -280,8 +294,28 @@ def cmd_incoming(args: argparse.Namespace) -> int:
     def listening(uri: str) -> None:
         print(f"engine: listening on {uri}", file=sys.stderr, flush=True)
 
-    result = run_incoming(args.uri, params, listen_timeout=args.listen_timeout, on_listening=listening,
-                          keep_ram=args.dump is not None or args.digest)
+    declared = [parse_ram_arg(text) for text in args.ram] if args.ram else None
+    stop = threading.Event()
+    printer: threading.Thread | None = None
+
+    def on_loader(loader: Any) -> None:
+        nonlocal printer
+        if args.stats_interval > 0:
+            def loop() -> None:
+                while not stop.wait(args.stats_interval / 1000):
+                    print(json.dumps(stats_line(loader.query())), flush=True)
+
+            printer = threading.Thread(target=loop, name="stats", daemon=True)
+            printer.start()
+
+    try:
+        result = run_incoming(args.uri, params, listen_timeout=args.listen_timeout, on_listening=listening,
+                              keep_ram=args.dump is not None or args.digest, declared=declared,
+                              prealloc=args.prealloc, trace_file=args.trace, on_loader=on_loader)
+    finally:
+        stop.set()
+        if printer is not None:
+            printer.join(5)
     out = result.stats.to_json()
     if result.ram is not None:
         with result.ram:

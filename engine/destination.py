@@ -31,15 +31,25 @@ import multiprocessing.connection as mpc
 import os
 import socket
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from pathlib import Path
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .errors import ChannelError, MigrationError, MigrationTimeout, RemoteProtocolError, TruncatedError
+from .errors import (
+    ChannelError,
+    ConfigError,
+    MigrationCancelled,
+    MigrationError,
+    MigrationTimeout,
+    RemoteProtocolError,
+    TruncatedError,
+)
 from .params import MigrationParams
-from .ram import BlockSpec, GuestRam
+from .ram import BlockSpec, GuestRam, prefault
 from .recv_channels import RecvChannels
 from .stats import MigrationStats
 from .stream import (
@@ -57,7 +67,8 @@ from .stream import (
     SECTION_NAMES,
 )
 from .vmstate import parse_device_state
-from .transport import Deadline, UnixAddress, bound_uri, listen, parse_uri
+from .trace import BARRIER, Trace, now_ns, write_trace
+from .transport import Deadline, UnixAddress, bound_uri, ensure_fd_budget, listen, parse_uri
 from .wire import INIT_SIZE, MULTIFD_MAGIC, TARGET_PAGE_SIZE, MultiFDInit, validate_init
 
 QEVM = b"QEVM"
@@ -103,7 +114,8 @@ def _classify(conn: socket.socket, params: MigrationParams, chans: dict[int, soc
     return "stray"
 
 
-def accept_migration(listener: socket.socket, params: MigrationParams, *, listen_timeout: float, log: Log) -> Accepted:
+def accept_migration(listener: socket.socket, params: MigrationParams, *, listen_timeout: float, log: Log,
+                     cancel: threading.Event | None = None) -> Accepted:
     """Wait for one migration: its main channel and all N multifd channels."""
     pending: dict[socket.socket, float] = {}
     chans: dict[int, socket.socket] = {}
@@ -122,6 +134,8 @@ def accept_migration(listener: socket.socket, params: MigrationParams, *, listen
 
     try:
         while main is None or len(chans) < params.channels:
+            if cancel is not None and cancel.is_set():
+                raise MigrationCancelled("incoming migration cancelled")
             now = time.monotonic()
             if wait_all is None and listen_deadline.expired():
                 raise MigrationTimeout(f"no migration arrived within {listen_timeout:g}s{no_handshake()}")
@@ -193,11 +207,16 @@ class IncomingResult:
 class Loader:
     """Applies main-stream events to guest RAM and runs the sync barrier."""
 
-    def __init__(self, acc: Accepted, params: MigrationParams, listener: socket.socket | None, log: Log) -> None:
+    def __init__(self, acc: Accepted, params: MigrationParams, listener: socket.socket | None, log: Log, *,
+                 declared: GuestRam | None = None, cancel: threading.Event | None = None,
+                 trace: Trace | None = None) -> None:
         self.acc = acc
         self.params = params
         self.listener = listener
         self.log = log
+        self.declared = declared  # RAM set up before listening (--ram); MEM_SIZE must match it
+        self.cancel = cancel
+        self.trace = trace
         self.ram: GuestRam | None = None
         self.channels: RecvChannels | None = None
         self.stats = MigrationStats()
@@ -225,7 +244,9 @@ class Loader:
                 raise MigrationTimeout(
                     f"main channel: nothing received for {self.params.stall_timeout:g}s (in {self.section})"
                 )
-            ready = mpc.wait(handles, min(left, 1.0))
+            if self.cancel is not None and self.cancel.is_set():
+                raise MigrationCancelled("incoming migration cancelled")
+            ready = mpc.wait(handles, min(left, 0.5))
             if self.channels is not None and any(h is not main and h is not self.listener for h in ready):
                 self.channels.poll(0)
             if self.listener is not None and self.listener in ready:
@@ -297,7 +318,10 @@ class Loader:
             elif isinstance(ev, RamEOS):
                 if self.channels is None:
                     raise RemoteProtocolError("main channel: received EOS before MEM_SIZE set up the RAM blocks")
+                t0 = now_ns()
                 self.channels.barrier(self.section)
+                if self.trace is not None:
+                    self.trace.span(BARRIER, t0)
                 stats.ram.dirty_sync_count += 1
             elif isinstance(ev, SectionBegin):
                 self.section = f"ram section {ev.section_id} ({ev.kind_name})"
@@ -319,14 +343,23 @@ class Loader:
             if list(ev.blocks) == [(b.name, b.size) for b in self.ram]:
                 return
             raise RemoteProtocolError("main channel: received a second MEM_SIZE with a different block list")
-        specs = [BlockSpec(name, size) for name, size in ev.blocks]
-        self.ram = GuestRam.create(specs)
+        if self.declared is not None:
+            want = [(b.name, b.size) for b in self.declared]
+            if list(ev.blocks) != want:
+                raise RemoteProtocolError(
+                    f"main channel: received MEM_SIZE blocks {list(ev.blocks)}, expected the declared {want}"
+                )
+            self.ram = self.declared
+        else:
+            specs = [BlockSpec(name, size) for name, size in ev.blocks]
+            self.ram = GuestRam.create(specs)
         self.stats.ram.total = self.ram.total_size
         others: list[Any] = [self.acc.main]
         if self.listener is not None:
             others.append(self.listener)
         self.channels = RecvChannels(self.acc.channels, self.ram, self.params.method,
-                                     stall_timeout=self.params.stall_timeout, close_in_children=others)
+                                     stall_timeout=self.params.stall_timeout, close_in_children=others,
+                                     tracing=self.trace is not None)
         self.stats.setup_time = time.monotonic() - self.stats.start
         self.stats.status = "active"
 
@@ -350,6 +383,27 @@ class Loader:
         self.ram[ev.block].pages[i] = np.frombuffer(ev.data, dtype=np.uint8)
         self.channels.written.maps[ev.block][i] = 1
         self.stats.ram.normal += 1
+
+    def query(self) -> dict[str, Any]:
+        """A query-migrate-shaped snapshot of the destination (safe from another thread)."""
+        st = self.stats
+        if self.channels is not None:
+            st.channels = self.channels.stats()
+            st.ram.multifd_bytes = sum(c.bytes for c in st.channels)
+        st.ram.main_bytes = self.main_bytes
+        out = st.to_json()
+        out["ram"]["normal"] = st.ram.normal + sum(c.normal_pages for c in st.channels)
+        return out
+
+    def write_trace(self, path: Path) -> None:
+        assert self.trace is not None
+        tracks = [(self.trace.name, self.trace.pid, Trace.records(self.trace.to_bytes()))]
+        if self.channels is not None:
+            tracks += [(name, pid, Trace.records(data)) for name, pid, data in sorted(self.channels.traces)]
+        try:
+            write_trace(path, tracks, "multifd destination")
+        except OSError as exc:
+            raise ConfigError(f"--trace {str(path)!r}: {exc.strerror or exc}") from None
 
     def close(self, ok: bool) -> None:
         for conn in self.acc.pending:
@@ -385,23 +439,53 @@ def run_incoming(
     log: Log = _stderr,
     on_listening: Callable[[str], None] | None = None,
     keep_ram: bool = False,
+    declared: Sequence[BlockSpec] | None = None,
+    prealloc: bool = False,
+    cancel: threading.Event | None = None,
+    trace_file: str | Path | None = None,
+    on_loader: Callable[[Loader], None] | None = None,
 ) -> IncomingResult:
-    """Receive one migration on ``uri``. With ``keep_ram`` the caller owns (and must close) ``result.ram``."""
+    """Receive one migration on ``uri``. With ``keep_ram`` the caller owns (and must close) ``result.ram``.
+
+    ``declared`` sets the RAM blocks up front (QEMU's ``-m``): the incoming MEM_SIZE list must
+    match it; with ``prealloc`` they are also pre-faulted before listening (QEMU's
+    ``prealloc=on``). ``cancel`` ends the wait or the migration with MigrationCancelled.
+    """
     addr = parse_uri(uri)
-    listener = listen(addr, backlog=params.channels + 1)
+    ensure_fd_budget(params.channels, "destination")
+    declared_ram = None
+    if declared:
+        declared_ram = GuestRam.create(declared)
+        if prealloc:
+            for block in declared_ram:
+                prefault(block)
+    elif prealloc:
+        declared_ram = None
+        raise ConfigError("--prealloc needs the destination's RAM blocks declared with --ram [NAME=]SIZE")
+    try:
+        listener = listen(addr, backlog=params.channels + 1)
+    except BaseException:
+        if declared_ram is not None:
+            declared_ram.close()
+        raise
     loader: Loader | None = None
     handed_over = False  # the caller owns loader.ram once the result is returned
+    trace = Trace("destination main") if trace_file else None
     try:
         if on_listening:
             on_listening(bound_uri(listener, addr))
-        acc = accept_migration(listener, params, listen_timeout=listen_timeout, log=log)
-        loader = Loader(acc, params, listener, log)
+        acc = accept_migration(listener, params, listen_timeout=listen_timeout, log=log, cancel=cancel)
+        loader = Loader(acc, params, listener, log, declared=declared_ram, cancel=cancel, trace=trace)
+        if on_loader:
+            on_loader(loader)
         ok = False
         try:
             loader.run()
             ok = True
         finally:
             loader.close(ok)
+            if trace is not None and trace_file:
+                loader.write_trace(Path(trace_file))
         stats = loader.stats
         stats.end = time.monotonic()
         stats.ram.main_bytes = loader.main_bytes
@@ -427,3 +511,5 @@ def run_incoming(
                 pass
         if loader is not None and loader.ram is not None and not handed_over:
             loader.ram.close()
+        if declared_ram is not None and not handed_over:
+            declared_ram.close()

@@ -81,3 +81,47 @@ def test_dump_manifest_names(tmp_path: Path, images) -> None:
     for entry, (_, path) in zip(manifest["blocks"], images):
         assert "/" not in entry["file"]
         assert (tmp_path / "dst" / entry["file"]).read_bytes() == path.read_bytes()
+
+
+def test_declared_and_preallocated_destination(tmp_path: Path) -> None:
+    with Incoming("tcp:127.0.0.1:0", "--ram", "pc.ram=8M", "--prealloc", "--dump", str(tmp_path / "dst"),
+                  "--trace", str(tmp_path / "dst.trace.json")) as dst:
+        src = run_engine("migrate", dst.uri, "--ram-size", "8M", "--dump", str(tmp_path / "src"),
+                         "--trace", str(tmp_path / "src.trace.json"))
+        assert src.returncode == 0, src.stderr
+        assert dst.wait() == 0, dst.stderr
+    assert_same_ram(read_dump(tmp_path / "src"), read_dump(tmp_path / "dst"))
+    import json
+
+    for side, names in [("src", {"send", "wait for work", "zero-page detection", "sync wait"}),
+                        ("dst", {"recv header", "recv payload", "write pages", "barrier wait"})]:
+        events = json.loads((tmp_path / f"{side}.trace.json").read_text())["traceEvents"]
+        assert names <= {e["name"] for e in events if e["ph"] == "X"}
+        tracks = {e["args"]["name"] for e in events if e["ph"] == "M" and e["name"] == "thread_name"}
+        assert len(tracks) == 3  # the main process and 2 channel processes
+
+
+def test_declared_ram_must_match(tmp_path: Path) -> None:
+    with Incoming("tcp:127.0.0.1:0", "--ram", "4M") as dst:
+        run_engine("migrate", dst.uri, "--ram-size", "8M")
+        assert dst.wait() == 1
+    assert ("engine: error: main channel: received MEM_SIZE blocks [('pc.ram', 8388608)], expected the declared"
+            " [('pc.ram', 4194304)]") in dst.stderr
+
+
+def test_prealloc_needs_declared_ram() -> None:
+    p = run_engine("incoming", "tcp:127.0.0.1:0", "--prealloc")
+    assert p.returncode == 1
+    assert p.stderr.strip() == "engine: error: --prealloc needs the destination's RAM blocks declared with --ram [NAME=]SIZE"
+
+
+def test_stats_interval_prints_json_lines(tmp_path: Path) -> None:
+    with Incoming("tcp:127.0.0.1:0", "--stats-interval", "50") as dst:
+        src = run_engine("migrate", dst.uri, "--ram-size", "16M", "--max-bandwidth", "32M", "--stats-interval", "50")
+        assert src.returncode == 0, src.stderr
+        assert dst.wait() == 0
+    import json
+
+    lines = [json.loads(l) for l in src.stdout.splitlines() if l.startswith("{")]
+    assert len(lines) >= 3 and all(l["status"] in ("setup", "active", "device", "completed") for l in lines)
+    assert any(l.startswith("{") for l in dst.stdout.splitlines())

@@ -33,6 +33,7 @@ __all__ = [
     "CompressionError",
     "ConfigError",
     "GuestRam",
+    "IncomingMigration",
     "MigrationCancelled",
     "MigrationError",
     "MigrationParams",
@@ -54,6 +55,10 @@ def __getattr__(name: str) -> object:
         from . import migration
 
         return getattr(migration, name)
+    if name == "IncomingMigration":
+        from .incoming import IncomingMigration
+
+        return IncomingMigration
     if name == "run_incoming":
         from .destination import run_incoming
 

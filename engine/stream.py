@@ -77,6 +77,10 @@ _BE64 = struct.Struct(">Q")
 _ZERO_RUN = np.dtype([("word", ">u8"), ("fill", "u1")])  # one ZERO|CONTINUE record, 9 bytes
 _ZERO_CONT = RAM_SAVE_FLAG_ZERO | RAM_SAVE_FLAG_CONTINUE
 
+#: Page offsets are handed out as int64: a larger MEM_SIZE total would let offsets of 2**63 and
+#: more pass the bound checks and then overflow (or wrap negative) on conversion.
+MAX_RAM_TOTAL = 1 << 63
+
 #: Device state after RAM is small (a few KiB for a PC); refuse to buffer absurd tails.
 DEFAULT_MAX_TAIL = 64 * 1024 * 1024
 
@@ -275,9 +279,12 @@ class StreamReader:
             if self._end - self._start > limit:
                 break
             if self._end == len(self._buf) and self._start == 0:
-                self._buf.extend(bytes(len(self._buf)))
-                self._view.release()
-                self._view = memoryview(self._buf)
+                # A bigger buffer rather than bytearray.extend(): views handed out earlier
+                # (a RamPage still held by the caller) forbid resizing in place.
+                grown = bytearray(2 * len(self._buf))
+                grown[:self._end] = self._view[:self._end]
+                self._buf = grown
+                self._view = memoryview(grown)
         if self._end - self._start > limit:
             raise RemoteProtocolError(f"main channel: {what} is larger than {limit} bytes")
         data = bytes(self._view[self._start:self._end])
@@ -404,11 +411,12 @@ class MainStreamParser:
                 yield self._configuration()
             elif kind in (QEMU_VM_SECTION_START, QEMU_VM_SECTION_FULL):
                 section_id = r.be32("a section header")
-                idstr = self._short_string("a section idstr")
+                raw_idstr = self._short_bytes("a section idstr")
+                idstr = raw_idstr.decode("utf-8", "replace")
                 instance_id = r.be32("a section header")
                 version_id = r.be32("a section header")
                 if idstr != RAM_SECTION_IDSTR:
-                    yield StreamTail(self._tail(kind, section_id, idstr, instance_id, version_id))
+                    yield StreamTail(self._tail(kind, section_id, raw_idstr, instance_id, version_id))
                     return
                 if instance_id != 0 or version_id != RAM_SECTION_VERSION:
                     raise RemoteProtocolError(
@@ -443,18 +451,23 @@ class MainStreamParser:
                     " START 0x01, PART 0x02, END 0x03, FULL 0x04, CONFIGURATION 0x07, EOF 0x00"
                 )
 
-    def _tail(self, kind: int, section_id: int, idstr: str, instance_id: int, version_id: int) -> bytes:
-        head = bytes([kind]) + _BE32.pack(section_id) + bytes([len(idstr.encode())]) + idstr.encode()
+    def _tail(self, kind: int, section_id: int, idstr: bytes, instance_id: int, version_id: int) -> bytes:
+        # Rebuilt from the raw idstr bytes: the tail must be exactly what was received.
+        head = bytes([kind]) + _BE32.pack(section_id) + bytes([len(idstr)]) + idstr
         head += _BE32.pack(instance_id) + _BE32.pack(version_id)
         if kind == QEMU_VM_SECTION_START:
             raise RemoteProtocolError(
-                f"main channel: received START for unsupported live section {idstr!r}, expected only 'ram'"
+                f"main channel: received START for unsupported live section"
+                f" {idstr.decode('utf-8', 'replace')!r}, expected only 'ram'"
             )
         return head + self.r.read_to_eof(self.max_tail, "the device state after RAM")
 
-    def _short_string(self, what: str) -> str:
+    def _short_bytes(self, what: str) -> bytes:
         n = self.r.u8(what)
-        return self.r.read(n, what).decode("utf-8", "replace")
+        return self.r.read(n, what)
+
+    def _short_string(self, what: str) -> str:
+        return self._short_bytes(what).decode("utf-8", "replace")
 
     def _configuration(self) -> Configuration:
         r = self.r
@@ -559,20 +572,26 @@ class MainStreamParser:
             ok = ((words & np.uint64(RAM_FLAGS_MASK)) == _ZERO_CONT) & (recs["fill"] == fill)
             run = n if ok.all() else int(np.argmin(ok))
             if run:
-                more = (words[:run] & ~np.uint64(RAM_FLAGS_MASK)).astype(np.int64)
-                bad = more > length - TARGET_PAGE_SIZE
+                # Compare as uint64: an offset of 2**63 or more would turn negative as int64
+                # and slip past the bound (then index the block from its end).
+                more = words[:run] & ~np.uint64(RAM_FLAGS_MASK)
+                bad = more > np.uint64(length - TARGET_PAGE_SIZE)
                 if bad.any():
                     i = int(np.argmax(bad))
                     raise RemoteProtocolError(
                         f"main channel: received offset {int(more[i]):#x} in RAM block {block!r},"
                         f" expected below {length:#x}"
                     )
-                offsets.append(more)
+                offsets.append(more.astype(np.int64))
                 self.r.skip(run * _ZERO_RUN.itemsize)
         return RamZeroPages(block, np.concatenate(offsets), fill)
 
     def _mem_size(self, total: int) -> RamMemSize:
         r = self.r
+        if total > MAX_RAM_TOTAL:
+            raise RemoteProtocolError(
+                f"main channel: received MEM_SIZE total {total:#x}, expected at most {MAX_RAM_TOTAL:#x}"
+            )
         blocks: list[tuple[str, int]] = []
         remaining = total
         while remaining > 0:

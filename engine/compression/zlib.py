@@ -34,9 +34,10 @@ class ZlibRecv(RecvContext):
         want = packet.normal_pages * TARGET_PAGE_SIZE
         payload = packet.read_payload()
         try:
-            out = self._d.decompress(payload, want)
-            # Whatever is left after `want` bytes may only be the sync-flush marker.
-            if self._d.unconsumed_tail and self._d.decompress(self._d.unconsumed_tail, 1):
+            # One byte of room more than `want`: output that does not fit is an error even
+            # when inflate holds it back as pending output of a match (with no input left).
+            out = self._d.decompress(payload, want + 1)
+            if len(out) > want:
                 raise CompressionError(f"zlib: payload decompresses to more than {want} bytes ({packet.normal_pages} pages)")
         except zlib.error as exc:
             raise CompressionError(f"zlib: corrupt payload of {len(payload)} bytes: {exc}") from exc

@@ -48,7 +48,9 @@ class ZstdRecv(RecvContext):
             out = self._d.decompress(payload, want)
             if not self._d.needs_input and self._d.decompress(b"", 1):
                 raise CompressionError(f"zstd: payload decompresses to more than {want} bytes ({packet.normal_pages} pages)")
-        except _BoundedZstdError as exc:
+        except (_BoundedZstdError, EOFError) as exc:
+            # EOFError ("Already at the end of a Zstandard frame"): a corrupt payload ended the
+            # frame, which QEMU never does, and more data followed.
             raise CompressionError(f"zstd: corrupt payload of {len(payload)} bytes: {exc}") from exc
         expect_size("zstd", len(out), packet.normal_pages, TARGET_PAGE_SIZE)
         packet.scatter(out)

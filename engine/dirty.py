@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import mmap
 from abc import ABC, abstractmethod
+from typing import Sequence
 
 
 import numpy as np
@@ -58,7 +59,7 @@ class DirtyLog(DirtyTracker):
 
     # -- writer side (any process that inherited the log)
 
-    def mark_pages(self, block: int, pages: npt.ArrayLike) -> None:
+    def mark_pages(self, block: int, pages: npt.NDArray[np.integer] | Sequence[int]) -> None:
         """Mark page indices of block ``block`` dirty (after writing them)."""
         self.maps[block][pages] = 1
 

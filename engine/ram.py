@@ -128,6 +128,7 @@ class GuestRam:
             for spec in specs:
                 shm = shared_memory.SharedMemory(create=True, size=spec.size, name=_segment_name())
                 ram._shms.append(shm)
+                assert shm.buf is not None
                 block = RamBlock(spec, shm.buf, shm.name, shm)
                 ram.blocks.append(block)
                 ram._by_name[spec.name] = block

@@ -128,7 +128,7 @@ class _Sink:
     def _scatter(self, data: Buffer) -> None:
         assert self.block is not None
         if self._by_fd():
-            self.block.pwrite_pages(self.idx, memoryview(data).cast("B"))
+            self.block.pwrite_pages(self.idx, memoryview(data).cast("B"))  # type: ignore[arg-type]
             return
         pages = np.frombuffer(data, dtype=np.uint8).reshape(len(self.idx), TARGET_PAGE_SIZE)
         idx = self.idx

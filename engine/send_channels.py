@@ -89,7 +89,7 @@ class _Batch:
         if fd < 0:
             np.take(block.pages, self.idx, axis=0, out=out)
             return out
-        flat = memoryview(out).cast("B")
+        flat = memoryview(out).cast("B")  # type: ignore[arg-type]
         starts, stops = page_runs(self.idx)
         pos = 0
         for a, b in zip(starts.tolist(), stops.tolist()):
@@ -133,7 +133,7 @@ def _channel_loop(
                 batch.block = blocks[block_idx]
                 batch.idx = np.frombuffer(msg, dtype=np.int64, offset=_JOB.size)
                 payload = ctx.send_prepare(batch)
-                size = sum(memoryview(p).nbytes for p in payload)  # type: ignore[arg-type]
+                size = sum(memoryview(p).nbytes for p in payload)  # type: ignore[arg-type,misc]
                 header = enc.encode(
                     flags=flags | method.flag, packet_num=packet_num, ramblock=names[block_idx],
                     offsets=batch.idx * TARGET_PAGE_SIZE, next_packet_size=size,
@@ -296,7 +296,7 @@ class SendChannels:
         self.bytes_committed += self.n * PACKET_HEADER_SIZE
         for ch in range(self.n):
             self._send_job(ch, _JOB.pack(JOB_SYNC, 0, self._next_packet_num(), MULTIFD_FLAG_SYNC))
-        synced = set()
+        synced: set[int] = set()
         deadline = time.monotonic() + self.stall_timeout
         while len(synced) < self.n:
             left = deadline - time.monotonic()

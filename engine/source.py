@@ -44,7 +44,7 @@ def zero_pages(words: npt.NDArray[np.uint64]) -> npt.NDArray[np.bool_]:
     cand = np.flatnonzero(zero)
     if len(cand):
         zero[cand] = words[cand].max(axis=1) == 0
-    return zero
+    return zero  # type: ignore[no-any-return]
 
 
 class MultiFDQueue:

@@ -230,7 +230,7 @@ class StreamReader:
         return True
 
     def ensure(self, n: int, what: str) -> None:
-        """Make ``n`` bytes available or raise (ChannelClosed at a clean start, TruncatedError mid-way)."""
+        """Make ``n`` bytes available or raise :class:`TruncatedError` naming ``what``."""
         while self._end - self._start < n:
             if not self._more():
                 have = self._end - self._start
@@ -431,13 +431,13 @@ class MainStreamParser:
                     self.ram_ended = True
             elif kind in (QEMU_VM_SECTION_PART, QEMU_VM_SECTION_END):
                 section_id = r.be32("a section header")
-                idstr = self.ram.section_ids.get(section_id)
-                if idstr is None:
+                known = self.ram.section_ids.get(section_id)
+                if known is None:
                     raise RemoteProtocolError(
                         f"main channel: received {SECTION_NAMES[kind]} for section_id {section_id},"
                         f" expected one opened by START ({sorted(self.ram.section_ids) or 'none open'})"
                     )
-                yield SectionBegin(kind, section_id, idstr, 0, RAM_SECTION_VERSION)
+                yield SectionBegin(kind, section_id, known, 0, RAM_SECTION_VERSION)
                 yield from self._ram_records(section_id, kind)
                 yield self._footer(section_id)
                 if kind == QEMU_VM_SECTION_END:

@@ -23,7 +23,7 @@ class ZlibSend(SendContext):
 
     def send_prepare(self, batch: PageBatch) -> Sequence[Buffer]:
         c = self._c
-        return [c.compress(batch.gather()) + c.flush(zlib.Z_SYNC_FLUSH)]
+        return [c.compress(batch.gather()) + c.flush(zlib.Z_SYNC_FLUSH)]  # type: ignore[arg-type]
 
 
 class ZlibRecv(RecvContext):

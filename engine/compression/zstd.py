@@ -29,7 +29,7 @@ class ZstdSend(SendContext):
 
     def send_prepare(self, batch: PageBatch) -> Sequence[Buffer]:
         c = self._c
-        return [c.compress(batch.gather()) + c.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK)]
+        return [c.compress(batch.gather()) + c.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK)]  # type: ignore[arg-type]
 
 
 class ZstdRecv(RecvContext):

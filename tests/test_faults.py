@@ -238,3 +238,19 @@ def test_fd_limit_is_checked_before_connecting() -> None:
         "engine: error: source: multifd-channels 100 needs about 632 open files, the limit is 64"
         " (hard limit 64); raise it with ulimit -n or use fewer channels"
     )
+
+
+@pytest.mark.parametrize("sig, code, word", [(signal.SIGINT, 130, "SIGINT"), (signal.SIGTERM, 143, "SIGTERM")])
+def test_destination_signal_cancels_cleanly(sig: int, code: int, word: str) -> None:
+    with Incoming("tcp:127.0.0.1:0", "--channels", "2", "--stall-timeout", "10") as dst:
+        src = start_source(dst.uri, *SLOW, "--channels", "2", "--stall-timeout", "10")
+        kids = channel_pids(dst.proc.pid, 2)
+        time.sleep(0.5)
+        dst.proc.send_signal(sig)
+        assert dst.wait(30) == code
+        assert dst.stderr.strip().splitlines()[-1] == f"engine: error: migration cancelled by {word}"
+        assert "Traceback" not in dst.stderr
+        assert gone(kids)
+        _, err = src.communicate(timeout=30)
+        assert src.returncode == 1 and "Traceback" not in err
+    retry_succeeds()

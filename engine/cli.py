@@ -292,7 +292,7 @@ def cmd_incoming(args: argparse.Namespace) -> int:
     params = _params(args)
 
     def listening(uri: str) -> None:
-        print(f"engine: listening on {uri}", file=sys.stderr, flush=True)
+        print(f"{LISTENING}{uri}", file=sys.stderr, flush=True)
 
     declared = [parse_ram_arg(text) for text in args.ram] if args.ram else None
     stop = threading.Event()
@@ -344,6 +344,38 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from .inspect import run_inspect
 
     return run_inspect(args.files, as_json=args.json)
+
+
+LISTENING = "engine: listening on "
+
+
+def wait_for_listening(proc: Any, timeout: float) -> tuple[str, bytes]:
+    """For programs that start ``incoming`` with ``stderr=PIPE``: wait for the line naming the
+    bound URI. Returns (uri, stderr bytes read so far); raises MigrationTimeout otherwise."""
+    import selectors
+
+    from .errors import MigrationTimeout
+
+    sel = selectors.DefaultSelector()
+    sel.register(proc.stderr, selectors.EVENT_READ)
+    buf = b""
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            if not sel.select(0.1):
+                if proc.poll() is not None:
+                    break
+                continue
+            chunk = os.read(proc.stderr.fileno(), 4096)
+            if not chunk:
+                break
+            buf += chunk
+            for line in buf.decode(errors="replace").splitlines():
+                if line.startswith(LISTENING):
+                    return line.removeprefix(LISTENING).strip(), buf
+    finally:
+        sel.close()
+    raise MigrationTimeout(f"the destination did not start listening: {buf.decode(errors='replace').strip()}")
 
 
 def _on_sigterm(signum: int, frame: object) -> None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import selectors
 import subprocess
 import sys
 import time
@@ -23,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from engine import BlockSpec, GuestRam, MigrationError, MigrationParams, parse_size  # noqa: E402
-from engine.cli import progress_line  # noqa: E402
+from engine.cli import progress_line, wait_for_listening  # noqa: E402
 from engine.dirty import DirtyLog  # noqa: E402
 from engine.migration import Migration  # noqa: E402
 from engine.ram import block_digest, fill_pages  # noqa: E402
@@ -31,21 +30,10 @@ from engine.workload import DIRTY_PATTERNS, Workload, WorkloadSpec  # noqa: E402
 
 
 def wait_listening(proc: subprocess.Popen[bytes], timeout: float) -> str:
-    assert proc.stderr is not None
-    sel = selectors.DefaultSelector()
-    sel.register(proc.stderr, selectors.EVENT_READ)
-    buf = b""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and proc.poll() is None:
-        if sel.select(0.2):
-            chunk = os.read(proc.stderr.fileno(), 4096)
-            if not chunk:
-                break
-            buf += chunk
-            for line in buf.decode(errors="replace").splitlines():
-                if line.startswith("engine: listening on "):
-                    return line.split("listening on ", 1)[1].strip()
-    raise SystemExit(f"demo: the destination did not start: {buf.decode(errors='replace').strip()}")
+    try:
+        return wait_for_listening(proc, timeout)[0]
+    except MigrationError as exc:
+        raise SystemExit(f"demo: {exc}") from None
 
 
 def row(name: str, a: object, b: object = "") -> str:

@@ -14,7 +14,6 @@ import argparse
 import json
 import os
 import random
-import selectors
 import signal
 import subprocess
 import sys
@@ -22,6 +21,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 METHODS = ["none", "zlib", "zstd", "lz4"]
 
 
@@ -55,25 +55,16 @@ def descendants(pid: int) -> list[int]:
 
 
 def start_destination(args: list[str]) -> tuple[subprocess.Popen[bytes], str]:
+    from engine.cli import wait_for_listening
+
     proc = subprocess.Popen(engine("incoming", "tcp:127.0.0.1:0", *args), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, cwd=ROOT)
-    assert proc.stderr is not None
-    sel = selectors.DefaultSelector()
-    sel.register(proc.stderr, selectors.EVENT_READ)
-    buf = b""
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if sel.select(0.2):
-            chunk = os.read(proc.stderr.fileno(), 4096)
-            if not chunk:
-                break
-            buf += chunk
-            for line in buf.decode(errors="replace").splitlines():
-                if line.startswith("engine: listening on "):
-                    return proc, line.split("listening on ", 1)[1].strip()
-    proc.kill()
-    proc.communicate()
-    raise RuntimeError(f"destination did not start: {buf!r}")
+    try:
+        return proc, wait_for_listening(proc, 30)[0]
+    except Exception:
+        proc.kill()
+        proc.communicate()
+        raise
 
 
 def one_run(rng: random.Random) -> tuple[str, str]:

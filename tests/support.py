@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import selectors
 import subprocess
 import sys
 import time
@@ -40,29 +39,15 @@ class Incoming:
         self.stderr = ""
 
     def _wait_listening(self, timeout: float) -> str:
-        assert self.proc.stderr is not None
-        sel = selectors.DefaultSelector()
-        sel.register(self.proc.stderr, selectors.EVENT_READ)
-        deadline = time.monotonic() + timeout
-        buf = b""
-        fd = self.proc.stderr.fileno()
-        while time.monotonic() < deadline:
-            if not sel.select(0.1):
-                if self.proc.poll() is not None:
-                    break
-                continue
-            chunk = os.read(fd, 4096)
-            if not chunk:
-                break
-            buf += chunk
-            for line in buf.decode(errors="replace").splitlines():
-                if line.startswith("engine: listening on "):
-                    self.stderr_head = buf
-                    sel.close()
-                    return line.removeprefix("engine: listening on ").strip()
-        sel.close()
-        self.kill()
-        raise AssertionError(f"destination did not start listening: {buf.decode(errors='replace')}")
+        from engine.cli import wait_for_listening
+        from engine.errors import MigrationTimeout
+
+        try:
+            uri, self.stderr_head = wait_for_listening(self.proc, timeout)
+        except MigrationTimeout as exc:
+            self.kill()
+            raise AssertionError(str(exc)) from None
+        return uri
 
     def wait(self, timeout: float = 60.0) -> int:
         out, err = self.proc.communicate(timeout=timeout)

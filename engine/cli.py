@@ -102,6 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
     ins = sub.add_parser("inspect", help="decode captured main-stream and multifd channel bytes")
     ins.add_argument("files", nargs="+", type=Path, help="captured streams (main channel and/or multifd channels)")
     ins.add_argument("--json", action="store_true", help="print one JSON object instead of a summary")
+
+    from .snapshot_cli import add_parsers  # here: snapshot_cli imports helpers from this module
+
+    add_parsers(sub)
     return parser
 
 
@@ -386,6 +390,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:
+        from .snapshot_cli import dispatch  # save, restore, file: URIs, snapshot files for inspect
+
+        if (rc := dispatch(args)) is not None:
+            return rc
         if args.command == "migrate":
             return cmd_migrate(args)
         if args.command == "inspect":

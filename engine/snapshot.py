@@ -1,0 +1,454 @@
+"""Snapshots to files: save guest RAM to a snapshot file, live, and restore it; the Python API.
+
+Theory of operation
+-------------------
+:class:`SnapshotSave` is :class:`~engine.migration.Migration` with a file for a destination
+(QEMU 9's ``migrate file:PATH`` with ``mapped-ram`` and ``multifd``). ``start()`` creates the
+file (truncating it), writes a header *without* the COMMITTED flag, forks the N channel
+processes (:mod:`engine.snapshot_channels`) and returns; the rest runs on a background thread:
+
+1. **setup**: the first dirty sync starts the dirty epoch; the first round writes every page
+   (a page never written would read back as zero, so this does not trust the tracker).
+2. **active**: each iteration is one *round*: the regions holding pages dirtied since the
+   previous sync, written by all channels in parallel at their fixed places (a page dirtied
+   again overwrites its slot; a compressed group goes back into its slot if it fits). Then the
+   tracker is synced again; ``expected-downtime`` = dirty bytes / the guest bytes per second
+   the round achieved; convergence, ``auto-converge``, ``max-iterations`` and ``max-time`` work
+   as in :class:`~engine.migration.Migration`, whose :class:`IterationStats` and
+   :class:`RateLimiter` (``max-bandwidth``, split evenly over the channels) are reused.
+3. **device** (stop-and-copy): ``guest.pause()``, a last sync, a last round without bandwidth
+   limit, then the commit: the index (bitmaps, region checksums, group index) after the data,
+   ``fsync``, the header with COMMITTED, ``fsync``. ``downtime`` runs from the pause to the
+   committed header. The guest stays paused afterwards, as after a migration; a batch job that
+   wants to continue calls ``guest.resume()``.
+4. **completed | failed | cancelled**. On failure or cancel the channels are stopped, the
+   partial file is removed and a paused guest is resumed.
+
+:class:`SnapshotRestore` reads and validates the header and index in the caller's process,
+creates the guest RAM (or takes the caller's), and runs one round over the regions that hold
+present pages: every channel reads, checks and writes its regions. The first bad region fails
+the restore with one line naming the file, the block and the offset; the RAM it created is
+closed. The caller owns the returned :class:`~engine.ram.GuestRam`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import threading
+import time
+import zlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .dirty import DirtyTracker, PageSets, count_pages, merge
+from .errors import ConfigError, MigrationCancelled, MigrationError, MigrationTimeout
+from .migration import DIRTY_RATE_HIGH, Guest, IterationStats
+from .params import DEFAULT_CHANNELS, DEFAULT_STALL_TIMEOUT, MigrationParams
+from .ram import BlockSpec, GuestRam
+from .send_channels import C_BYTES, C_PAGES
+from .snapshot_channels import (
+    C_GARBAGE, C_ZERO, N_HEAP, Geometry, SharedState, SnapshotChannels, require_known,
+    restore_channel, save_channel,
+)
+from .snapshot_format import (
+    FLAG_COMMITTED, HEADER_SIZE, INDEX_DTYPE, REGION_PAGES, VERSION, BlockIndex, Header, SnapshotError,
+    encode_index, open_snapshot, raw_layout, read_snapshot,
+)
+from .stats import MigrationStats
+from .wire import MAX_CHANNELS, TARGET_PAGE_SIZE
+
+__all__ = ["SnapshotSave", "SnapshotRestore", "save", "restore", "SnapshotError"]
+
+
+def _pwrite_all(fd: int, data: bytes, off: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, off)
+        view, off = view[n:], off + n
+
+
+class SnapshotSave:
+    """One save of guest RAM to a snapshot file. Use as a context manager, or ``start()`` /
+    ``wait()``. ``tracker`` and ``guest`` as for :class:`~engine.migration.Migration`; without
+    a tracker the guest is taken as static (one iteration). ``fsync=False`` skips the two
+    ``fsync`` calls of the commit (the file is then safe against a crash of this process, not
+    of the machine)."""
+
+    def __init__(self, path: str | Path, ram: GuestRam, params: MigrationParams | None = None, *,
+                 tracker: DirtyTracker | None = None, guest: Guest | None = None, fsync: bool = True) -> None:
+        self.path = str(path)
+        self.ram = ram
+        self.params = params or MigrationParams()
+        self.tracker = tracker
+        self.guest = guest
+        self.fsync = fsync
+        self.stats = MigrationStats(status="none")
+        self.stats.ram.total = ram.total_size
+        self.iterations: list[IterationStats] = []
+        self.throttle = 0
+        self.expected_downtime = 0.0
+        self.dirty_pages_rate = 0
+        self.error: MigrationError | None = None
+        self._cancel = threading.Event()
+        self._done = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._channels: SnapshotChannels | None = None
+        self._fd = -1
+        self._created = False
+        self._guest_paused = False
+        self._remaining_pages = ram.total_size // TARGET_PAGE_SIZE
+        self.geo = Geometry([b.npages for b in ram])
+        self.method = self.params.compression
+        self.compressed = self.method != "none"
+        sizes = [b.size for b in ram]
+        self._data_offsets, self._data_end = raw_layout(sizes) if not self.compressed else ([0] * len(sizes), HEADER_SIZE)
+
+    # ------------------------------------------------------------------ public API
+
+    def start(self) -> SnapshotSave:
+        """Create the file and start the channels (raises on failure), then save in the background."""
+        if self._thread is not None:
+            return self
+        self.stats = MigrationStats(status="setup")
+        self.stats.ram.total = self.ram.total_size
+        p = self.params
+        try:
+            try:
+                self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+            except OSError as exc:
+                raise SnapshotError(f"snapshot {self.path}: cannot create: {exc.strerror}") from None
+            self._created = True
+            _pwrite_all(self._fd, Header(len(self.ram), self.method, p.effective_level).pack(), 0)
+            state = self._state = SharedState(self.geo, p.channels)
+            state.ctl[N_HEAP] = HEADER_SIZE
+            fd, ram, geo, level, offs = self._fd, self.ram, self.geo, p.effective_level, self._data_offsets
+            self._channels = SnapshotChannels(
+                "save", p.channels, state, save_channel,
+                lambda ch, cmds: (ch, cmds, fd, ram, geo, state, self.method, level, offs, p.stall_timeout))
+        except BaseException as exc:
+            self._finish(exc)
+            raise
+        self._thread = threading.Thread(target=self._run, name="snapshot-save", daemon=True)
+        self._thread.start()
+        return self
+
+    def set_parameters(self, **changes: Any) -> None:
+        """``migrate-set-parameters`` while running (``downtime_limit``, ``max_iterations``,
+        ``max_bandwidth``, ``auto_converge``, ...); takes effect at the next iteration."""
+        self.params = dataclasses.replace(self.params, **changes)
+
+    def cancel(self) -> None:
+        """Cancel: the partial file is removed, the guest keeps running."""
+        self._cancel.set()
+
+    def wait(self, timeout: float | None = None) -> MigrationStats:
+        """Wait for the end; returns the stats on completion, raises the error otherwise."""
+        if self._thread is None:
+            raise MigrationError("the snapshot save was not started")
+        if not self._done.wait(timeout):
+            raise MigrationTimeout(f"the snapshot save did not finish within {timeout:g}s")
+        self._thread.join()
+        if self.error is not None:
+            raise self.error
+        return self.stats
+
+    @property
+    def status(self) -> str:
+        return self.stats.status
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def query(self) -> dict[str, Any]:
+        """A ``query-migrate``-shaped snapshot (safe from any thread)."""
+        st = self.stats
+        if self._channels is not None and not self._done.is_set():
+            self._count(st)
+        st.ram.remaining = self._remaining_pages * TARGET_PAGE_SIZE
+        out = st.to_json()
+        out["expected-downtime"] = round(self.expected_downtime * 1000)
+        out["ram"]["dirty-pages-rate"] = self.dirty_pages_rate
+        out["cpu-throttle-percentage"] = self.throttle
+        out["iterations"] = [it.to_json() for it in self.iterations]
+        out["iteration"] = len(self.iterations) + (st.status == "active")
+        return out
+
+    def __enter__(self) -> SnapshotSave:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        if self._thread is not None and not self._done.is_set():
+            self.cancel()
+            self._done.wait(self.params.stall_timeout + 10)
+
+    # ------------------------------------------------------------------- internals
+
+    def _check(self) -> None:
+        if self._cancel.is_set():
+            raise MigrationCancelled("snapshot save cancelled")
+
+    def _count(self, st: MigrationStats) -> None:
+        ch = self._channels
+        assert ch is not None
+        st.channels = ch.stats()
+        st.ram.normal = ch.counter(C_PAGES)
+        st.ram.duplicate = ch.counter(C_ZERO)
+        st.ram.multifd_bytes = ch.counter(C_BYTES)
+
+    def _run(self) -> None:
+        error: BaseException | None = None
+        try:
+            self._save()
+        except BaseException as exc:  # noqa: BLE001 - reported through wait()
+            error = exc
+        self._finish(error)
+
+    def _sync(self) -> PageSets | None:
+        self.stats.ram.dirty_sync_count += 1
+        return self.tracker.sync() if self.tracker is not None else None
+
+    def _round(self, dirty: PageSets | None, final: bool) -> tuple[int, int, int, float]:
+        """Write the regions holding ``dirty`` pages (None: all); (pages, zero pages, bytes, seconds)."""
+        assert self._channels is not None
+        st, geo = self._state, self.geo
+        if dirty is None:
+            st.todo[:] = 1
+            n, pages = geo.total_regions, geo.total_pages
+            st.items[:n] = np.arange(n)
+        else:
+            regions = []
+            for b, idx in dirty.items():
+                st.todo[geo.page_base[b] + idx] = 1
+                regions.append(geo.regions_of_pages(b, idx))
+            items = np.concatenate(regions) if regions else np.zeros(0, dtype=np.int64)
+            n, pages = len(items), count_pages(dirty)
+            st.items[:n] = items
+        self._remaining_pages = pages
+        ch = self._channels
+        t0, z0, b0 = time.monotonic(), ch.counter(C_ZERO), ch.counter(C_BYTES)
+        if n:  # (an empty stop-and-copy round writes nothing)
+            p = self.params
+            rate = 0 if final else p.max_bandwidth // p.channels
+            ch.run_round(n, rate=rate, check=self._check, stall_timeout=p.stall_timeout)
+        st.todo[:] = 0
+        return pages, ch.counter(C_ZERO) - z0, ch.counter(C_BYTES) - b0, max(time.monotonic() - t0, 1e-6)
+
+    def _save(self) -> None:
+        st = self.stats
+        self._sync()  # starts the dirty epoch; the first round writes every page whatever it says
+        dirty: PageSets | None = None
+        st.setup_time = time.monotonic() - st.start
+        st.status = "active"
+        high = iteration = 0
+        while True:
+            iteration += 1
+            self._check()
+            p = self.params  # set_parameters() may have changed it
+            pages, zero, written, dt = self._round(dirty, final=False)
+            dirty = self._sync() if self.tracker is not None else {}
+            assert dirty is not None
+            remaining = count_pages(dirty)
+            self._remaining_pages = remaining
+            bandwidth = max(pages * TARGET_PAGE_SIZE / dt, 1.0)
+            self.expected_downtime = remaining * TARGET_PAGE_SIZE / bandwidth
+            self.dirty_pages_rate = round(remaining / dt)
+            self.iterations.append(IterationStats(iteration, pages, zero, written, dt, remaining,
+                                                  self.expected_downtime, self.throttle))
+            if self.expected_downtime * 1000 <= p.downtime_limit:
+                break
+            if p.auto_converge and hasattr(self.guest, "set_throttle"):
+                high = high + 1 if remaining * TARGET_PAGE_SIZE > DIRTY_RATE_HIGH * pages * TARGET_PAGE_SIZE else 0
+                if high >= 2:
+                    high = 0
+                    self.throttle = (p.cpu_throttle_initial if not self.throttle
+                                     else min(p.max_cpu_throttle, self.throttle + p.cpu_throttle_increment))
+                    self.guest.set_throttle(self.throttle)  # type: ignore[union-attr]
+            why = None
+            if iteration >= p.max_iterations:
+                why = f"{iteration} iterations (max-iterations)"
+            elif p.max_time and time.monotonic() - st.start >= p.max_time:
+                why = f"{p.max_time:g}s (max-time)"
+            if why:
+                raise MigrationError(
+                    f"snapshot save did not converge after {why}: {remaining * TARGET_PAGE_SIZE} bytes still dirty,"
+                    f" expected downtime {self.expected_downtime * 1000:.0f} ms > downtime-limit {p.downtime_limit} ms"
+                    " (raise downtime-limit or enable auto-converge)")
+        # stop-and-copy
+        st.status = "device"
+        down = time.monotonic()
+        if self.guest is not None:
+            self.guest.pause(timeout=self.params.stall_timeout)
+            self._guest_paused = True
+        if self.tracker is not None:
+            last = self._sync()
+            assert last is not None
+            dirty = merge(dirty, last)
+        pages = self._round(dirty, final=True)[0]
+        self._commit(len(self.iterations) + (pages > 0))
+        st.downtime = time.monotonic() - down
+        self._remaining_pages = 0
+        assert self._channels is not None
+        self._channels.quit(timeout=self.params.stall_timeout)
+
+    def _commit(self, iterations: int) -> None:
+        st, geo, fd = self._state, self.geo, self._fd
+        blocks = []
+        for i, block in enumerate(self.ram):
+            pa, pb = geo.page_base[i], geo.page_base[i + 1]
+            ra, rb = geo.region_base[i], geo.region_base[i + 1]
+            groups = None
+            if self.compressed:
+                groups = np.zeros(rb - ra, dtype=INDEX_DTYPE)
+                groups["offset"], groups["length"], groups["capacity"] = st.goff[ra:rb], st.glen[ra:rb], st.gcap[ra:rb]
+            blocks.append(BlockIndex(block.name, block.size, self._data_offsets[i],
+                                     np.packbits(st.present[pa:pb], bitorder="little"), st.crc[ra:rb].copy(), groups))
+        end = int(st.ctl[N_HEAP]) if self.compressed else self._data_end
+        meta_offset = -(-end // TARGET_PAGE_SIZE) * TARGET_PAGE_SIZE
+        meta = encode_index(blocks, self.compressed)
+        _pwrite_all(fd, meta, meta_offset)
+        if self.fsync:
+            os.fsync(fd)
+        header = Header(len(self.ram), self.method, self.params.effective_level, FLAG_COMMITTED, iterations,
+                        meta_offset, len(meta), zlib.crc32(meta), time.time_ns())
+        _pwrite_all(fd, header.pack(), 0)
+        if self.fsync:
+            os.fsync(fd)
+        self.stats.ram.main_bytes = HEADER_SIZE + len(meta)
+
+    def _finish(self, error: BaseException | None) -> None:
+        st = self.stats
+        ok = error is None
+        if self._channels is not None:
+            self._count(st)
+            st.extra["garbage-bytes"] = self._channels.counter(C_GARBAGE)
+            self._channels.close(graceful=ok)
+        st.extra.update({"file": self.path, "compression": self.method, "format-version": VERSION})
+        if self._fd >= 0:
+            if ok:
+                fs = os.fstat(self._fd)
+                st.extra.update({"file-size": fs.st_size, "disk-usage": fs.st_blocks * 512})
+            os.close(self._fd)
+            self._fd = -1
+        if not ok and self._created:
+            try:
+                os.unlink(self.path)  # a failed save leaves nothing behind
+            except OSError:
+                pass
+        if not ok and self._guest_paused and self.guest is not None:
+            self.guest.resume()
+        if error is not None:
+            error = error.with_traceback(None)
+        if ok:
+            st.status = "completed"
+        elif isinstance(error, MigrationCancelled):
+            st.status = "cancelled"
+            self.error = error
+        else:
+            st.status = "failed"
+            self.error = error if isinstance(error, MigrationError) else MigrationError(
+                f"internal error {type(error).__name__}: {error}")
+            st.error = str(self.error)
+        st.end = time.monotonic()
+        self._done.set()
+
+
+def save(path: str | Path, ram: GuestRam, params: MigrationParams | None = None, *,
+         tracker: DirtyTracker | None = None, guest: Guest | None = None, fsync: bool = True,
+         timeout: float | None = None) -> MigrationStats:
+    """Save ``ram`` to a snapshot file and wait (blocking). Raises :class:`MigrationError`
+    (:class:`SnapshotError` for file problems) on failure; the partial file is removed."""
+    with SnapshotSave(path, ram, params, tracker=tracker, guest=guest, fsync=fsync) as s:
+        return s.wait(timeout)
+
+
+class SnapshotRestore:
+    """One restore of a snapshot file into guest RAM (blocking ``run()``; stats in ``stats``).
+
+    ``into``: restore into this existing RAM (same block names and sizes, in order) instead of
+    new RAM; its absent pages are zeroed. On failure it holds partially restored contents."""
+
+    def __init__(self, path: str | Path, params: MigrationParams | None = None, *, channels: int | None = None,
+                 into: GuestRam | None = None) -> None:
+        self.path = str(path)
+        self.channels = channels if channels is not None else (params.channels if params else DEFAULT_CHANNELS)
+        if not 1 <= self.channels <= MAX_CHANNELS:
+            raise ConfigError(f"multifd-channels {self.channels} is out of range, expected 1..{MAX_CHANNELS}")
+        self.stall_timeout = params.stall_timeout if params else DEFAULT_STALL_TIMEOUT
+        self.into = into
+        self.stats = MigrationStats(status="setup")
+
+    def run(self) -> GuestRam:
+        st = self.stats
+        fd = open_snapshot(self.path)
+        ram: GuestRam | None = None
+        chans: SnapshotChannels | None = None
+        ok = False
+        try:
+            snap = read_snapshot(self.path, fd)
+            if snap.compressed:
+                require_known(snap.header.method, self.path)
+            specs = [BlockSpec(b.name, b.size) for b in snap.blocks]
+            if self.into is not None:
+                if self.into.specs != specs:
+                    raise ConfigError(f"snapshot {self.path}: its blocks {[(s.name, s.size) for s in specs]} do not"
+                                      f" match the target RAM's {[(s.name, s.size) for s in self.into.specs]}")
+                ram = self.into
+            else:
+                ram = GuestRam.create(specs)
+            st.ram.total = ram.total_size
+            geo = Geometry([b.npages for b in snap.blocks])
+            state = SharedState(geo, self.channels)
+            for i, b in enumerate(snap.blocks):
+                state.present[geo.page_base[i]:geo.page_base[i + 1]] = b.present()
+                ra, rb = geo.region_base[i], geo.region_base[i + 1]
+                state.crc[ra:rb] = b.crcs
+                if b.groups is not None:
+                    state.goff[ra:rb], state.glen[ra:rb] = b.groups["offset"], b.groups["length"]
+            fresh = self.into is None
+            if fresh:  # regions with something to read (or a checksum that says so)
+                starts = np.concatenate([geo.page_base[i] + np.arange(0, n, REGION_PAGES)
+                                         for i, n in enumerate(geo.npages)])
+                busy = np.add.reduceat(state.present[:geo.total_pages], starts) > 0
+                items = np.flatnonzero(busy | (state.crc[:geo.total_regions] != 0))
+            else:
+                items = np.arange(geo.total_regions)
+            state.items[:len(items)] = items
+            offs = [b.data_offset for b in snap.blocks]
+            st.status = "active"
+            st.setup_time = time.monotonic() - st.start
+            chans = SnapshotChannels(
+                "restore", self.channels, state, restore_channel,
+                lambda ch, cmds: (ch, cmds, fd, self.path, ram, geo, state, snap.header.method, offs, fresh,
+                                  self.stall_timeout))
+            chans.run_round(len(items), check=lambda: None, stall_timeout=self.stall_timeout)
+            chans.quit(self.stall_timeout)
+            st.ram.main_bytes = HEADER_SIZE + snap.header.meta_size
+            st.ram.duplicate = geo.total_pages - int(np.count_nonzero(state.present[:geo.total_pages]))
+            st.extra.update({"file": self.path, "compression": snap.header.method, "format-version": VERSION,
+                             "file-size": snap.file_size, "iterations-saved": snap.header.iterations})
+            ok = True
+        finally:
+            if chans is not None:
+                st.channels = chans.stats()
+                st.ram.normal = chans.counter(C_PAGES)
+                st.ram.multifd_bytes = chans.counter(C_BYTES)
+                chans.close(graceful=ok)
+            os.close(fd)
+            if not ok and ram is not None and ram is not self.into:
+                ram.close()
+            st.status = "completed" if ok else "failed"
+            st.end = time.monotonic()
+        assert ram is not None
+        return ram
+
+
+def restore(path: str | Path, params: MigrationParams | None = None, *, channels: int | None = None,
+            into: GuestRam | None = None) -> GuestRam:
+    """Restore a snapshot file into new guest RAM (or ``into``) and return it; the caller owns it
+    and must close it. Raises :class:`SnapshotError` (one line: file, block, offset) for a file
+    that is not a complete, intact snapshot of this format version."""
+    return SnapshotRestore(path, params, channels=channels, into=into).run()

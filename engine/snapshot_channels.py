@@ -1,0 +1,434 @@
+"""Snapshot channel processes: N processes move regions between a snapshot file and guest RAM.
+
+Theory of operation
+-------------------
+Work is cut into *regions* of 256 pages (1 MiB) of one RAM block, numbered globally across the
+blocks (:class:`Geometry`). The parent publishes one *round* at a time in :class:`SharedState`,
+an anonymous shared mapping created before the fork: ``items`` (the region ids of this round)
+and, for a save, ``todo`` (one byte per page: write it). It then sends ``go`` on every channel's
+command pipe. Channels claim a few items at a time from a shared cursor under one lock (a
+descheduled channel on a busy machine does not hold the others back), process them, and report
+``done`` on their event pipe. The parent touches ``todo`` and ``items`` only between rounds;
+during a round a region, its pages' ``todo``/``present`` bytes, its ``crc`` and its group slot
+belong to the one channel that claimed it. Only the heap end (compressed saves) is shared
+within a round, and it is changed under the lock.
+
+**Save** of a region: one ``preadv`` of the whole region from the guest's segment into the
+channel's buffer (the channel never faults guest pages in, and the bytes it checksums are the
+bytes it writes); numpy finds the zero pages among those to write and updates ``present``;
+then ``none`` writes each run of non-zero pages to its fixed place with ``pwrite``, and a
+compressed method encodes the region's present pages with a fresh context and writes them to
+the group's slot, or to a new slot at the end of the heap when they no longer fit. The CRC-32 of
+the region's stored bytes goes to ``crc``.
+
+Why a live save ends consistent: the region's checksum covers pages that were not rewritten in
+this round, read from RAM now. If one of them changed since it was last written, the guest
+marked it dirty after changing it, so a later round (at the latest the stop-and-copy round,
+after ``vm_stop``) rewrites it and recomputes the region. The last time a region is processed,
+every page in it holds its final value, in RAM and in the file.
+
+**Restore** of a region: read its stored bytes (``none``: each run of present pages, packed
+into the buffer; compressed: the slot), check the CRC-32 *before* anything reaches guest RAM,
+decode with a fresh context, and ``pwrite`` the pages into the new segment: tmpfs does not zero
+a page written whole, and absent (zero) pages are never touched, so never allocated.
+
+A bad region is reported as data, ``("failed", channel, message)``, and becomes one
+:class:`~engine.snapshot_format.SnapshotCorruptError` in the parent; anything else goes through
+:func:`engine.procs.child_main`. Shutdown is :class:`~engine.procs.ChildGroup`'s.
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import struct
+import time
+import zlib
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import numpy.typing as npt
+
+from .compression import MultiFDMethod, get_method
+from .compression.base import Buffer
+from .errors import ChannelError, CompressionError, MigrationError, MigrationTimeout
+from .migration import RateLimiter
+from .procs import _CTX, ChildGroup, Connection, self_usage
+from .ram import GuestRam, page_runs
+from .send_channels import C_ANON_RSS, C_BYTES, C_CPU_US, C_PACKETS, C_PAGES, C_PEAK_RSS, ChannelStats
+from .snapshot_format import (
+    REGION_PAGES, SLOT_ALIGN, SnapshotCorruptError, crc_mismatch, region_where, stored_crc,
+)
+from .source import zero_pages
+from .wire import TARGET_PAGE_SIZE
+
+PAGE = TARGET_PAGE_SIZE
+CLAIM = 2  # regions per claim
+C_ZERO, C_GARBAGE, C_N = 6, 7, 8  # after send_channels' counters (C_PACKETS counts regions here)
+N_NEXT, N_ITEMS, N_HEAP, N_RATE, N_CTL = range(5)
+GO, QUIT = b"g", b"q"
+
+
+class Geometry:
+    """Global page and region numbering over the blocks of a guest."""
+
+    def __init__(self, npages: Sequence[int]) -> None:
+        self.npages = [int(n) for n in npages]
+        nreg = [-(-n // REGION_PAGES) for n in self.npages]
+        self.page_base = np.concatenate(([0], np.cumsum(self.npages))).astype(np.int64)
+        self.region_base = np.concatenate(([0], np.cumsum(nreg))).astype(np.int64)
+        self.region_block = np.repeat(np.arange(len(nreg)), nreg)
+        self.total_pages = int(self.page_base[-1])
+        self.total_regions = int(self.region_base[-1])
+
+    def locate(self, gid: int) -> tuple[int, int, int, int]:
+        """Region id -> (block index, first page, stop page, first global page)."""
+        b = int(self.region_block[gid])
+        p0 = (gid - int(self.region_base[b])) * REGION_PAGES
+        p1 = min(p0 + REGION_PAGES, self.npages[b])
+        return b, p0, p1, int(self.page_base[b]) + p0
+
+    def regions_of_pages(self, block: int, pages: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
+        out: npt.NDArray[np.int64] = np.unique(pages // REGION_PAGES) + self.region_base[block]
+        return out
+
+
+class SharedState:
+    """The arrays parent and channels share (one anonymous mapping, inherited by fork)."""
+
+    def __init__(self, geo: Geometry, nchannels: int) -> None:
+        P, R = max(geo.total_pages, 1), max(geo.total_regions, 1)
+        spec: list[tuple[str, Any, tuple[int, ...]]] = [
+            ("todo", np.uint8, (P,)), ("present", np.uint8, (P,)), ("crc", np.uint32, (R,)),
+            ("goff", np.uint64, (R,)), ("glen", np.uint32, (R,)), ("gcap", np.uint32, (R,)),
+            ("items", np.int64, (R,)), ("ctl", np.int64, (N_CTL,)), ("counters", np.uint64, (nchannels, C_N)),
+        ]
+        size = sum(-(-int(np.prod(shape)) * np.dtype(dt).itemsize // 8) * 8 for _, dt, shape in spec)
+        self._mm = mmap.mmap(-1, size)
+        off = 0
+        for name, dt, shape in spec:
+            n = int(np.prod(shape))
+            setattr(self, name, np.frombuffer(self._mm, dtype=dt, count=n, offset=off).reshape(shape))
+            off += -(-n * np.dtype(dt).itemsize // 8) * 8
+        self.lock = _CTX.Lock()
+
+    todo: npt.NDArray[np.uint8]
+    present: npt.NDArray[np.uint8]
+    crc: npt.NDArray[np.uint32]
+    goff: npt.NDArray[np.uint64]
+    glen: npt.NDArray[np.uint32]
+    gcap: npt.NDArray[np.uint32]
+    items: npt.NDArray[np.int64]
+    ctl: npt.NDArray[np.int64]
+    counters: npt.NDArray[np.uint64]
+
+    def _locked(self, timeout: float) -> None:
+        if not self.lock.acquire(timeout=timeout):
+            raise MigrationTimeout(f"snapshot channel lock not acquired within {timeout:g}s")
+
+    def claim(self, timeout: float) -> tuple[int, int] | None:
+        self._locked(timeout)
+        try:
+            i, n = int(self.ctl[N_NEXT]), int(self.ctl[N_ITEMS])
+            j = min(i + CLAIM, n)
+            self.ctl[N_NEXT] = j
+        finally:
+            self.lock.release()
+        return (i, j) if i < j else None
+
+    def alloc(self, size: int, timeout: float) -> int:
+        self._locked(timeout)
+        try:
+            off = int(self.ctl[N_HEAP])
+            self.ctl[N_HEAP] = off + size
+        finally:
+            self.lock.release()
+        return off
+
+
+class _Group:
+    """The present pages of one region, packed (a ``compression.PageBatch``)."""
+
+    def __init__(self, pages: npt.NDArray[np.uint8]) -> None:
+        self.pages = pages
+
+    @property
+    def normal_pages(self) -> int:
+        return len(self.pages)
+
+    def views(self) -> Sequence[memoryview]:
+        return [self.pages.data.cast("B")]
+
+    def gather(self) -> npt.NDArray[np.uint8]:
+        return self.pages
+
+
+class _GroupSink:
+    """One stored group being decoded (a ``compression.PacketSink``)."""
+
+    def __init__(self, normal_pages: int, payload: memoryview) -> None:
+        self.normal_pages = normal_pages
+        self.next_packet_size = len(payload)
+        self.payload = payload
+        self.data: Buffer | None = None
+
+    def read_payload(self) -> memoryview:
+        return self.payload
+
+    def recv_into_pages(self) -> None:
+        raise CompressionError("a snapshot group cannot be received raw")
+
+    def scatter(self, data: Buffer) -> None:
+        self.data = data
+
+
+def _pwrite_all(fd: int, data: memoryview, off: int) -> None:
+    while data:
+        n = os.pwrite(fd, data, off)
+        data, off = data[n:], off + n
+
+
+def _read_exact(fd: int, view: memoryview, off: int, path: str, where: str) -> None:
+    got = os.preadv(fd, [view], off)
+    if got != len(view):
+        raise SnapshotCorruptError(f"snapshot {path}: truncated: {where} ends at {off + len(view):#x},"
+                                   f" the file ends at {off + got:#x}")
+
+
+def _is_hole(fd: int, start: int, stop: int) -> bool:
+    """True if bytes [start, stop) of a segment were never allocated (they read as zeros):
+    ``SEEK_DATA`` answers without reading, so untouched guest memory costs nothing to save."""
+    try:
+        return os.lseek(fd, start, os.SEEK_DATA) >= stop
+    except OSError as exc:
+        return exc.errno == errno.ENXIO  # no data after start; other errors: read it
+
+
+def _run_rounds(events: Connection, ch: int, cmds: Connection, state: SharedState, timeout: float,
+                work: Callable[[int], None]) -> None:
+    """The channel loop: wait for ``go``, claim and process items until none is left, ``done``."""
+    mine = state.counters[ch]
+    try:
+        while True:
+            msg = cmds.recv_bytes()
+            if msg[:1] != GO:
+                break
+            (round_no,) = struct.unpack_from("<I", msg, 1)
+            limiter = RateLimiter(int(state.ctl[N_RATE]), lambda: None)
+            limiter(int(mine[C_BYTES]))  # the bucket starts now
+            while (claimed := state.claim(timeout)) is not None:
+                for k in range(*claimed):
+                    work(int(state.items[k]))
+                limiter(int(mine[C_BYTES]))
+            events.send(("done", ch, round_no))
+    except SnapshotCorruptError as exc:
+        events.send(("failed", ch, str(exc)))
+    finally:
+        mine[C_CPU_US], mine[C_PEAK_RSS], mine[C_ANON_RSS] = self_usage()
+
+
+def save_channel(events: Connection, ch: int, cmds: Connection, fd: int, ram: GuestRam, geo: Geometry,
+                 state: SharedState, method_name: str, level: int, data_offsets: Sequence[int], timeout: float) -> None:
+    """A save channel process (see the module docstring)."""
+    method: MultiFDMethod | None = None if method_name == "none" else get_method(method_name)
+    buf = np.empty((REGION_PAGES, PAGE), dtype=np.uint8)
+    flat = buf.data.cast("B")
+    mine = state.counters[ch]
+
+    def work(gid: int) -> None:
+        b, p0, p1, g0 = geo.locate(gid)
+        block, n = ram.blocks[b], p1 - p0
+        pages = buf[:n]
+        hole = False
+        if block.fd >= 0:
+            hole = _is_hole(block.fd, p0 * PAGE, p1 * PAGE)
+            got = n * PAGE if hole else os.preadv(block.fd, [flat[:n * PAGE]], p0 * PAGE)
+            if got != n * PAGE:
+                raise ChannelError(f"short read of RAM block {block.name!r}: {got} of {n * PAGE} bytes")
+        else:
+            np.copyto(pages, block.pages[p0:p1])
+        present = state.present[g0:g0 + n]
+        t = np.flatnonzero(state.todo[g0:g0 + n])
+        words = pages.view(np.uint64)
+        if hole or (not words[:, 0].any() and not np.count_nonzero(words)):  # all zero: 4x faster
+            zero = np.ones(len(t), dtype=np.bool_)
+            if hole:
+                pages[:] = 0  # for the checksum of pages present from an earlier round
+        else:
+            zero = zero_pages(words if len(t) == n else words[t])
+        present[t] = ~zero
+        nzero = int(np.count_nonzero(zero))
+        mine[C_ZERO] += nzero
+        if method is None:
+            base = data_offsets[b] + p0 * PAGE
+            for a, e in zip(*(x.tolist() for x in page_runs(t[~zero]))):
+                _pwrite_all(fd, flat[a * PAGE:e * PAGE], base + a * PAGE)
+            mine[C_PAGES] += len(t) - nzero
+            mine[C_BYTES] += (len(t) - nzero) * PAGE
+            state.crc[gid] = stored_crc(pages, present)
+        else:
+            idx = np.flatnonzero(present)
+            if len(idx) == 0:
+                state.glen[gid] = state.crc[gid] = 0
+            else:
+                packed = pages if len(idx) == n else pages[idx]
+                parts = method.send_setup(level).send_prepare(_Group(packed))
+                payload = memoryview(parts[0] if len(parts) == 1 else b"".join(parts)).cast("B")  # type: ignore[arg-type]
+                if len(payload) > int(state.gcap[gid]):
+                    mine[C_GARBAGE] += int(state.gcap[gid])
+                    cap = -(-len(payload) // SLOT_ALIGN) * SLOT_ALIGN
+                    state.goff[gid] = state.alloc(cap, timeout)
+                    state.gcap[gid] = cap
+                _pwrite_all(fd, payload, int(state.goff[gid]))
+                state.glen[gid] = len(payload)
+                state.crc[gid] = zlib.crc32(payload)
+                mine[C_PAGES] += len(idx)
+                mine[C_BYTES] += len(payload)
+        mine[C_PACKETS] += 1
+
+    _run_rounds(events, ch, cmds, state, timeout, work)
+
+
+def restore_channel(events: Connection, ch: int, cmds: Connection, fd: int, path: str, ram: GuestRam, geo: Geometry,
+                    state: SharedState, method_name: str, data_offsets: Sequence[int], fresh: bool,
+                    timeout: float) -> None:
+    """A restore channel process (see the module docstring)."""
+    method: MultiFDMethod | None = None if method_name == "none" else get_method(method_name)
+    buf = np.empty((REGION_PAGES, PAGE), dtype=np.uint8)
+    flat = buf.data.cast("B")
+    comp = bytearray(0)
+    mine = state.counters[ch]
+
+    def work(gid: int) -> None:
+        nonlocal comp
+        b, p0, p1, g0 = geo.locate(gid)
+        block = ram.blocks[b]
+        present = state.present[g0:g0 + p1 - p0]
+        idx = np.flatnonzero(present)
+        where = region_where(block.name, p0 // REGION_PAGES)
+        if not fresh:  # restoring into used memory: absent pages must become zero
+            for a, e in zip(*(x.tolist() for x in page_runs(np.flatnonzero(present == 0)))):
+                block.pages[p0 + a:p0 + e] = 0
+        expected = int(state.crc[gid])
+        if len(idx) == 0:
+            if expected:
+                raise crc_mismatch(path, where, 0, expected)
+            return
+        if method is None:
+            stored = flat[:len(idx) * PAGE]
+            pos, base = 0, data_offsets[b] + p0 * PAGE
+            for a, e in zip(*(x.tolist() for x in page_runs(idx))):
+                _read_exact(fd, stored[pos:pos + (e - a) * PAGE], base + a * PAGE, path, where)
+                pos += (e - a) * PAGE
+        else:
+            length = int(state.glen[gid])
+            if len(comp) < length:
+                comp = bytearray(length)
+            stored = memoryview(comp)[:length]
+            _read_exact(fd, stored, int(state.goff[gid]), path, where)
+        got = zlib.crc32(stored)
+        if got != expected:
+            raise crc_mismatch(path, where, got, expected)
+        data: Any = stored
+        if method is not None:
+            sink = _GroupSink(len(idx), stored)
+            try:
+                method.recv_setup().recv_pages(sink)
+            except CompressionError as exc:
+                raise SnapshotCorruptError(f"snapshot {path}: {where}: {exc}") from None
+            data = memoryview(sink.data).cast("B")  # type: ignore[arg-type]
+            mine[C_BYTES] += length
+        else:
+            mine[C_BYTES] += len(stored)
+        if len(data) != len(idx) * PAGE:
+            raise SnapshotCorruptError(f"snapshot {path}: {where}: decoded {len(data)} bytes,"
+                                       f" expected {len(idx) * PAGE} ({len(idx)} pages)")
+        if block.fd >= 0:
+            block.pwrite_pages(p0 + idx, data)
+        else:
+            block.pages[p0 + idx] = np.frombuffer(data, dtype=np.uint8).reshape(-1, PAGE)
+        mine[C_PAGES] += len(idx)
+        mine[C_PACKETS] += 1
+
+    _run_rounds(events, ch, cmds, state, timeout, work)
+
+
+class SnapshotChannels:
+    """The parent's handle on N snapshot channel processes."""
+
+    def __init__(self, role: str, n: int, state: SharedState, target: Callable[..., None],
+                 args: Callable[[int, Connection], tuple[Any, ...]]) -> None:
+        self.state = state
+        self.group = ChildGroup(role, noun="snapshot channel")
+        self._cmds: list[Connection] = []
+        self._round = 0
+        try:
+            for ch in range(n):
+                r, w = _CTX.Pipe(duplex=False)
+                self.group.start(ch, target, args(ch, r), others=[*self._cmds, w])
+                r.close()
+                self._cmds.append(w)
+        except BaseException:
+            self.close(graceful=False)
+            raise
+
+    def run_round(self, nitems: int, *, rate: int = 0, check: Callable[[], None], stall_timeout: float) -> None:
+        """Process ``state.items[:nitems]`` on all channels; returns when every channel is done."""
+        st = self.state
+        st.ctl[N_NEXT], st.ctl[N_ITEMS], st.ctl[N_RATE] = 0, nitems, rate
+        self._round += 1
+        for i, c in enumerate(self._cmds):
+            try:
+                c.send_bytes(GO + struct.pack("<I", self._round))
+            except OSError:  # the channel is gone: report how it ended
+                self.group.wait_events(1.0)
+                raise ChannelError(f"snapshot channel {i} ({self.group.role}): its command pipe is closed") from None
+        done: set[int] = set()
+        last, progress = time.monotonic(), -1
+        while len(done) < len(self._cmds):
+            for msg in self.group.wait_events(0.05):
+                if msg[0] == "done" and msg[2] == self._round:
+                    done.add(msg[1])
+                elif msg[0] == "failed":
+                    raise SnapshotCorruptError(msg[2])
+            check()
+            now_progress = int(st.counters[:, C_PACKETS].sum())
+            if now_progress != progress:
+                last, progress = time.monotonic(), now_progress
+            elif time.monotonic() - last > stall_timeout:
+                missing = sorted(set(range(len(self._cmds))) - done)
+                raise MigrationTimeout(f"snapshot channels {missing} made no progress for {stall_timeout:g}s")
+
+    def stats(self) -> list[ChannelStats]:
+        c = self.state.counters
+        return [ChannelStats.from_counters(i, pid, c[i]) for i, pid in enumerate(self.group.pids)]
+
+    def counter(self, index: int) -> int:
+        return int(self.state.counters[:, index].sum())
+
+    def quit(self, timeout: float) -> None:
+        """Let every channel finish (records its resource usage) and exit."""
+        for c in self._cmds:
+            try:
+                c.send_bytes(QUIT)
+            except OSError:
+                pass
+        deadline = time.monotonic() + timeout
+        for p in self.group.procs:
+            p.join(max(0.0, deadline - time.monotonic()))
+        self.group.wait_events(0)  # a failure while quitting still surfaces
+
+    def close(self, *, graceful: bool) -> None:
+        for c in self._cmds:
+            c.close()
+        self._cmds = []
+        self.group.close(graceful=graceful)
+
+
+def require_known(method_name: str, path: str) -> None:
+    try:
+        get_method(method_name)
+    except MigrationError:
+        raise SnapshotCorruptError(f"snapshot {path}: compressed with {method_name!r}, which this engine does not know")\
+            from None

@@ -1,0 +1,246 @@
+"""Command line for snapshot files: ``save FILE``, ``restore FILE``, ``inspect`` of snapshots.
+
+Hooked into :mod:`engine.cli` with :func:`add_parsers` (adds the subcommands) and
+:func:`dispatch` (runs them; also routes ``migrate file:PATH`` to a save, ``incoming
+file:PATH`` to a restore, and ``inspect`` of snapshot files to :func:`describe_snapshot`).
+:func:`main` is a stand-alone entry point with the same behaviour as ``engine.cli.main``:
+errors are one line on stderr (``engine: error: ...``), exit status 1 for a failure, 2 for bad
+arguments, 130/143 after SIGINT/SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from .cli import DEFAULT_BLOCK, _emit, _Parser, dump_ram, generated_ram, load_images, progress_line
+from .compression import method_names
+from .errors import ConfigError, MigrationCancelled, MigrationError
+from .params import DEFAULT_CHANNELS, DEFAULT_STALL_TIMEOUT, MigrationParams, parse_size
+from .ram import FILLS, block_digest
+from .snapshot_format import describe_snapshot, is_snapshot_file, render_snapshot
+from .workload import DIRTY_PATTERNS
+
+FILE_SCHEME = "file:"
+
+
+def _channels_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--channels", "--multifd-channels", dest="channels", type=int, default=DEFAULT_CHANNELS,
+                   metavar="N", help=f"channel processes writing/reading in parallel (default {DEFAULT_CHANNELS})")
+    p.add_argument("--json", action="store_true", help="print one JSON object (query-migrate names) instead of a summary")
+    p.add_argument("--digest", action="store_true", help="add a BLAKE2b digest of every RAM block to the output")
+    p.add_argument("--stall-timeout", type=float, default=DEFAULT_STALL_TIMEOUT, metavar="SECONDS",
+                   help=f"deadline for any wait on a channel (default {DEFAULT_STALL_TIMEOUT:g})")
+
+
+def add_parsers(sub: Any) -> None:
+    """Add ``save`` and ``restore`` to an ``add_subparsers()`` object."""
+    sv = sub.add_parser("save", help="save a guest's RAM to a snapshot file (live with --dirty-rate)")
+    sv.add_argument("file", type=Path, help="the snapshot file to write (replaced if it exists)")
+    _channels_arg(sv)
+    sv.add_argument("--compression", "--multifd-compression", dest="compression", default="none",
+                    metavar="|".join(method_names()), help="compress each 1 MiB group (default none: mapped pages)")
+    sv.add_argument("--level", type=int, default=None, help="zlib 0..9 / zstd 0..20 level, lz4 acceleration (default 1)")
+    src = sv.add_mutually_exclusive_group(required=True)
+    src.add_argument("--ram-image", action="append", metavar="[NAME=]PATH",
+                     help=f"a RAM block from a file (repeat for several; default name {DEFAULT_BLOCK})")
+    src.add_argument("--ram-size", metavar="SIZE", help="a generated guest of SIZE bytes (K/M/G suffixes)")
+    sv.add_argument("--fill", choices=FILLS, default="mixed", help="content of a --ram-size guest (default mixed)")
+    sv.add_argument("--seed", type=int, default=0, help="seed for --fill and the workload (default 0)")
+    sv.add_argument("--dump", metavar="DIR", type=Path, default=None,
+                    help="also write the RAM as it was at stop-and-copy to DIR (files + manifest.json)")
+    sv.add_argument("--no-fsync", action="store_true", help="do not fsync before and after the commit")
+    live = sv.add_argument_group("live guest (precopy to the file)")
+    live.add_argument("--dirty-rate", metavar="BYTES/s", default=None,
+                      help="run a guest workload dirtying this many bytes/s (K/M/G suffixes; 0 = as fast as it can)")
+    live.add_argument("--dirty-pattern", choices=DIRTY_PATTERNS, default="uniform", help="default uniform")
+    live.add_argument("--writers", type=int, default=1, metavar="K", help="workload writer processes (default 1)")
+    live.add_argument("--downtime-limit", type=int, default=300, metavar="MS", help="downtime-limit in ms (default 300)")
+    live.add_argument("--max-iterations", type=int, default=100, metavar="N", help="fail after N iterations (default 100)")
+    live.add_argument("--max-time", type=float, default=0.0, metavar="SECONDS", help="fail after this long (default 0 = none)")
+    live.add_argument("--max-bandwidth", metavar="BYTES/s", default="0", help="file bytes/s before stop-and-copy (default 0 = unlimited)")
+    live.add_argument("--auto-converge", action="store_true", help="throttle the guest when it dirties too fast")
+
+    rs = sub.add_parser("restore", help="restore guest RAM from a snapshot file (checks every region)")
+    rs.add_argument("file", type=Path, help="the snapshot file to read")
+    _channels_arg(rs)
+    rs.add_argument("--dump", metavar="DIR", type=Path, default=None, help="write each RAM block to a file in DIR plus DIR/manifest.json")
+
+
+def file_uri_path(uri: str) -> Path:
+    """``file:PATH`` (QEMU's syntax) -> PATH. QEMU's ``,offset=`` suffix is not supported."""
+    path = uri[len(FILE_SCHEME):]
+    if ",offset=" in path:
+        raise ConfigError(f"URI {uri!r}: file: offsets are not supported; give a whole file")
+    if not path:
+        raise ConfigError(f"URI {uri!r}: expected file:PATH")
+    return Path(path)
+
+
+def dispatch(args: argparse.Namespace) -> int | None:
+    """Run the command if it is a snapshot command (or ``migrate|incoming file:PATH``, or
+    ``inspect`` of snapshot files only); None if it is not one."""
+    cmd = args.command
+    if cmd == "save":
+        return cmd_save(args, args.file)
+    if cmd == "restore":
+        return cmd_restore(args, args.file)
+    uri = getattr(args, "uri", "")
+    if cmd in ("migrate", "incoming") and isinstance(uri, str) and uri.startswith(FILE_SCHEME):
+        path = file_uri_path(uri)
+        return cmd_save(args, path) if cmd == "migrate" else cmd_restore(args, path)
+    if cmd == "inspect" and args.files and all(is_snapshot_file(f) for f in args.files):
+        return inspect_snapshots(args.files, as_json=args.json)
+    return None
+
+
+def _save_params(args: argparse.Namespace) -> MigrationParams:
+    def g(name: str, default: Any) -> Any:  # migrate's namespace has more options than save's
+        return getattr(args, name, default)
+
+    return MigrationParams(
+        channels=args.channels, compression=g("compression", "none"), level=g("level", None),
+        stall_timeout=g("stall_timeout", DEFAULT_STALL_TIMEOUT),
+        max_bandwidth=parse_size(g("max_bandwidth", "0"), "--max-bandwidth"), downtime_limit=g("downtime_limit", 300),
+        auto_converge=g("auto_converge", False), cpu_throttle_initial=g("cpu_throttle_initial", 20),
+        cpu_throttle_increment=g("cpu_throttle_increment", 10), max_cpu_throttle=g("max_cpu_throttle", 99),
+        max_iterations=g("max_iterations", 100), max_time=g("max_time", 0.0),
+    )
+
+
+def cmd_save(args: argparse.Namespace, path: Path) -> int:
+    from .dirty import DirtyLog
+    from .snapshot import SnapshotSave
+    from .workload import Workload, WorkloadSpec
+
+    params = _save_params(args)
+    spec = None
+    if getattr(args, "dirty_rate", None) is not None:
+        spec = WorkloadSpec(dirty_rate=parse_size(args.dirty_rate, "--dirty-rate"), pattern=args.dirty_pattern,
+                            writers=args.writers, seed=args.seed)
+    ram = load_images(args.ram_image) if args.ram_image else generated_ram(args.ram_size, args.fill, args.seed)
+    show = sys.stderr.isatty() and not args.json
+    with ram:
+        log = DirtyLog(ram) if spec else None
+        workload = Workload(ram, spec, log).start() if spec else None
+        try:
+            if workload is not None:
+                _wait_running(workload)
+            sv = SnapshotSave(path, ram, params, tracker=log, guest=workload, fsync=not getattr(args, "no_fsync", False))
+            sv.start()
+            try:
+                while not sv._done.wait(0.25):
+                    if workload is not None:
+                        workload.check()
+                    if show:
+                        print("\r" + progress_line(sv.query()).ljust(120), end="", file=sys.stderr, flush=True)
+            except (KeyboardInterrupt, MigrationCancelled):
+                sv.cancel()
+                sv._done.wait(params.stall_timeout + 10)
+                raise
+            finally:
+                if show:
+                    print(file=sys.stderr)
+            sv.wait()
+            if args.dump:
+                dump_ram(ram, args.dump)
+            out = sv.query()
+            if args.digest:
+                out["ram-digest"] = {b.name: block_digest(b) for b in ram}
+        finally:
+            if workload is not None:
+                workload.close()
+    _emit_snapshot(out, args.json, "snapshot save")
+    return 0
+
+
+def _wait_running(workload: Any, timeout: float = 10.0) -> None:
+    """Start saving once the guest really runs (its writers have written), so that a live save
+    is live from its first iteration."""
+    deadline = time.monotonic() + timeout
+    while workload.pages_written() == 0 and time.monotonic() < deadline:
+        workload.check()
+        time.sleep(0.005)
+
+
+def cmd_restore(args: argparse.Namespace, path: Path) -> int:
+    from .snapshot import SnapshotRestore
+
+    params = MigrationParams(channels=args.channels, stall_timeout=getattr(args, "stall_timeout", DEFAULT_STALL_TIMEOUT))
+    job = SnapshotRestore(path, params)
+    with job.run() as ram:
+        out = job.stats.to_json()
+        if args.digest:
+            out["ram-digest"] = {b.name: block_digest(b) for b in ram}
+        if args.dump is not None:
+            dump_ram(ram, args.dump)
+    _emit_snapshot(out, args.json, "snapshot restore")
+    return 0
+
+
+def _emit_snapshot(out: dict[str, Any], as_json: bool, role: str) -> None:
+    _emit(out, as_json, role)
+    if as_json:
+        return
+    for name, digest in out.get("ram-digest", {}).items():
+        print(f"  digest           {name}: {digest}", flush=True)
+    if "file-size" in out:
+        print(f"  file             {out['file']}: {out['file-size'] / (1 << 20):.1f} MiB"
+              + (f", on disk {out['disk-usage'] / (1 << 20):.1f} MiB" if "disk-usage" in out else "")
+              + f", compression {out['compression']}", flush=True)
+
+
+def inspect_snapshots(files: Sequence[Path], *, as_json: bool) -> int:
+    """``inspect`` for snapshot files: 0 if all are complete, 1 if one is incomplete or truncated."""
+    reports = [describe_snapshot(f) for f in files]
+    if as_json:
+        print(json.dumps({"files": reports}, indent=2), flush=True)
+    else:
+        print("\n".join(render_snapshot(r) for r in reports), flush=True)
+    return 0 if all(r["status"] == "complete" for r in reports) else 1
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise MigrationCancelled("snapshot cancelled by SIGTERM")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Stand-alone ``save|restore|inspect`` (for tests and before engine.cli is wired)."""
+    parser = _Parser(prog="python -m engine", description="snapshot files of guest RAM")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    add_parsers(sub)
+    ins = sub.add_parser("inspect", help="describe snapshot files")
+    ins.add_argument("files", nargs="+", type=Path)
+    ins.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        if args.command == "inspect" and not all(is_snapshot_file(f) for f in args.files):
+            for f in args.files:
+                describe_snapshot(f)  # raises the precise error for the first bad one
+        rc = dispatch(args)
+        return 0 if rc is None else rc
+    except MigrationCancelled as exc:
+        print(f"engine: error: {exc}", file=sys.stderr)
+        return 143
+    except KeyboardInterrupt:
+        print("engine: error: snapshot cancelled by SIGINT", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    except MigrationError as exc:
+        print(f"engine: error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

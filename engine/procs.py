@@ -40,6 +40,7 @@ from .errors import ChannelError, MigrationError
 
 _CTX = multiprocessing.get_context("fork")
 _PR_SET_PDEATHSIG = 1
+_FORK_BLOCKED = {signal.SIGINT, signal.SIGTERM}
 
 Connection = mpc.Connection
 
@@ -66,6 +67,10 @@ def child_main(
         os._exit(1)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    # Forked with these blocked (see ChildGroup.start): a SIGTERM from the parent's shutdown
+    # that raced the fork is delivered only now, to the default action, never to a handler
+    # inherited from the parent.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _FORK_BLOCKED)
     # Everything inherited is long-lived: keep the cyclic GC from rescanning (and, through
     # reference-count writes, copying) the parent's objects on every packet's allocations.
     gc.freeze()
@@ -147,7 +152,11 @@ class ChildGroup:
             name=f"{self.noun.replace(' ', '-')}-{self.role}-{channel}",
             daemon=True,
         )
-        proc.start()
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, _FORK_BLOCKED)
+        try:
+            proc.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
         ev_write.close()
         if own is not None:
             own.close()

@@ -23,8 +23,14 @@ from .errors import (
     RemoteProtocolError,
     TruncatedError,
 )
-from .params import MigrationParams, parse_size
-from .ram import BlockSpec, GuestRam, RamBlock
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .destination import run_incoming
+    from .incoming import IncomingMigration
+    from .migration import Migration, migrate
+    from .params import MigrationParams, parse_size
+    from .ram import BlockSpec, GuestRam, RamBlock
 
 __all__ = [
     "BlockSpec",
@@ -49,8 +55,16 @@ __all__ = [
 ]
 
 
+_LAZY = {"MigrationParams": "params", "parse_size": "params", "BlockSpec": "ram", "GuestRam": "ram", "RamBlock": "ram"}
+
+
 def __getattr__(name: str) -> object:
-    # the process-level entry points import lazily, to keep `import engine` light
+    # Everything that needs numpy imports lazily: `import engine` (and so `python -m engine`
+    # before its own start-up) stays light, and a Ctrl-C during start-up meets our handler.
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     if name in ("migrate", "Migration"):
         from . import migration
 

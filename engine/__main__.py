@@ -2,6 +2,10 @@
 
 import sys
 
-from .cli import main
+try:
+    from .cli import main
+except KeyboardInterrupt:  # Ctrl-C while numpy and friends load: no traceback
+    print("engine: error: interrupted by SIGINT while starting", file=sys.stderr)
+    sys.exit(130)
 
 sys.exit(main())

@@ -19,7 +19,9 @@ from typing import Any, Sequence
 
 from .compression import method_names
 from .errors import ConfigError, MigrationCancelled, MigrationError
-from .params import DEFAULT_CHANNELS, DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_STALL_TIMEOUT, MigrationParams, parse_size
+from .params import (
+    DEFAULT_CHANNELS, DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_STALL_TIMEOUT, ZERO_PAGE_DETECTION, MigrationParams, parse_size,
+)
 from .ram import FILLS, BlockSpec, GuestRam, block_digest, fill_pages, safe_file_name
 from .stats import human_summary
 from .wire import TARGET_PAGE_SIZE
@@ -81,6 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
     mig.add_argument("--level", type=int, default=None,
                      help="multifd-zlib-level / multifd-zstd-level / lz4 acceleration (default 1)")
     mig.add_argument("--machine", default="none", help="machine name for the configuration section (default none)")
+    mig.add_argument("--zero-page-detection", choices=ZERO_PAGE_DETECTION, default="legacy",
+                     help="legacy: the migration thread finds zero pages and sends ZERO records (QEMU 7.2);"
+                          " multifd: the channels find them and list them in packets (QEMU 9.0; engine"
+                          " destinations only); none: send every page whole (default legacy)")
     live = mig.add_argument_group("live guest (precopy)")
     live.add_argument("--dirty-rate", metavar="BYTES/s", default=None,
                       help="run a guest workload dirtying this many bytes/s (K/M/G suffixes; 0 = as fast as it can)")
@@ -118,6 +124,7 @@ def _params(args: argparse.Namespace) -> MigrationParams:
             auto_converge=args.auto_converge, cpu_throttle_initial=args.cpu_throttle_initial,
             cpu_throttle_increment=args.cpu_throttle_increment, max_cpu_throttle=args.max_cpu_throttle,
             max_iterations=args.max_iterations, max_time=args.max_time,
+            zero_page_detection=args.zero_page_detection,
         )
     return MigrationParams(
         channels=args.channels, compression=args.compression, level=getattr(args, "level", None), uuid=uuid,
@@ -387,9 +394,9 @@ def _on_sigterm(signum: int, frame: object) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:
+        args = build_parser().parse_args(argv)
         from .snapshot_cli import dispatch  # save, restore, file: URIs, snapshot files for inspect
 
         if (rc := dispatch(args)) is not None:

@@ -393,6 +393,7 @@ class Loader:
         st.ram.main_bytes = self.main_bytes
         out = st.to_json()
         out["ram"]["normal"] = st.ram.normal + sum(c.normal_pages for c in st.channels)
+        out["ram"]["duplicate"] = st.ram.duplicate + sum(c.zero_pages for c in st.channels)
         return out
 
     def write_trace(self, path: Path) -> None:
@@ -491,6 +492,7 @@ def run_incoming(
         stats.ram.main_bytes = loader.main_bytes
         stats.ram.multifd_bytes = sum(c.bytes for c in stats.channels)
         stats.ram.normal += sum(c.normal_pages for c in stats.channels)
+        stats.ram.duplicate += sum(c.zero_pages for c in stats.channels)
         state, desc = parse_tail(loader.tail)
         devices = parse_device_state(state, desc)
         stats.status = "completed"

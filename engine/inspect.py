@@ -246,7 +246,7 @@ def inspect_channel(path: Path, data: bytes, rounds: _Rounds | None = None) -> d
         if len(data) - pos < PACKET_HEADER_SIZE:
             truncated = f"{path}: ends {len(data) - pos} bytes into a packet header at byte {pos}"
             break
-        magic, version, fl, pages_alloc, normal, next_size, packet_num, _, name = PACKET_FIXED.unpack_from(view, pos)
+        magic, version, fl, pages_alloc, normal, next_size, packet_num, _zero, _, name = PACKET_FIXED.unpack_from(view, pos)
         where = f"inspect: {path}: packet at byte {pos}"
         if magic != MULTIFD_MAGIC or version != MULTIFD_VERSION:
             raise RemoteProtocolError(

@@ -272,7 +272,8 @@ class Migration:
                 send_all(sock, [MultiFDInit(i, p.uuid).pack()], f"multifd channel {i} handshake")
             self._channels = SendChannels(socks, self.ram, p.method, p.effective_level,
                                           stall_timeout=p.stall_timeout, close_in_children=[self._main],
-                                          should_stop=self._check, tracing=self.trace is not None)
+                                          should_stop=self._check, tracing=self.trace is not None,
+                                          detect_zero=p.zero_page_detection == "multifd")
         finally:
             if self._channels is None:
                 for s in socks:
@@ -301,7 +302,8 @@ class Migration:
             chunk = int(np.clip(self.params.max_bandwidth * RATE_WINDOW / TARGET_PAGE_SIZE / 2,
                                 PAGES_PER_PACKET, ZERO_SCAN_CHUNK))
         saver = RamSaver(self._main_send, self._enc, self._channels, self.ram, self.stats,
-                         after_chunk=after_chunk, chunk_pages=chunk)
+                         after_chunk=after_chunk, chunk_pages=chunk,
+                         scan_zero=self.params.zero_page_detection == "legacy")
         saver.trace = self.trace
         return saver
 

@@ -7,6 +7,14 @@
 | level            | multifd-zlib-level / multifd-zstd-level (lz4: acceleration) | 1 |
 | uuid             | -uuid (channel handshake) | all zeros               |
 | machine          | -machine (configuration section) | none             |
+| zero_page_detection | zero-page-detection (QEMU 9.0): legacy, multifd or none | legacy (QEMU 9.0: multifd) |
+
+``zero-page-detection``: ``legacy`` (QEMU 7.2's only behaviour) scans pages in the migration
+thread and sends zero pages as ZERO records on the main channel; ``multifd`` scans them in the
+channel processes and lists them in the packets' ``zero_pages`` field, which a QEMU 7.2
+destination ignores, so use it only towards this engine (whose destination always accepts
+it); ``none`` sends every page whole. The default stays ``legacy`` so that a migration into a
+QEMU 7.2 destination is correct without extra settings.
 
 Precopy (QEMU names and defaults, except where noted):
 
@@ -38,6 +46,7 @@ from .wire import MAX_CHANNELS, parse_uuid
 DEFAULT_CHANNELS = 2
 DEFAULT_HANDSHAKE_TIMEOUT = 15.0
 DEFAULT_STALL_TIMEOUT = 60.0
+ZERO_PAGE_DETECTION = ("legacy", "multifd", "none")
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([bBkKmMgGtTpPeE]?)(?:i?[bB])?\s*$")
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50, "e": 1 << 60}
@@ -61,6 +70,7 @@ class MigrationParams:
     level: int | None = None
     uuid: bytes = bytes(16)
     machine: str = "none"
+    zero_page_detection: str = "legacy"
     handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT
     stall_timeout: float = DEFAULT_STALL_TIMEOUT
     max_bandwidth: int = 0
@@ -83,6 +93,11 @@ class MigrationParams:
                 method.check_level(self.level)
             except Exception as exc:
                 raise ConfigError(str(exc)) from None
+        if self.zero_page_detection not in ZERO_PAGE_DETECTION:
+            raise ConfigError(
+                f"zero-page-detection {self.zero_page_detection!r} is not supported, expected one of"
+                f" {', '.join(ZERO_PAGE_DETECTION)}"
+            )
         if len(self.uuid) != 16:
             raise ConfigError(f"uuid is {len(self.uuid)} bytes, expected 16")
         if not self.machine or len(self.machine.encode()) > 255:

@@ -39,7 +39,9 @@ from .errors import ChannelError, MigrationTimeout
 from .procs import ChildGroup, Connection, _CTX, self_usage
 from .ram import GuestRam, RamBlock
 from .ram import page_runs
-from .send_channels import C_ANON_RSS, C_BYTES, C_CPU_US, C_NCOUNTERS, C_PACKETS, C_PAGES, C_PEAK_RSS, ChannelStats
+from .send_channels import (
+    C_ANON_RSS, C_BYTES, C_CPU_US, C_NCOUNTERS, C_PACKETS, C_PAGES, C_PEAK_RSS, C_ZERO, ChannelStats,
+)
 from .trace import BARRIER, DECOMPRESS, RECV_HEADER, RECV_PAYLOAD, WRITE, Trace, now_ns
 from .transport import recv_exact_into, recv_exact_into_many
 from .wire import MAX_PACKET_PAYLOAD, PACKET_HEADER_SIZE, TARGET_PAGE_SIZE, decode_packet_header
@@ -173,6 +175,9 @@ def _channel_loop(
             hdr = decode_packet_header(header, channel=channel, expected_compression=method.flag, blocks=lengths)
             mine[C_PACKETS] += 1
             wire_bytes = PACKET_HEADER_SIZE
+            if hdr.zero_pages:  # zero-page-detection=multifd: before the data, as QEMU 9.0 does
+                _zero_fill(ram[hdr.ramblock], written.maps[hdr.ramblock], hdr.zero_offsets >> 12)
+                mine[C_ZERO] += hdr.zero_pages
             if hdr.normal_pages:
                 sink.block = ram[hdr.ramblock]
                 sink.written = written.maps[hdr.ramblock]
@@ -193,6 +198,18 @@ def _channel_loop(
     finally:
         ctx.recv_cleanup()
         mine[C_CPU_US], mine[C_PEAK_RSS], mine[C_ANON_RSS] = self_usage()
+
+
+def _zero_fill(block: RamBlock, written: npt.NDArray[np.uint8], idx: npt.NDArray[np.int64]) -> None:
+    """Zero the pages ``idx`` that were written before; untouched pages of fresh (or
+    pre-allocated) memory read as zero already, and touching them would allocate them."""
+    idx = idx[written[idx] != 0]
+    if not len(idx):
+        return
+    if block.fd >= 0:
+        block.pwrite_pages(idx, memoryview(bytes(len(idx) * TARGET_PAGE_SIZE)))
+    else:
+        block.pages[idx] = 0
 
 
 def _wait_release(control: Connection, channel: int) -> bool:

@@ -13,8 +13,10 @@ after them.
 
 A channel process owns one socket and one compression context for the whole migration. For a
 data job it builds the header in its reused 1344-byte buffer, gets the payload buffers from the
-method (for ``none``: views of the guest pages, no copy) and writes header + payload with one
-``sendmsg``. Then it counts the job done and posts ``channels_ready``. (``issued`` is written
+method (for ``none``: the pages read into its reused buffer) and writes header + payload with
+one ``sendmsg``. With ``zero-page-detection=multifd`` (QEMU 9.0) the main process does not
+scan for zero pages: each channel scans the pages it read, sends only the non-zero ones and
+lists the zero ones in the header's ``zero_pages`` slots, so the scan runs in parallel. Then it counts the job done and posts ``channels_ready``. (``issued`` is written
 only by the parent and ``done`` only by the child, so no counter is ever updated by two
 processes.) For a SYNC job it
 writes an empty packet with flags=SYNC and reports ``synced`` on its event pipe: the parent's
@@ -41,8 +43,8 @@ import numpy.typing as npt
 from .compression import MultiFDMethod
 from .errors import ChannelError, MigrationTimeout
 from .procs import ChildGroup, Connection, _CTX, self_usage
-from .ram import GuestRam, RamBlock, page_runs
-from .trace import COMPRESS, GATHER, SEND, WAIT, Trace, now_ns
+from .ram import GuestRam, RamBlock, page_runs, zero_pages
+from .trace import COMPRESS, GATHER, SEND, WAIT, ZERO_SCAN, Trace, now_ns
 from .transport import send_all
 from .wire import MULTIFD_FLAG_SYNC, PACKET_HEADER_SIZE, PAGES_PER_PACKET, TARGET_PAGE_SIZE, PacketEncoder
 
@@ -57,7 +59,8 @@ JOB_QUIT = 3
 _JOB = struct.Struct("<BxxxIQI")  # kind, block index, packet_num, flags; then int64 page indices
 
 # counters per channel, in the shared mapping (resource usage is written when the channel ends)
-C_PACKETS, C_PAGES, C_BYTES, C_CPU_US, C_PEAK_RSS, C_ANON_RSS, C_NCOUNTERS = range(7)
+C_PACKETS, C_PAGES, C_BYTES, C_CPU_US, C_PEAK_RSS, C_ANON_RSS, C_ZERO, C_NCOUNTERS = range(8)
+_NO_PAGES: npt.NDArray[np.int64] = np.zeros(0, dtype=np.int64)
 
 
 class _Batch:
@@ -67,6 +70,26 @@ class _Batch:
         self.scratch = np.empty((PAGES_PER_PACKET, TARGET_PAGE_SIZE), dtype=np.uint8)
         self.block: RamBlock | None = None
         self.idx: npt.NDArray[np.int64] = np.zeros(0, dtype=np.int64)
+        self.gathered: npt.NDArray[np.uint8] | None = None  # this job's pages, already read
+
+    def start(self, block: RamBlock, idx: npt.NDArray[np.int64]) -> None:
+        self.block, self.idx, self.gathered = block, idx, None
+
+    def drop_zero_pages(self) -> npt.NDArray[np.int64]:
+        """``zero-page-detection=multifd``: read the pages, keep the non-zero ones (in order,
+        compacted in the buffer) as this batch and return the zero pages' indices."""
+        pages = self.gather()
+        zero = zero_pages(pages.view(np.uint64))
+        if not zero.any():
+            return _NO_PAGES
+        keep = ~zero
+        zeros = self.idx[zero]
+        self.idx = self.idx[keep]
+        n = len(self.idx)
+        if n:
+            pages[:n] = pages[keep]
+        self.gathered = pages[:n]
+        return zeros
 
     @property
     def normal_pages(self) -> int:
@@ -82,9 +105,11 @@ class _Batch:
         """Copy the pages into the scratch buffer with positioned reads of the segment (the
         channel never maps guest pages, so its RSS does not grow with the guest); falls back
         to a numpy gather from the mapping for segments without a file descriptor."""
+        if self.gathered is not None:
+            return self.gathered
         block = self.block
         assert block is not None
-        out = self.scratch[: len(self.idx)]
+        out = self.gathered = self.scratch[: len(self.idx)]
         fd = block.fd
         if fd < 0:
             np.take(block.pages, self.idx, axis=0, out=out)
@@ -113,6 +138,7 @@ def _channel_loop(
     done: npt.NDArray[np.uint64],
     counters: npt.NDArray[np.uint64],
     tracing: bool,
+    detect_zero: bool,
 ) -> None:
     ctx = method.send_setup(level)
     tr = Trace(f"source channel {channel}") if tracing else None
@@ -130,13 +156,18 @@ def _channel_loop(
             if tr is not None:
                 t0 = tr.span(WAIT, t0)
             if kind == JOB_DATA:
-                batch.block = blocks[block_idx]
-                batch.idx = np.frombuffer(msg, dtype=np.int64, offset=_JOB.size)
-                payload = ctx.send_prepare(batch)
+                batch.start(blocks[block_idx], np.frombuffer(msg, dtype=np.int64, offset=_JOB.size))
+                zeros = _NO_PAGES
+                if detect_zero:
+                    zeros = batch.drop_zero_pages()
+                    if tr is not None:
+                        t0 = tr.span(ZERO_SCAN, t0)
+                payload = ctx.send_prepare(batch) if len(batch.idx) else ()
                 size = sum(memoryview(p).nbytes for p in payload)  # type: ignore[arg-type,misc]
+                offsets = batch.idx if not len(zeros) else np.concatenate((batch.idx, zeros))
                 header = enc.encode(
                     flags=flags | method.flag, packet_num=packet_num, ramblock=names[block_idx],
-                    offsets=batch.idx * TARGET_PAGE_SIZE, next_packet_size=size,
+                    offsets=offsets * TARGET_PAGE_SIZE, next_packet_size=size, zero_pages=len(zeros),
                 )
                 if tr is not None:
                     t0 = tr.span(GATHER if method.flag == 0 else COMPRESS, t0)
@@ -145,6 +176,7 @@ def _channel_loop(
                     tr.span(SEND, t0)
                 mine[C_PACKETS] += 1
                 mine[C_PAGES] += len(batch.idx)
+                mine[C_ZERO] += len(zeros)
                 mine[C_BYTES] += sent
                 done[channel] += 1  # only this process writes done[channel]
                 ready.release()  # type: ignore[attr-defined]
@@ -179,11 +211,12 @@ class ChannelStats:
     cpu_seconds: float = 0.0  # known once the channel ended
     peak_rss_kib: int = 0  # VmHWM, including guest pages touched through the mapping
     private_rss_kib: int = 0  # RssAnon at the end
+    zero_pages: int = 0  # listed in packets (zero-page-detection=multifd)
 
     @classmethod
     def from_counters(cls, i: int, pid: int, c: npt.NDArray[np.uint64]) -> ChannelStats:
         return cls(i, pid, int(c[C_PACKETS]), int(c[C_PAGES]), int(c[C_BYTES]), int(c[C_CPU_US]) / 1e6,
-                   int(c[C_PEAK_RSS]), int(c[C_ANON_RSS]))
+                   int(c[C_PEAK_RSS]), int(c[C_ANON_RSS]), int(c[C_ZERO]))
 
 
 class SendChannels:
@@ -201,6 +234,7 @@ class SendChannels:
         queue_depth: int = QUEUE_DEPTH,
         should_stop: Callable[[], None] = lambda: None,
         tracing: bool = False,
+        detect_zero: bool = False,
     ) -> None:
         n = len(socks)
         self.n = n
@@ -227,7 +261,8 @@ class SendChannels:
                 job_read, job_write = _CTX.Pipe(duplex=False)
                 self.group.start(
                     i, _channel_loop,
-                    (i, sock, job_read, ram, method, level, self._ready, self._done, self._counters, tracing),
+                    (i, sock, job_read, ram, method, level, self._ready, self._done, self._counters, tracing,
+                     detect_zero),
                     own=sock, others=[*socks, *close_in_children, *self._jobs],
                 )
                 job_read.close()
@@ -332,6 +367,10 @@ class SendChannels:
 
     def bytes_sent(self) -> int:
         return int(self._counters[:, C_BYTES].sum())
+
+    def zero_pages(self) -> int:
+        """Zero pages the channels found and listed in packets (zero-page-detection=multifd)."""
+        return int(self._counters[:, C_ZERO].sum())
 
     def stats(self) -> list[ChannelStats]:
         pids = self.group.pids

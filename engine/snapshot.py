@@ -48,9 +48,9 @@ from .errors import ConfigError, MigrationCancelled, MigrationError, MigrationTi
 from .migration import DIRTY_RATE_HIGH, Guest, IterationStats
 from .params import DEFAULT_CHANNELS, DEFAULT_STALL_TIMEOUT, MigrationParams
 from .ram import BlockSpec, GuestRam
-from .send_channels import C_BYTES, C_PAGES
+from .send_channels import C_BYTES, C_PAGES, C_ZERO
 from .snapshot_channels import (
-    C_GARBAGE, C_ZERO, N_HEAP, Geometry, SharedState, SnapshotChannels, require_known,
+    C_GARBAGE, N_HEAP, Geometry, SharedState, SnapshotChannels, require_known,
     restore_channel, save_channel,
 )
 from .snapshot_format import (

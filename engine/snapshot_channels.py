@@ -55,17 +55,16 @@ from .compression.base import Buffer
 from .errors import ChannelError, CompressionError, MigrationError, MigrationTimeout
 from .migration import RateLimiter
 from .procs import _CTX, ChildGroup, Connection, self_usage
-from .ram import GuestRam, page_runs
-from .send_channels import C_ANON_RSS, C_BYTES, C_CPU_US, C_PACKETS, C_PAGES, C_PEAK_RSS, ChannelStats
+from .ram import GuestRam, page_runs, zero_pages
+from .send_channels import C_ANON_RSS, C_BYTES, C_CPU_US, C_PACKETS, C_PAGES, C_PEAK_RSS, C_ZERO, ChannelStats
 from .snapshot_format import (
     REGION_PAGES, SLOT_ALIGN, SnapshotCorruptError, crc_mismatch, region_where, stored_crc,
 )
-from .source import zero_pages
 from .wire import TARGET_PAGE_SIZE
 
 PAGE = TARGET_PAGE_SIZE
 CLAIM = 2  # regions per claim
-C_ZERO, C_GARBAGE, C_N = 6, 7, 8  # after send_channels' counters (C_PACKETS counts regions here)
+C_GARBAGE, C_N = 7, 8  # after send_channels' counters (C_PACKETS counts regions here)
 N_NEXT, N_ITEMS, N_HEAP, N_RATE, N_CTL = range(5)
 GO, QUIT = b"g", b"q"
 

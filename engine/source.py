@@ -22,7 +22,7 @@ from typing import Callable, Mapping
 import numpy as np
 import numpy.typing as npt
 
-from .ram import GuestRam
+from .ram import GuestRam, zero_pages
 from .send_channels import SendChannels
 from .stats import MigrationStats
 from .trace import SYNC_WAIT, ZERO_SCAN, Trace, now_ns
@@ -32,19 +32,6 @@ from .wire import PAGES_PER_PACKET, TARGET_PAGE_SIZE
 RAM_SECTION_ID = 2
 ZERO_SCAN_CHUNK = 4096  # pages per numpy zero scan (16 MiB)
 MAIN_FLUSH = 256 * 1024
-
-
-def zero_pages(words: npt.NDArray[np.uint64]) -> npt.NDArray[np.bool_]:
-    """Which rows (pages, as 512 uint64 words) are all zero.
-
-    Only pages whose first word is zero are scanned whole: most non-zero pages are ruled out
-    by one word, which makes this about 3x faster than a full scan on mixed guests.
-    """
-    zero = words[:, 0] == 0
-    cand = np.flatnonzero(zero)
-    if len(cand):
-        zero[cand] = words[cand].max(axis=1) == 0
-    return zero  # type: ignore[no-any-return]
 
 
 class MultiFDQueue:
@@ -92,7 +79,7 @@ class RamSaver:
 
     def __init__(self, main_send: Callable[[bytes], None], enc: StreamEncoder, channels: SendChannels,
                  ram: GuestRam, stats: MigrationStats, *, after_chunk: Callable[[], None] = lambda: None,
-                 chunk_pages: int = ZERO_SCAN_CHUNK) -> None:
+                 chunk_pages: int = ZERO_SCAN_CHUNK, scan_zero: bool = True) -> None:
         self._send = main_send
         self.enc = enc
         self.channels = channels
@@ -103,6 +90,8 @@ class RamSaver:
         self.pages_done = 0  # pages of the current section handled so far (progress)
         self.after_chunk = after_chunk  # rate limiting and cancellation, between chunks
         self.chunk_pages = chunk_pages
+        self.scan_zero = scan_zero  # zero-page-detection=legacy; else every page goes to the channels
+        self._zero_counted = 0
         self.trace: Trace | None = None
 
     def _flush_main(self, force: bool = False) -> None:
@@ -118,6 +107,11 @@ class RamSaver:
         self.channels.sync()
         if self.trace is not None:
             self.trace.span(SYNC_WAIT, t0)
+        if not self.scan_zero:  # every packet of the section is sent: take the channels' count
+            found = self.channels.zero_pages() - self._zero_counted
+            self.stats.ram.duplicate += found
+            self.stats.ram.normal -= found
+            self._zero_counted += found
         self.enc.ram_eos()
         self.enc.footer(RAM_SECTION_ID)
         self._flush_main(force=True)
@@ -147,6 +141,9 @@ class RamSaver:
         words = self.ram.blocks[block_idx].words
         for a in range(start, stop, self.chunk_pages):
             b = min(a + self.chunk_pages, stop)
+            if not self.scan_zero:
+                self._emit(block_idx, np.arange(a, b, dtype=np.int64), None)
+                continue
             t0 = now_ns()
             zero = zero_pages(words[a:b])
             if self.trace is not None:
@@ -157,6 +154,9 @@ class RamSaver:
         words = self.ram.blocks[block_idx].words
         for a in range(0, len(idx), self.chunk_pages):
             chunk = idx[a:a + self.chunk_pages]
+            if not self.scan_zero:
+                self._emit(block_idx, chunk, None)
+                continue
             t0 = now_ns()
             if chunk[-1] - chunk[0] == len(chunk) - 1:  # a contiguous run: scan a view, no gather
                 zero = zero_pages(words[chunk[0]:chunk[-1] + 1])
@@ -166,13 +166,18 @@ class RamSaver:
                 self.trace.span(ZERO_SCAN, t0)
             self._emit(block_idx, chunk, zero)
 
-    def _emit(self, block_idx: int, idx: npt.NDArray[np.int64], zero: npt.NDArray[np.bool_]) -> None:
-        zeros = idx[zero]
-        if len(zeros):
-            self.enc.ram_zero_pages(self.ram.blocks[block_idx].name, zeros * TARGET_PAGE_SIZE)
-            self.stats.ram.duplicate += len(zeros)
-            self._flush_main()
-        normal = idx[~zero]
+    def _emit(self, block_idx: int, idx: npt.NDArray[np.int64], zero: npt.NDArray[np.bool_] | None) -> None:
+        """ZERO records for ``zero`` pages, the rest to the channels (all of them when ``zero``
+        is None: the channels find the zero pages, and the normal count is corrected from
+        theirs)."""
+        normal = idx
+        if zero is not None:
+            zeros = idx[zero]
+            if len(zeros):
+                self.enc.ram_zero_pages(self.ram.blocks[block_idx].name, zeros * TARGET_PAGE_SIZE)
+                self.stats.ram.duplicate += len(zeros)
+                self._flush_main()
+            normal = idx[~zero]
         if len(normal):
             self.queue.queue(block_idx, normal)
             self.stats.ram.normal += len(normal)

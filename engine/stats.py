@@ -17,7 +17,7 @@ from .wire import TARGET_PAGE_SIZE
 @dataclass
 class RamCounters:
     total: int = 0  # bytes of guest RAM (all blocks)
-    duplicate: int = 0  # zero pages (ZERO records on the main channel)
+    duplicate: int = 0  # zero pages (ZERO records, or zero_pages in packets with zero-page-detection=multifd)
     normal: int = 0  # pages sent whole (multifd packets + PAGE records)
     main_bytes: int = 0  # bytes on the main channel
     multifd_bytes: int = 0  # bytes on all multifd channels, headers included
@@ -69,7 +69,8 @@ class MigrationStats:
             },
             "throughput-mib-s": round(ram.total / t / (1 << 20), 1),
             "channels": [
-                {"id": c.id, "pid": c.pid, "packets": c.packets, "normal_pages": c.normal_pages, "bytes": c.bytes,
+                {"id": c.id, "pid": c.pid, "packets": c.packets, "normal_pages": c.normal_pages,
+                 "zero_pages": c.zero_pages, "bytes": c.bytes,
                  "cpu-seconds": round(c.cpu_seconds, 3), "peak-rss-kib": c.peak_rss_kib,
                  "private-rss-kib": c.private_rss_kib}
                 for c in self.channels

@@ -10,14 +10,21 @@ pages), always sent whole, followed by ``next_packet_size`` payload bytes when
 
 Receive-side validation follows QEMU 7.2 (``multifd_recv_unfill_packet``) with its
 off-by-one fixed (a channel id must be ``< multifd-channels``): ramblock, offsets and
-compression bits are only meaningful, and only checked, when ``normal_pages > 0``
+compression bits are only meaningful, and only checked, when the packet carries pages
 because the sender leaves stale values in empty packets (doc 2.2).
+
+``zero_pages`` is QEMU 9.0's field (``zero-page-detection=multifd``): the first u32 of the
+reserved area after ``packet_num``, which QEMU 7.2 leaves zero. Such a packet lists its
+``normal_pages`` offsets first, then its ``zero_pages`` offsets, and carries data only for the
+normal ones. This engine's destination always understands it; its source sends it only when
+asked to (a QEMU 7.2 destination would ignore the zero pages).
 """
 
 from __future__ import annotations
 
 import struct
 import uuid as uuidlib
+import dataclasses
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -48,7 +55,9 @@ MAX_CHANNELS = 255
 
 INIT_STRUCT = struct.Struct(">II16sB7s32s")
 INIT_SIZE = INIT_STRUCT.size  # 64
-PACKET_FIXED = struct.Struct(">IIIIIIQ32s256s")
+#: magic, version, flags, pages_alloc, normal_pages, next_packet_size, packet_num,
+#: zero_pages (QEMU 9.0; reserved in 7.2), reserved, ramblock
+PACKET_FIXED = struct.Struct(">IIIIIIQI28s256s")
 PACKET_FIXED_SIZE = PACKET_FIXED.size  # 320
 PACKET_HEADER_SIZE = PACKET_FIXED_SIZE + 8 * PAGES_PER_PACKET  # 1344
 
@@ -122,7 +131,8 @@ class PacketHeader:
     """A decoded ``MultiFDPacket_t`` header.
 
     ``offsets`` holds only the first ``normal_pages`` slots, as native int64 byte offsets
-    within ``ramblock``; ``ramblock`` is ``""`` for empty packets (its value is stale).
+    within ``ramblock``, and ``zero_offsets`` the next ``zero_pages`` ones; ``ramblock`` is
+    ``""`` for empty packets (its value is stale).
     """
 
     flags: int
@@ -132,7 +142,11 @@ class PacketHeader:
     packet_num: int
     ramblock: str
     offsets: npt.NDArray[np.int64]
-    zero_pages: int = 0
+    zero_offsets: npt.NDArray[np.int64] = dataclasses.field(default_factory=lambda: _NO_OFFSETS)
+
+    @property
+    def zero_pages(self) -> int:
+        return len(self.zero_offsets)
 
     @property
     def sync(self) -> bool:
@@ -163,17 +177,22 @@ class PacketEncoder:
         offsets: npt.NDArray[np.integer] | None = None,
         next_packet_size: int = 0,
         pages_alloc: int = PAGES_PER_PACKET,
+        zero_pages: int = 0,
     ) -> bytearray:
+        """``offsets`` lists the normal pages' offsets, then the last ``zero_pages`` are the
+        zero pages' (``zero-page-detection=multifd``)."""
         n = 0 if offsets is None else len(offsets)
         if n > PAGES_PER_PACKET:
             raise LocalProtocolError(f"packet with {n} pages, at most {PAGES_PER_PACKET} fit")
+        if not 0 <= zero_pages <= n:
+            raise LocalProtocolError(f"packet with {zero_pages} zero pages among {n} offsets")
         if len(ramblock) > MAX_RAMBLOCK_NAME:
             raise LocalProtocolError(f"RAM block name of {len(ramblock)} bytes, at most {MAX_RAMBLOCK_NAME}")
         if next_packet_size > MAX_PACKET_PAYLOAD:
             raise LocalProtocolError(f"payload of {next_packet_size} bytes, at most {MAX_PACKET_PAYLOAD}")
         PACKET_FIXED.pack_into(
-            self.buf, 0, MULTIFD_MAGIC, MULTIFD_VERSION, flags, pages_alloc, n, next_packet_size,
-            packet_num, bytes(32), ramblock,
+            self.buf, 0, MULTIFD_MAGIC, MULTIFD_VERSION, flags, pages_alloc, n - zero_pages, next_packet_size,
+            packet_num, zero_pages, bytes(28), ramblock,
         )
         if n:
             self._offsets[:n] = offsets
@@ -205,7 +224,7 @@ def decode_packet_header(
         raise RemoteProtocolError(
             f"multifd channel {channel}: packet header is {len(data)} bytes, expected {PACKET_HEADER_SIZE}"
         )
-    magic, version, flags, pages_alloc, normal_pages, next_size, packet_num, reserved, name_field = (
+    magic, version, flags, pages_alloc, normal_pages, next_size, packet_num, zero_pages, _, name_field = (
         PACKET_FIXED.unpack_from(data, 0)
     )
     where = f"multifd channel {channel}, packet_num {packet_num}"
@@ -219,11 +238,18 @@ def decode_packet_header(
         raise RemoteProtocolError(
             f"{where}: received normal_pages {normal_pages}, expected <= pages_alloc {pages_alloc}"
         )
-    if normal_pages == 0:
+    if zero_pages > pages_alloc - normal_pages:
+        raise RemoteProtocolError(
+            f"{where}: received zero_pages {zero_pages}, expected <= pages_alloc - normal_pages"
+            f" {pages_alloc - normal_pages}"
+        )
+    if normal_pages == 0 and zero_pages == 0:
         # ramblock, next_packet_size and the compression bits are stale here (doc 2.2).
         return PacketHeader(flags, pages_alloc, 0, 0, packet_num, "", _NO_OFFSETS)
     compression = flags & MULTIFD_FLAG_COMPRESSION_MASK
-    if compression != expected_compression:
+    if normal_pages == 0:
+        next_size = 0  # no payload follows, whatever the field says
+    elif compression != expected_compression:
         raise RemoteProtocolError(
             f"{where}: received compression flags {compression:#x}, expected {expected_compression:#x}"
             f" ({method_name_for_flag(expected_compression)})"
@@ -242,7 +268,8 @@ def decode_packet_header(
     length = blocks.get(name)
     if length is None:
         raise RemoteProtocolError(f"{where}: received unknown RAM block {name!r}, expected one of {sorted(blocks)}")
-    offsets = np.frombuffer(data, dtype=">u8", count=normal_pages, offset=PACKET_FIXED_SIZE).astype(np.int64)
+    count = normal_pages + zero_pages
+    offsets = np.frombuffer(data, dtype=">u8", count=count, offset=PACKET_FIXED_SIZE).astype(np.int64)
     bad = (offsets & (page_size - 1)) != 0
     bad |= offsets > length - page_size
     bad |= offsets < 0
@@ -253,6 +280,9 @@ def decode_packet_header(
             f"{where}: received offset[{i}] {raw:#x} in RAM block {name!r}, expected a multiple of "
             f"{page_size:#x} below {length:#x}"
         )
+    if zero_pages:
+        return PacketHeader(flags, pages_alloc, normal_pages, next_size, packet_num, name,
+                            offsets[:normal_pages], offsets[normal_pages:])
     return PacketHeader(flags, pages_alloc, normal_pages, next_size, packet_num, name, offsets)
 
 

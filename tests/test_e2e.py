@@ -125,3 +125,27 @@ def test_stats_interval_prints_json_lines(tmp_path: Path) -> None:
     lines = [json.loads(l) for l in src.stdout.splitlines() if l.startswith("{")]
     assert len(lines) >= 3 and all(l["status"] in ("setup", "active", "device", "completed") for l in lines)
     assert any(l.startswith("{") for l in dst.stdout.splitlines())
+
+
+@pytest.mark.parametrize("method", ["none", "zstd"])
+@pytest.mark.parametrize("mode", ["legacy", "multifd", "none"])
+def test_zero_page_detection_modes(tmp_path: Path, images, mode: str, method: str) -> None:
+    """zero-page-detection: legacy (ZERO records), multifd (zero_pages in packets), none."""
+    common = ["--channels", "3", "--compression", method, "--json"]
+    with Incoming("tcp:127.0.0.1:0", *common, "--dump", str(tmp_path / "dst")) as dst:
+        src = run_engine("migrate", dst.uri, *image_args(images), *common, "--zero-page-detection", mode,
+                         "--dump", str(tmp_path / "src"))
+        assert src.returncode == 0, src.stderr
+        assert dst.wait() == 0, dst.stderr
+    assert_same_ram(read_dump(tmp_path / "src"), read_dump(tmp_path / "dst"))
+    sj, dj = __import__("json").loads(src.stdout), dst.json()
+    total_pages = sj["ram"]["total"] // 4096
+    for side in (sj, dj):
+        assert side["ram"]["normal"] + side["ram"]["duplicate"] == total_pages
+        in_packets = sum(c["zero_pages"] for c in side["channels"])
+        assert in_packets == (side["ram"]["duplicate"] if mode == "multifd" else 0)
+    assert sj["ram"]["duplicate"] == dj["ram"]["duplicate"]
+    if mode == "none":
+        assert sj["ram"]["duplicate"] == 0
+    else:
+        assert sj["ram"]["duplicate"] >= 16 + 1024 // 8  # the zero block and a share of the mixed one

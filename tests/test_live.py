@@ -195,3 +195,33 @@ def test_cli_live_dump_is_the_stop_and_copy_state(tmp_path: Path) -> None:
         assert src.returncode == 0, src.stderr
         assert dst.wait() == 0, dst.stderr
     assert_same_ram(read_dump(tmp_path / "src"), read_dump(tmp_path / "dst"))
+
+
+@pytest.mark.parametrize("mode", ["multifd", "legacy"])
+def test_pages_that_become_zero_are_zeroed_on_the_destination(mode: str) -> None:
+    """A page sent non-zero in one iteration and zeroed before the next must arrive as zero
+    (the destination zero-fills written pages; untouched fresh ones it leaves alone), and a
+    zero page that becomes non-zero must arrive whole."""
+    with _guest(8 << 20, 2) as ram, Incoming("tcp:127.0.0.1:0", "--channels", "2", "--json", "--digest") as dst:
+        log = DirtyLog(ram)
+        spec = WorkloadSpec(dirty_rate=0, pattern="hotset", writers=1, seed=3)
+        with Workload(ram, spec, log) as guest:
+            _wait_for(lambda: guest.pages_written() > 1000, 10, "the writer to start")
+            params = MigrationParams(channels=2, downtime_limit=0, max_iterations=10**6, max_bandwidth=16 << 20,
+                                     zero_page_detection=mode)
+            with Migration(dst.uri, ram, params, tracker=log, guest=guest) as mig:
+                _wait_for(lambda: mig.stats.ram.dirty_sync_count >= 3 or mig.status not in ("setup", "active"), 60, "the first iterations")
+                assert mig.status == "active"
+                extra = ram.blocks[1]  # the workload leaves this block alone
+                extra.pages[: extra.npages // 2] = 0
+                extra.pages[extra.npages // 2:] = 0x5A
+                log.mark_range(1, 0, extra.npages)
+                sync = mig.stats.ram.dirty_sync_count
+                _wait_for(lambda: mig.stats.ram.dirty_sync_count >= sync + 2, 60, "two more iterations")
+                mig.set_parameters(downtime_limit=60_000)
+                stats = mig.wait(60)
+            assert stats.status == "completed"
+            assert dst.wait() == 0, dst.stderr
+            assert dst.json()["ram-digest"] == _digests(ram)
+        if mode == "multifd":
+            assert sum(c.zero_pages for c in stats.channels) == stats.ram.duplicate > 0

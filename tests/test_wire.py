@@ -407,7 +407,7 @@ def test_empty_packet_with_stale_fields_seen_on_the_wire() -> None:
     pages_alloc=st.integers(0, PAGES_PER_PACKET),
     next_size=st.integers(0, 2**32 - 1),
     packet_num=st.integers(0, 2**64 - 1),
-    unused=st.binary(min_size=32, max_size=32),
+    unused=st.binary(min_size=28, max_size=28),
     ramblock=st.binary(min_size=256, max_size=256),
     slots=st.binary(min_size=1024, max_size=1024),
     expected=st.sampled_from(COMPRESSIONS),
@@ -417,7 +417,7 @@ def test_empty_packet_ignores_every_stale_field(
     slots: bytes, expected: int,
 ) -> None:
     raw = struct.pack(">IIIIIIQ", MULTIFD_MAGIC, MULTIFD_VERSION, flags, pages_alloc, 0, next_size, packet_num)
-    raw += unused + ramblock + slots
+    raw += bytes(4) + unused + ramblock + slots  # zero_pages (QEMU 9.0) is 0: QEMU 7.2 never writes it
     hdr = decode_packet_header(raw, channel=0, expected_compression=expected, blocks={})
     assert (hdr.flags, hdr.pages_alloc, hdr.normal_pages, hdr.packet_num) == (flags, pages_alloc, 0, packet_num)
     assert hdr.next_packet_size == 0 and hdr.ramblock == "" and len(hdr.offsets) == 0
@@ -430,6 +430,46 @@ def test_offset_slots_beyond_normal_pages_are_ignored() -> None:
     raw = raw[:PACKET_FIXED_SIZE + 16] + b"\xff" * (1344 - PACKET_FIXED_SIZE - 16)  # leftovers: huge, unaligned
     hdr = decode_packet_header(raw, channel=0, expected_compression=MULTIFD_FLAG_NOCOMP, blocks={"ram": 2 * PAGE})
     assert hdr.offsets.tolist() == [0, PAGE]
+
+
+# ------------------------------------------- packet: zero_pages (zero-page-detection=multifd)
+
+def test_zero_pages_round_trip() -> None:
+    """QEMU 9.0 layout: zero_pages is the u32 after packet_num; normal offsets, then zero ones."""
+    offsets = np.array([3, 1, 7, 2], dtype=np.int64) * PAGE
+    raw = encode_packet_header(flags=MULTIFD_FLAG_ZSTD, packet_num=9, ramblock=b"ram", offsets=offsets,
+                               next_packet_size=100, zero_pages=2)
+    assert struct.unpack_from(">IIQI", raw, 16) == (2, 100, 9, 2)  # normal_pages, next size, packet_num, zero_pages
+    hdr = decode_packet_header(raw, channel=0, expected_compression=MULTIFD_FLAG_ZSTD, blocks={"ram": MIB64})
+    assert (hdr.normal_pages, hdr.zero_pages) == (2, 2)
+    assert hdr.offsets.tolist() == [3 * PAGE, PAGE] and hdr.zero_offsets.tolist() == [7 * PAGE, 2 * PAGE]
+
+
+def test_packet_of_only_zero_pages_has_no_payload() -> None:
+    raw = encode_packet_header(flags=MULTIFD_FLAG_NOCOMP, packet_num=1, ramblock=b"ram",
+                               offsets=np.array([0, PAGE]), zero_pages=2)
+    hdr = decode_packet_header(raw, channel=0, expected_compression=MULTIFD_FLAG_NOCOMP, blocks={"ram": MIB64})
+    assert (hdr.normal_pages, hdr.zero_pages, hdr.next_packet_size, hdr.ramblock) == (0, 2, 0, "ram")
+
+
+def test_zero_pages_beyond_pages_alloc() -> None:
+    raw = _poke(_valid(offsets=[0] * 100), ">I", 32, 29)  # 100 normal + 29 zero > 128
+    with pytest.raises(RemoteProtocolError, match=re.escape(
+            WHERE + "received zero_pages 29, expected <= pages_alloc - normal_pages 28")):
+        _decode(raw)
+
+
+def test_bad_zero_page_offset_is_reported_like_a_normal_one() -> None:
+    raw = encode_packet_header(flags=MULTIFD_FLAG_ZLIB, packet_num=7, ramblock=b"ram",
+                               offsets=np.array([0, PAGE, 0x100001]), next_packet_size=10, zero_pages=1)
+    with pytest.raises(RemoteProtocolError, match=re.escape(
+            WHERE + "received offset[2] 0x100001 in RAM block 'ram', expected a multiple of 0x1000 below 0x100000")):
+        _decode(raw)
+
+
+def test_encoder_refuses_more_zero_pages_than_offsets() -> None:
+    with pytest.raises(LocalProtocolError, match="packet with 3 zero pages among 2 offsets"):
+        encode_packet_header(flags=0, packet_num=0, ramblock=b"ram", offsets=np.array([0, PAGE]), zero_pages=3)
 
 
 def test_ramblock_byte_255_is_forced_to_nul() -> None:

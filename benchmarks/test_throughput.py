@@ -42,3 +42,27 @@ def test_migrate(benchmark, make_guest, tmp_path, transport: str, method: str, c
     benchmark.extra_info["guest_bytes"] = ram.total_size
     benchmark.extra_info["MiB/s (median)"] = round(ram.total_size / benchmark.stats.stats.median / 2**20, 1)
     benchmark.extra_info["transferred"] = stats.ram.transferred
+
+
+@pytest.mark.parametrize("dest", ["fresh", "prealloc"])
+@pytest.mark.parametrize("method", ["none", "lz4"])
+@pytest.mark.parametrize("detection", ["legacy", "multifd", "none"])
+def test_zero_page_detection(benchmark, make_guest, detection: str, method: str, dest: str) -> None:
+    """zero-page-detection legacy (main thread scans) vs multifd (channels scan, QEMU 9.0) vs none,
+    4 channels, TCP, mixed guest. Run: ./scripts/bench -k zero_page_detection"""
+    ram = make_guest("mixed")
+    params = MigrationParams(channels=4, compression=method, zero_page_detection=detection)
+    extra = ["--ram", f"pc.ram={ram.total_size}", "--prealloc"] if dest == "prealloc" else []
+    dests: list[Incoming] = []
+
+    def setup():
+        dst = Incoming("tcp:127.0.0.1:0", "--channels", "4", "--compression", method, "--json", *extra,
+                       "--listen-timeout", "120")
+        dests.append(dst)
+        return (dst.uri,), {}
+
+    stats = benchmark.pedantic(lambda uri: migrate(uri, ram, params), setup=setup, rounds=5, iterations=1)
+    for d in dests:
+        assert d.wait(120) == 0, d.stderr
+    benchmark.extra_info["MiB/s (median)"] = round(ram.total_size / benchmark.stats.stats.median / 2**20, 1)
+    benchmark.extra_info["transferred"] = stats.ram.transferred

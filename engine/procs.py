@@ -62,7 +62,9 @@ def _keep_packet_buffers() -> None:
     """Serve the per-packet buffers (decompressed 512 KiB payloads, compressed output) from the
     heap and keep freed ones there. By default glibc hands such sizes out with ``mmap`` and
     unmaps them on free, so every packet paid ~128 fresh-page faults: ~350k minor faults per
-    GiB on a compressed receive path. The heap's high-water mark stays a few packets' worth."""
+    GiB on a compressed receive path. The heap's high-water mark stays a few packets' worth.
+    Measured (1 GiB mixed, 4 channels, medians of 3): lz4 2.62 -> 2.01 s, zstd 3.81 -> 3.36 s,
+    lz4 into a pre-allocated destination 2.31 -> 1.84 s."""
     try:
         libc = ctypes.CDLL(None)
         libc.mallopt(_M_MMAP_THRESHOLD, 8 << 20)
@@ -92,6 +94,9 @@ def child_main(
     # Everything inherited is long-lived: keep the cyclic GC from rescanning (and, through
     # reference-count writes, copying) the parent's objects on every packet's allocations.
     gc.freeze()
+    # A channel loop makes no reference cycles; the collector still ran on its per-packet
+    # allocations (about 2% of a destination channel's CPU in a perf profile).
+    gc.disable()
     _keep_packet_buffers()
     for obj in close:  # inherited sockets and fds that belong to others
         try:

@@ -33,16 +33,15 @@ owns (plain ints) and the channels' shared counters, and returns a fresh dict.
 from __future__ import annotations
 
 import json
-import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
 from .dirty import DirtyTracker, PageSets, count_pages, merge
-from .errors import MigrationCancelled, MigrationError, MigrationTimeout
+from .errors import MigrationCancelled, MigrationError
+from .job import BackgroundJob, Guest, IterationStats
 from .params import MigrationParams
 from .ram import GuestRam
 from .send_channels import SendChannels
@@ -57,36 +56,8 @@ RATE_WINDOW = 0.1  # seconds; QEMU enforces max-bandwidth per 100 ms too
 DIRTY_RATE_HIGH = 0.5  # auto-converge trigger: dirtied > 50% of what was sent (throttle-trigger-threshold)
 
 
-class Guest(Protocol):
-    """What the migration needs from a running guest: ``vm_stop`` / ``vm_start``."""
-
-    def pause(self, timeout: float = ...) -> None: ...
-
-    def resume(self) -> None: ...
-
-
 class Throttleable(Protocol):
     def set_throttle(self, percent: int) -> None: ...
-
-
-@dataclass
-class IterationStats:
-    iteration: int
-    pages: int
-    zero_pages: int
-    bytes: int
-    duration: float
-    dirty_pages: int  # dirtied during this iteration (found by the next sync)
-    expected_downtime: float  # seconds, after this iteration
-    throttle: int
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "iteration": self.iteration, "pages": self.pages, "zero-pages": self.zero_pages, "bytes": self.bytes,
-            "duration-ms": round(self.duration * 1000, 1), "dirty-pages": self.dirty_pages,
-            "dirty-pages-rate": round(self.dirty_pages / max(self.duration, 1e-9)),
-            "expected-downtime": round(self.expected_downtime * 1000), "cpu-throttle-percentage": self.throttle,
-        }
 
 
 class RateLimiter:
@@ -119,7 +90,7 @@ class RateLimiter:
         self._t0, self._b0 = time.monotonic(), committed
 
 
-class Migration:
+class Migration(BackgroundJob):
     """One outgoing migration. Use as a context manager, or ``start()`` / ``wait()``.
 
     ``tracker`` finds dirty pages between iterations (a :class:`~engine.dirty.DirtyLog` filled
@@ -127,79 +98,32 @@ class Migration:
     is taken as static. ``guest`` is paused for stop-and-copy.
     """
 
+    what = "migration"
+
     def __init__(self, uri: str, ram: GuestRam, params: MigrationParams, *, tracker: DirtyTracker | None = None,
                  guest: Guest | None = None, trace_file: str | Path | None = None) -> None:
+        super().__init__(ram, params, tracker, guest)
         self.uri = uri
         self.addr = parse_uri(uri)
-        self.ram = ram
-        self.params = params
-        self.tracker = tracker
-        self.guest = guest
-        self.stats = MigrationStats(status="none")
-        self.stats.ram.total = ram.total_size
-        self.iterations: list[IterationStats] = []
-        self.throttle = 0
-        self.expected_downtime = 0.0
-        self.dirty_pages_rate = 0
-        self.error: MigrationError | None = None
-        self._cancel = threading.Event()
-        self._done = threading.Event()
-        self._thread: threading.Thread | None = None
         self._channels: SendChannels | None = None
         self._main: Any = None
         self._saver: RamSaver | None = None
-        self._remaining_pages = ram.total_size // TARGET_PAGE_SIZE
-        self._guest_paused = False
         self._limiter: RateLimiter | None = None
         self.trace_file = Path(trace_file) if trace_file else None
         self.trace = Trace("source migration thread") if trace_file else None
 
     # ------------------------------------------------------------------ public API
 
-    def start(self) -> Migration:
-        """Connect and start the channels (raises on failure), then migrate in the background."""
-        if self._thread is not None:
-            return self
-        self.stats = MigrationStats(status="setup")
-        self.stats.ram.total = self.ram.total_size
-        try:
-            self._connect()
-        except BaseException as exc:
-            self._finish(exc if isinstance(exc, MigrationError) else None)
-            raise
-        self._thread = threading.Thread(target=self._run, name="migration", daemon=True)
-        self._thread.start()
-        return self
-
     def set_parameters(self, **changes: Any) -> None:
-        """``migrate-set-parameters`` while running: e.g. ``downtime_limit``, ``max_bandwidth``,
-        ``auto_converge``, ``max_iterations``. Takes effect at the next chunk or iteration."""
-        import dataclasses
-
-        new = dataclasses.replace(self.params, **changes)
-        self.params = new
+        super().set_parameters(**changes)
+        new = self.params
         if self._limiter is not None and self._limiter.rate != new.max_bandwidth:
             self._limiter.rate = new.max_bandwidth
             self._limiter.reset(self._committed())
 
     def cancel(self) -> None:
         """Cancel (``migrate_cancel``): the destination fails, the guest keeps running."""
-        self._cancel.set()
-
-    def wait(self, timeout: float | None = None) -> MigrationStats:
-        """Wait for the end; returns the stats on completion, raises the error otherwise."""
-        if self._thread is None:
-            raise MigrationError("the migration was not started")
-        if not self._done.wait(timeout):
-            raise MigrationTimeout(f"the migration did not finish within {timeout:g}s")
-        self._thread.join()
-        if self.error is not None:
-            raise self.error
-        return self.stats
-
-    @property
-    def status(self) -> str:
-        return self.stats.status
+        super().cancel()
 
     def query(self) -> dict[str, Any]:
         """A ``query-migrate``-shaped snapshot (safe from any thread)."""
@@ -207,8 +131,6 @@ class Migration:
         if self._channels is not None:
             st.channels = self._channels.stats()
             st.ram.multifd_bytes = sum(c.bytes for c in st.channels)
-        if self._saver is not None and st.status == "active" and self.iterations is not None:
-            pass
         st.ram.remaining = self._remaining_pages * TARGET_PAGE_SIZE
         out = st.to_json()
         out["expected-downtime"] = round(self.expected_downtime * 1000)
@@ -218,19 +140,10 @@ class Migration:
         out["iteration"] = len(self.iterations) + (st.status == "active")
         return out
 
-    def __enter__(self) -> Migration:
-        return self.start()
-
-    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        if self._thread is not None and not self._done.is_set():
-            self.cancel()
-            self._done.wait(self.params.stall_timeout + 10)
-
     # ------------------------------------------------------------------- internals
 
-    def _check(self) -> None:
-        if self._cancel.is_set():
-            raise MigrationCancelled("migration cancelled")
+    def _setup_failed(self, exc: BaseException) -> None:
+        self._finish(exc if isinstance(exc, MigrationError) else None)
 
     def _transferred(self) -> int:
         ch = self._channels
@@ -250,7 +163,9 @@ class Migration:
     def _main_send(self, data: bytes) -> None:
         send_all(self._main, [data], "main channel")
 
-    def _connect(self) -> None:
+    def _setup(self) -> None:
+        """Connect the main channel, write the stream header, connect and hand over the
+        multifd channels (forking their processes)."""
         p = self.params
         ensure_fd_budget(p.channels, "source")
         enc = StreamEncoder()

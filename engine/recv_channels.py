@@ -26,7 +26,6 @@ from __future__ import annotations
 import mmap
 import os
 import socket
-import struct
 import time
 from typing import Any, Sequence
 

@@ -33,9 +33,7 @@ closed. The caller owns the returned :class:`~engine.ram.GuestRam`.
 
 from __future__ import annotations
 
-import dataclasses
 import os
-import threading
 import time
 import zlib
 from pathlib import Path
@@ -44,8 +42,9 @@ from typing import Any
 import numpy as np
 
 from .dirty import DirtyTracker, PageSets, count_pages, merge
-from .errors import ConfigError, MigrationCancelled, MigrationError, MigrationTimeout
-from .migration import DIRTY_RATE_HIGH, Guest, IterationStats
+from .errors import ConfigError, MigrationCancelled, MigrationError
+from .job import BackgroundJob, Guest, IterationStats
+from .migration import DIRTY_RATE_HIGH
 from .params import DEFAULT_CHANNELS, DEFAULT_STALL_TIMEOUT, MigrationParams
 from .ram import BlockSpec, GuestRam
 from .send_channels import C_BYTES, C_PAGES, C_ZERO
@@ -70,36 +69,23 @@ def _pwrite_all(fd: int, data: bytes, off: int) -> None:
         view, off = view[n:], off + n
 
 
-class SnapshotSave:
+class SnapshotSave(BackgroundJob):
     """One save of guest RAM to a snapshot file. Use as a context manager, or ``start()`` /
     ``wait()``. ``tracker`` and ``guest`` as for :class:`~engine.migration.Migration`; without
     a tracker the guest is taken as static (one iteration). ``fsync=False`` skips the two
     ``fsync`` calls of the commit (the file is then safe against a crash of this process, not
     of the machine)."""
 
+    what = "snapshot save"
+
     def __init__(self, path: str | Path, ram: GuestRam, params: MigrationParams | None = None, *,
                  tracker: DirtyTracker | None = None, guest: Guest | None = None, fsync: bool = True) -> None:
+        super().__init__(ram, params or MigrationParams(), tracker, guest)
         self.path = str(path)
-        self.ram = ram
-        self.params = params or MigrationParams()
-        self.tracker = tracker
-        self.guest = guest
         self.fsync = fsync
-        self.stats = MigrationStats(status="none")
-        self.stats.ram.total = ram.total_size
-        self.iterations: list[IterationStats] = []
-        self.throttle = 0
-        self.expected_downtime = 0.0
-        self.dirty_pages_rate = 0
-        self.error: MigrationError | None = None
-        self._cancel = threading.Event()
-        self._done = threading.Event()
-        self._thread: threading.Thread | None = None
         self._channels: SnapshotChannels | None = None
         self._fd = -1
         self._created = False
-        self._guest_paused = False
-        self._remaining_pages = ram.total_size // TARGET_PAGE_SIZE
         self.geo = Geometry([b.npages for b in ram])
         self.method = self.params.compression
         self.compressed = self.method != "none"
@@ -108,60 +94,9 @@ class SnapshotSave:
 
     # ------------------------------------------------------------------ public API
 
-    def start(self) -> SnapshotSave:
-        """Create the file and start the channels (raises on failure), then save in the background."""
-        if self._thread is not None:
-            return self
-        self.stats = MigrationStats(status="setup")
-        self.stats.ram.total = self.ram.total_size
-        p = self.params
-        try:
-            try:
-                self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-            except OSError as exc:
-                raise SnapshotError(f"snapshot {self.path}: cannot create: {exc.strerror}") from None
-            self._created = True
-            _pwrite_all(self._fd, Header(len(self.ram), self.method, p.effective_level).pack(), 0)
-            state = self._state = SharedState(self.geo, p.channels)
-            state.ctl[N_HEAP] = HEADER_SIZE
-            fd, ram, geo, level, offs = self._fd, self.ram, self.geo, p.effective_level, self._data_offsets
-            self._channels = SnapshotChannels(
-                "save", p.channels, state, save_channel,
-                lambda ch, cmds: (ch, cmds, fd, ram, geo, state, self.method, level, offs, p.stall_timeout))
-        except BaseException as exc:
-            self._finish(exc)
-            raise
-        self._thread = threading.Thread(target=self._run, name="snapshot-save", daemon=True)
-        self._thread.start()
-        return self
-
-    def set_parameters(self, **changes: Any) -> None:
-        """``migrate-set-parameters`` while running (``downtime_limit``, ``max_iterations``,
-        ``max_bandwidth``, ``auto_converge``, ...); takes effect at the next iteration."""
-        self.params = dataclasses.replace(self.params, **changes)
-
     def cancel(self) -> None:
         """Cancel: the partial file is removed, the guest keeps running."""
-        self._cancel.set()
-
-    def wait(self, timeout: float | None = None) -> MigrationStats:
-        """Wait for the end; returns the stats on completion, raises the error otherwise."""
-        if self._thread is None:
-            raise MigrationError("the snapshot save was not started")
-        if not self._done.wait(timeout):
-            raise MigrationTimeout(f"the snapshot save did not finish within {timeout:g}s")
-        self._thread.join()
-        if self.error is not None:
-            raise self.error
-        return self.stats
-
-    @property
-    def status(self) -> str:
-        return self.stats.status
-
-    @property
-    def done(self) -> bool:
-        return self._done.is_set()
+        super().cancel()
 
     def query(self) -> dict[str, Any]:
         """A ``query-migrate``-shaped snapshot (safe from any thread)."""
@@ -177,19 +112,26 @@ class SnapshotSave:
         out["iteration"] = len(self.iterations) + (st.status == "active")
         return out
 
-    def __enter__(self) -> SnapshotSave:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        if self._thread is not None and not self._done.is_set():
-            self.cancel()
-            self._done.wait(self.params.stall_timeout + 10)
-
     # ------------------------------------------------------------------- internals
 
-    def _check(self) -> None:
-        if self._cancel.is_set():
-            raise MigrationCancelled("snapshot save cancelled")
+    def _setup(self) -> None:
+        """Create the file and start the channels."""
+        p = self.params
+        try:
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise SnapshotError(f"snapshot {self.path}: cannot create: {exc.strerror}") from None
+        self._created = True
+        _pwrite_all(self._fd, Header(len(self.ram), self.method, p.effective_level).pack(), 0)
+        state = self._state = SharedState(self.geo, p.channels)
+        state.ctl[N_HEAP] = HEADER_SIZE
+        fd, ram, geo, level, offs = self._fd, self.ram, self.geo, p.effective_level, self._data_offsets
+        self._channels = SnapshotChannels(
+            "save", p.channels, state, save_channel,
+            lambda ch, cmds: (ch, cmds, fd, ram, geo, state, self.method, level, offs, p.stall_timeout))
+
+    def _setup_failed(self, exc: BaseException) -> None:
+        self._finish(exc)
 
     def _count(self, st: MigrationStats) -> None:
         ch = self._channels

@@ -1,0 +1,146 @@
+"""What a migration and a snapshot save share: one job on one background thread.
+
+Theory of operation
+-------------------
+``start()`` runs the job's setup on the caller's thread (so a bad URI, a refused connection or
+an unwritable file raises right there), then the rest on a background thread. Any thread may
+``query()``, ``cancel()`` or ``wait()``: cancellation is an event the job checks between
+chunks of work (:meth:`_check`), and the job sets ``_done`` exactly once, after its single
+shutdown path has released everything. Used as a context manager, leaving the block early
+cancels the job and waits for that shutdown.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from dataclasses import dataclass
+from typing import Any, Protocol, Self
+
+from .dirty import DirtyTracker
+from .errors import MigrationCancelled, MigrationError, MigrationTimeout
+from .params import MigrationParams
+from .ram import GuestRam
+from .stats import MigrationStats
+from .wire import TARGET_PAGE_SIZE
+
+
+class Guest(Protocol):
+    """What the migration needs from a running guest: ``vm_stop`` / ``vm_start``."""
+
+    def pause(self, timeout: float = ...) -> None: ...
+
+    def resume(self) -> None: ...
+
+
+@dataclass
+class IterationStats:
+    iteration: int
+    pages: int
+    zero_pages: int
+    bytes: int
+    duration: float
+    dirty_pages: int  # dirtied during this iteration (found by the next sync)
+    expected_downtime: float  # seconds, after this iteration
+    throttle: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "iteration": self.iteration, "pages": self.pages, "zero-pages": self.zero_pages, "bytes": self.bytes,
+            "duration-ms": round(self.duration * 1000, 1), "dirty-pages": self.dirty_pages,
+            "dirty-pages-rate": round(self.dirty_pages / max(self.duration, 1e-9)),
+            "expected-downtime": round(self.expected_downtime * 1000), "cpu-throttle-percentage": self.throttle,
+        }
+
+
+class BackgroundJob:
+    """The life cycle and the precopy state of a migration or a snapshot save."""
+
+    what = "job"  # in messages: "migration", "snapshot save"
+
+    def __init__(self, ram: GuestRam, params: MigrationParams, tracker: DirtyTracker | None,
+                 guest: Guest | None) -> None:
+        self.ram = ram
+        self.params = params
+        self.tracker = tracker
+        self.guest = guest
+        self.stats = MigrationStats(status="none")
+        self.stats.ram.total = ram.total_size
+        self.iterations: list[IterationStats] = []
+        self.throttle = 0
+        self.expected_downtime = 0.0
+        self.dirty_pages_rate = 0
+        self.error: MigrationError | None = None
+        self._cancel = threading.Event()
+        self._done = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._guest_paused = False
+        self._remaining_pages = ram.total_size // TARGET_PAGE_SIZE
+
+    # ------------------------------------------------------------------ public API
+
+    def start(self) -> Self:
+        """Set up on this thread (raises on failure), then run in the background."""
+        if self._thread is not None:
+            return self
+        self.stats = MigrationStats(status="setup")
+        self.stats.ram.total = self.ram.total_size
+        try:
+            self._setup()
+        except BaseException as exc:
+            self._setup_failed(exc)
+            raise
+        self._thread = threading.Thread(target=self._run, name=self.what.replace(" ", "-"), daemon=True)
+        self._thread.start()
+        return self
+
+    def set_parameters(self, **changes: Any) -> None:
+        """``migrate-set-parameters`` while running: e.g. ``downtime_limit``, ``max_bandwidth``,
+        ``auto_converge``, ``max_iterations``. Takes effect at the next chunk or iteration."""
+        self.params = dataclasses.replace(self.params, **changes)
+
+    def cancel(self) -> None:
+        """Cancel (``migrate_cancel``): the job fails with "cancelled", the guest keeps running."""
+        self._cancel.set()
+
+    def wait(self, timeout: float | None = None) -> MigrationStats:
+        """Wait for the end; returns the stats on completion, raises the error otherwise."""
+        if self._thread is None:
+            raise MigrationError(f"the {self.what} was not started")
+        if not self._done.wait(timeout):
+            raise MigrationTimeout(f"the {self.what} did not finish within {timeout:g}s")
+        self._thread.join()
+        if self.error is not None:
+            raise self.error
+        return self.stats
+
+    @property
+    def status(self) -> str:
+        return self.stats.status
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        if self._thread is not None and not self._done.is_set():
+            self.cancel()
+            self._done.wait(self.params.stall_timeout + 10)
+
+    # ------------------------------------------------------------------- for subclasses
+
+    def _setup(self) -> None:
+        """Everything that must fail on the caller's thread."""
+
+    def _setup_failed(self, exc: BaseException) -> None:
+        """Release what a failed ``_setup`` left (the same shutdown path as a failed run)."""
+
+    def _run(self) -> None:
+        raise NotImplementedError
+
+    def _check(self) -> None:
+        if self._cancel.is_set():
+            raise MigrationCancelled(f"{self.what} cancelled")

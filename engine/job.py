@@ -14,11 +14,14 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any, Protocol, Self
 
 from .dirty import DirtyTracker
 from .errors import MigrationCancelled, MigrationError, MigrationTimeout
+
+DIRTY_RATE_HIGH = 0.5  # auto-converge trigger: dirtied > 50% of what was sent (throttle-trigger-threshold)
 from .params import MigrationParams
 from .ram import GuestRam
 from .stats import MigrationStats
@@ -57,6 +60,7 @@ class BackgroundJob:
     """The life cycle and the precopy state of a migration or a snapshot save."""
 
     what = "job"  # in messages: "migration", "snapshot save"
+    converge_hint = "raise downtime-limit or enable auto-converge"
 
     def __init__(self, ram: GuestRam, params: MigrationParams, tracker: DirtyTracker | None,
                  guest: Guest | None) -> None:
@@ -76,6 +80,7 @@ class BackgroundJob:
         self._thread: threading.Thread | None = None
         self._guest_paused = False
         self._remaining_pages = ram.total_size // TARGET_PAGE_SIZE
+        self._high = 0  # iterations in a row that dirtied fast (auto-converge)
 
     # ------------------------------------------------------------------ public API
 
@@ -140,6 +145,40 @@ class BackgroundJob:
 
     def _run(self) -> None:
         raise NotImplementedError
+
+    def _end_of_iteration(self, iteration: int, pages: int, zero: int, nbytes: int, dt: float, remaining: int,
+                          moved: int) -> bool:
+        """Record a precopy iteration (``moved`` bytes in ``dt`` seconds; ``remaining`` pages
+        dirty after it). True when those fit in ``downtime-limit`` at the measured bandwidth;
+        else applies ``auto-converge`` and raises once ``max-iterations`` / ``max-time`` is hit."""
+        p = self.params  # set_parameters() may have changed it
+        self._remaining_pages = remaining
+        self.expected_downtime = remaining * TARGET_PAGE_SIZE / max(moved / dt, 1.0)
+        self.dirty_pages_rate = round(remaining / dt)
+        self.iterations.append(IterationStats(iteration, pages, zero, nbytes, dt, remaining,
+                                              self.expected_downtime, self.throttle))
+        if self.expected_downtime * 1000 <= p.downtime_limit:
+            return True
+        set_throttle = getattr(self.guest, "set_throttle", None)
+        if p.auto_converge and set_throttle is not None:
+            self._high = self._high + 1 if remaining * TARGET_PAGE_SIZE > DIRTY_RATE_HIGH * moved else 0
+            if self._high >= 2:
+                self._high = 0
+                self.throttle = (p.cpu_throttle_initial if not self.throttle
+                                 else min(p.max_cpu_throttle, self.throttle + p.cpu_throttle_increment))
+                set_throttle(self.throttle)
+        why = None
+        if iteration >= p.max_iterations:
+            why = f"{iteration} iterations (max-iterations)"
+        elif p.max_time and time.monotonic() - self.stats.start >= p.max_time:
+            why = f"{p.max_time:g}s (max-time)"
+        if why:
+            raise MigrationError(
+                f"{self.what} did not converge after {why}: {remaining * TARGET_PAGE_SIZE} bytes still dirty,"
+                f" expected downtime {self.expected_downtime * 1000:.0f} ms > downtime-limit {p.downtime_limit} ms"
+                f" ({self.converge_hint})"
+            )
+        return False
 
     def _check(self) -> None:
         if self._cancel.is_set():

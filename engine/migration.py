@@ -41,7 +41,7 @@ import numpy as np
 
 from .dirty import DirtyTracker, PageSets, count_pages, merge
 from .errors import MigrationCancelled, MigrationError
-from .job import BackgroundJob, Guest, IterationStats
+from .job import BackgroundJob, Guest
 from .params import MigrationParams
 from .ram import GuestRam
 from .send_channels import SendChannels
@@ -53,7 +53,6 @@ from .transport import Deadline, connect, ensure_fd_budget, parse_uri, send_all
 from .wire import PAGES_PER_PACKET, TARGET_PAGE_SIZE, MultiFDInit
 
 RATE_WINDOW = 0.1  # seconds; QEMU enforces max-bandwidth per 100 ms too
-DIRTY_RATE_HIGH = 0.5  # auto-converge trigger: dirtied > 50% of what was sent (throttle-trigger-threshold)
 
 
 class Throttleable(Protocol):
@@ -99,6 +98,7 @@ class Migration(BackgroundJob):
     """
 
     what = "migration"
+    converge_hint = "raise max-bandwidth or downtime-limit, or enable auto-converge"
 
     def __init__(self, uri: str, ram: GuestRam, params: MigrationParams, *, tracker: DirtyTracker | None = None,
                  guest: Guest | None = None, trace_file: str | Path | None = None) -> None:
@@ -232,7 +232,6 @@ class Migration(BackgroundJob):
         return dirty
 
     def _migrate(self) -> None:
-        p = self.params
         st = self.stats
         saver = self._saver = self._make_saver()
         self._section_pages = 0
@@ -244,50 +243,23 @@ class Migration(BackgroundJob):
             st.ram.dirty_sync_count += 1
         st.setup_time = time.monotonic() - st.start
         st.status = "active"
-        high = 0
         iteration = 0
         while True:
             iteration += 1
             self._check()
-            p = self.params  # may have been changed by set_parameters()
             pages = count_pages(dirty) if dirty is not None else self.ram.total_size // TARGET_PAGE_SIZE
             self._section_pages = pages
             t0, b0, z0 = time.monotonic(), self._transferred(), st.ram.duplicate
             saver.save_section(dirty)
             dt = max(time.monotonic() - t0, 1e-6)
             sent = self._transferred() - b0
-            bandwidth = max(sent / dt, 1.0)
             if self.tracker is None:
                 dirty = {}
                 st.ram.dirty_sync_count += 1
             else:
                 dirty = self._sync_dirty()
-            remaining = count_pages(dirty)
-            self._remaining_pages = remaining
-            self.expected_downtime = remaining * TARGET_PAGE_SIZE / bandwidth
-            self.dirty_pages_rate = round(remaining / dt)
-            self.iterations.append(IterationStats(iteration, pages, st.ram.duplicate - z0, sent, dt, remaining,
-                                                  self.expected_downtime, self.throttle))
-            if self.expected_downtime * 1000 <= p.downtime_limit:
+            if self._end_of_iteration(iteration, pages, st.ram.duplicate - z0, sent, dt, count_pages(dirty), sent):
                 break
-            if p.auto_converge and isinstance(self.guest, object) and hasattr(self.guest, "set_throttle"):
-                high = high + 1 if remaining * TARGET_PAGE_SIZE > DIRTY_RATE_HIGH * sent else 0
-                if high >= 2:
-                    high = 0
-                    self.throttle = (p.cpu_throttle_initial if not self.throttle
-                                     else min(p.max_cpu_throttle, self.throttle + p.cpu_throttle_increment))
-                    self.guest.set_throttle(self.throttle)  # type: ignore[union-attr]
-            why = None
-            if iteration >= p.max_iterations:
-                why = f"{iteration} iterations (max-iterations)"
-            elif p.max_time and time.monotonic() - st.start >= p.max_time:
-                why = f"{p.max_time:g}s (max-time)"
-            if why:
-                raise MigrationError(
-                    f"migration did not converge after {why}: {remaining * TARGET_PAGE_SIZE} bytes still dirty,"
-                    f" expected downtime {self.expected_downtime * 1000:.0f} ms > downtime-limit {p.downtime_limit} ms"
-                    " (raise max-bandwidth or downtime-limit, or enable auto-converge)"
-                )
         self._stop_and_copy(dirty)
 
     def _stop_and_copy(self, dirty: PageSets) -> None:

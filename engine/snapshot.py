@@ -43,8 +43,7 @@ import numpy as np
 
 from .dirty import DirtyTracker, PageSets, count_pages, merge
 from .errors import ConfigError, MigrationCancelled, MigrationError
-from .job import BackgroundJob, Guest, IterationStats
-from .migration import DIRTY_RATE_HIGH
+from .job import BackgroundJob, Guest
 from .params import DEFAULT_CHANNELS, DEFAULT_STALL_TIMEOUT, MigrationParams
 from .ram import BlockSpec, GuestRam
 from .send_channels import C_BYTES, C_PAGES, C_ZERO
@@ -185,40 +184,15 @@ class SnapshotSave(BackgroundJob):
         dirty: PageSets | None = None
         st.setup_time = time.monotonic() - st.start
         st.status = "active"
-        high = iteration = 0
+        iteration = 0
         while True:
             iteration += 1
             self._check()
-            p = self.params  # set_parameters() may have changed it
             pages, zero, written, dt = self._round(dirty, final=False)
             dirty = self._sync() if self.tracker is not None else {}
             assert dirty is not None
-            remaining = count_pages(dirty)
-            self._remaining_pages = remaining
-            bandwidth = max(pages * TARGET_PAGE_SIZE / dt, 1.0)
-            self.expected_downtime = remaining * TARGET_PAGE_SIZE / bandwidth
-            self.dirty_pages_rate = round(remaining / dt)
-            self.iterations.append(IterationStats(iteration, pages, zero, written, dt, remaining,
-                                                  self.expected_downtime, self.throttle))
-            if self.expected_downtime * 1000 <= p.downtime_limit:
+            if self._end_of_iteration(iteration, pages, zero, written, dt, count_pages(dirty), pages * TARGET_PAGE_SIZE):
                 break
-            if p.auto_converge and hasattr(self.guest, "set_throttle"):
-                high = high + 1 if remaining * TARGET_PAGE_SIZE > DIRTY_RATE_HIGH * pages * TARGET_PAGE_SIZE else 0
-                if high >= 2:
-                    high = 0
-                    self.throttle = (p.cpu_throttle_initial if not self.throttle
-                                     else min(p.max_cpu_throttle, self.throttle + p.cpu_throttle_increment))
-                    self.guest.set_throttle(self.throttle)  # type: ignore[union-attr]
-            why = None
-            if iteration >= p.max_iterations:
-                why = f"{iteration} iterations (max-iterations)"
-            elif p.max_time and time.monotonic() - st.start >= p.max_time:
-                why = f"{p.max_time:g}s (max-time)"
-            if why:
-                raise MigrationError(
-                    f"snapshot save did not converge after {why}: {remaining * TARGET_PAGE_SIZE} bytes still dirty,"
-                    f" expected downtime {self.expected_downtime * 1000:.0f} ms > downtime-limit {p.downtime_limit} ms"
-                    " (raise downtime-limit or enable auto-converge)")
         # stop-and-copy
         st.status = "device"
         down = time.monotonic()

@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from .compression import method_names
 from .errors import ConfigError, MigrationCancelled, MigrationError
@@ -26,6 +26,9 @@ from .ram import FILLS, BlockSpec, GuestRam, block_digest, fill_pages, safe_file
 from .stats import human_summary
 from .wire import TARGET_PAGE_SIZE
 from .workload import DIRTY_PATTERNS
+
+if TYPE_CHECKING:
+    from .job import BackgroundJob
 
 DEFAULT_BLOCK = "pc.ram"
 
@@ -245,54 +248,76 @@ def stats_line(q: dict[str, Any]) -> dict[str, Any]:
     return line
 
 
-def cmd_migrate(args: argparse.Namespace) -> int:
+def run_live_job(args: argparse.Namespace, make_job: Callable[[GuestRam, Any, Any], BackgroundJob], *,
+                 wait_running: bool = False) -> dict[str, Any]:
+    """What ``migrate`` and ``save`` share: the guest (RAM images or a generated guest, with a
+    workload when ``--dirty-rate`` is given), the job, a progress line on a terminal,
+    ``--stats-interval`` lines, cancel on Ctrl-C / SIGTERM, then ``--dump`` and ``--digest``.
+    Returns the final ``query-migrate`` dict."""
     from .dirty import DirtyLog
-    from .migration import Migration
     from .workload import Workload, WorkloadSpec
 
-    params = _params(args)
     spec = None
-    if args.dirty_rate is not None:
+    if getattr(args, "dirty_rate", None) is not None:
         spec = WorkloadSpec(dirty_rate=parse_size(args.dirty_rate, "--dirty-rate"), pattern=args.dirty_pattern,
                             writers=args.writers, seed=args.seed)
     ram = load_images(args.ram_image) if args.ram_image else generated_ram(args.ram_size, args.fill, args.seed)
     show = sys.stderr.isatty() and not args.json
+    stats_interval = getattr(args, "stats_interval", 0)
+    interval = stats_interval / 1000 if stats_interval > 0 else None
+    tick = min(0.25, interval) if interval else 0.25
     with ram:
         log = DirtyLog(ram) if spec else None
         workload = Workload(ram, spec, log).start() if spec else None
         try:
-            mig = Migration(args.uri, ram, params, tracker=log, guest=workload, trace_file=args.trace)
-            mig.start()
-            interval = args.stats_interval / 1000 if args.stats_interval > 0 else None
-            tick = min(0.25, interval) if interval else 0.25
+            if workload is not None and wait_running:
+                _wait_running(workload)
+            job = make_job(ram, log, workload)
+            job.start()
             next_stats = time.monotonic() + (interval or 0)
             try:
-                while not mig._done.wait(tick):
+                while not job.wait_done(tick):
                     if workload is not None:
                         workload.check()
                     if show:
-                        print("\r" + progress_line(mig.query()).ljust(120), end="", file=sys.stderr, flush=True)
+                        print("\r" + progress_line(job.query()).ljust(120), end="", file=sys.stderr, flush=True)
                     if interval and time.monotonic() >= next_stats:
                         next_stats += interval
-                        print(json.dumps(stats_line(mig.query())), flush=True)
+                        print(json.dumps(stats_line(job.query())), flush=True)
             except (KeyboardInterrupt, MigrationCancelled):
-                mig.cancel()
-                mig._done.wait(params.stall_timeout + 10)
+                job.cancel()
+                job.wait_done(job.params.stall_timeout + 10)
                 raise
             finally:
                 if show:
                     print(file=sys.stderr)
-            mig.wait()
+            job.wait()
             if args.dump:
                 dump_ram(ram, args.dump)
-            out = mig.query()
+            out = job.query()
             if args.digest:
                 out["ram-digest"] = {b.name: block_digest(b) for b in ram}
+            return out
         finally:
             if workload is not None:
                 workload.close()
-            if log is not None:
-                pass
+
+
+def _wait_running(workload: Any, timeout: float = 10.0) -> None:
+    """Start once the guest really runs (its writers have written), so that a live job is
+    live from its first iteration."""
+    deadline = time.monotonic() + timeout
+    while workload.pages_written() == 0 and time.monotonic() < deadline:
+        workload.check()
+        time.sleep(0.005)
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from .migration import Migration
+
+    params = _params(args)
+    out = run_live_job(args, lambda ram, log, guest: Migration(args.uri, ram, params, tracker=log, guest=guest,
+                                                               trace_file=args.trace))
     _emit(out, args.json, "source")
     return 0
 

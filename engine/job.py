@@ -127,6 +127,14 @@ class BackgroundJob:
     def done(self) -> bool:
         return self._done.is_set()
 
+    def wait_done(self, timeout: float | None = None) -> bool:
+        """Wait up to ``timeout`` for the end (whatever its outcome); True once it ended."""
+        return self._done.wait(timeout)
+
+    def query(self) -> dict[str, Any]:
+        """A ``query-migrate``-shaped snapshot (safe from any thread)."""
+        raise NotImplementedError
+
     def __enter__(self) -> Self:
         return self.start()
 

@@ -15,11 +15,10 @@ import json
 import os
 import signal
 import sys
-import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from .cli import DEFAULT_BLOCK, _emit, _Parser, dump_ram, generated_ram, load_images, progress_line
+from .cli import DEFAULT_BLOCK, _emit, _Parser, dump_ram, run_live_job
 from .compression import method_names
 from .errors import ConfigError, MigrationCancelled, MigrationError
 from .params import DEFAULT_CHANNELS, DEFAULT_STALL_TIMEOUT, MigrationParams, parse_size
@@ -115,58 +114,14 @@ def _save_params(args: argparse.Namespace) -> MigrationParams:
 
 
 def cmd_save(args: argparse.Namespace, path: Path) -> int:
-    from .dirty import DirtyLog
     from .snapshot import SnapshotSave
-    from .workload import Workload, WorkloadSpec
 
     params = _save_params(args)
-    spec = None
-    if getattr(args, "dirty_rate", None) is not None:
-        spec = WorkloadSpec(dirty_rate=parse_size(args.dirty_rate, "--dirty-rate"), pattern=args.dirty_pattern,
-                            writers=args.writers, seed=args.seed)
-    ram = load_images(args.ram_image) if args.ram_image else generated_ram(args.ram_size, args.fill, args.seed)
-    show = sys.stderr.isatty() and not args.json
-    with ram:
-        log = DirtyLog(ram) if spec else None
-        workload = Workload(ram, spec, log).start() if spec else None
-        try:
-            if workload is not None:
-                _wait_running(workload)
-            sv = SnapshotSave(path, ram, params, tracker=log, guest=workload, fsync=not getattr(args, "no_fsync", False))
-            sv.start()
-            try:
-                while not sv._done.wait(0.25):
-                    if workload is not None:
-                        workload.check()
-                    if show:
-                        print("\r" + progress_line(sv.query()).ljust(120), end="", file=sys.stderr, flush=True)
-            except (KeyboardInterrupt, MigrationCancelled):
-                sv.cancel()
-                sv._done.wait(params.stall_timeout + 10)
-                raise
-            finally:
-                if show:
-                    print(file=sys.stderr)
-            sv.wait()
-            if args.dump:
-                dump_ram(ram, args.dump)
-            out = sv.query()
-            if args.digest:
-                out["ram-digest"] = {b.name: block_digest(b) for b in ram}
-        finally:
-            if workload is not None:
-                workload.close()
+    fsync = not getattr(args, "no_fsync", False)
+    out = run_live_job(args, lambda ram, log, guest: SnapshotSave(path, ram, params, tracker=log, guest=guest,
+                                                                  fsync=fsync), wait_running=True)
     _emit_snapshot(out, args.json, "snapshot save")
     return 0
-
-
-def _wait_running(workload: Any, timeout: float = 10.0) -> None:
-    """Start saving once the guest really runs (its writers have written), so that a live save
-    is live from its first iteration."""
-    deadline = time.monotonic() + timeout
-    while workload.pages_written() == 0 and time.monotonic() < deadline:
-        workload.check()
-        time.sleep(0.005)
 
 
 def cmd_restore(args: argparse.Namespace, path: Path) -> int:

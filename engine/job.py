@@ -188,6 +188,27 @@ class BackgroundJob:
             )
         return False
 
+    def _conclude(self, error: BaseException | None) -> None:
+        """The last step of the shutdown path, once everything is released: a failed or
+        cancelled job resumes the guest (its RAM was only read), the status and the error
+        are set, and waiters are woken."""
+        st = self.stats
+        if error is not None and self._guest_paused and self.guest is not None:
+            self.guest.resume()
+        if error is None:
+            st.status = "completed"
+        elif isinstance(error, (MigrationCancelled, KeyboardInterrupt)):
+            st.status = "cancelled"
+            self.error = (error.with_traceback(None) if isinstance(error, MigrationCancelled)  # frames pin RAM views
+                          else MigrationCancelled(f"{self.what} cancelled"))
+        else:
+            st.status = "failed"
+            self.error = error.with_traceback(None) if isinstance(error, MigrationError) else MigrationError(
+                f"internal error {type(error).__name__}: {error}")
+            st.error = str(self.error)
+        st.end = time.monotonic()
+        self._done.set()
+
     def _check(self) -> None:
         if self._cancel.is_set():
             raise MigrationCancelled(f"{self.what} cancelled")

@@ -40,7 +40,6 @@ from typing import Any, Protocol
 import numpy as np
 
 from .dirty import DirtyTracker, PageSets, count_pages, merge
-from .errors import MigrationCancelled, MigrationError
 from .job import BackgroundJob, Guest
 from .params import MigrationParams
 from .ram import GuestRam
@@ -143,7 +142,7 @@ class Migration(BackgroundJob):
     # ------------------------------------------------------------------- internals
 
     def _setup_failed(self, exc: BaseException) -> None:
-        self._finish(exc if isinstance(exc, MigrationError) else None)
+        self._finish(exc)
 
     def _transferred(self) -> int:
         ch = self._channels
@@ -303,22 +302,7 @@ class Migration(BackgroundJob):
             except OSError:
                 pass
             self._main.close()
-        if not ok and self._guest_paused and self.guest is not None:
-            self.guest.resume()  # a failed or cancelled migration leaves the guest running
-        if error is not None:
-            error = error.with_traceback(None)  # its frames would pin views of guest RAM
-        if ok:
-            st.status = "completed"
-        elif isinstance(error, MigrationCancelled):
-            st.status = "cancelled"
-            self.error = error
-        else:
-            st.status = "failed"
-            self.error = error if isinstance(error, MigrationError) else MigrationError(
-                f"internal error {type(error).__name__}: {error}")
-            st.error = str(self.error)
-        st.end = time.monotonic()
-        self._done.set()
+        self._conclude(error)
 
 
     def _write_trace(self) -> None:

@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 
 from .dirty import DirtyTracker, PageSets, count_pages, merge
-from .errors import ConfigError, MigrationCancelled, MigrationError
+from .errors import ConfigError
 from .job import BackgroundJob, Guest
 from .params import DEFAULT_CHANNELS, DEFAULT_STALL_TIMEOUT, MigrationParams
 from .ram import BlockSpec, GuestRam
@@ -254,22 +254,7 @@ class SnapshotSave(BackgroundJob):
                 os.unlink(self.path)  # a failed save leaves nothing behind
             except OSError:
                 pass
-        if not ok and self._guest_paused and self.guest is not None:
-            self.guest.resume()
-        if error is not None:
-            error = error.with_traceback(None)
-        if ok:
-            st.status = "completed"
-        elif isinstance(error, MigrationCancelled):
-            st.status = "cancelled"
-            self.error = error
-        else:
-            st.status = "failed"
-            self.error = error if isinstance(error, MigrationError) else MigrationError(
-                f"internal error {type(error).__name__}: {error}")
-            st.error = str(self.error)
-        st.end = time.monotonic()
-        self._done.set()
+        self._conclude(error)
 
 
 def save(path: str | Path, ram: GuestRam, params: MigrationParams | None = None, *,

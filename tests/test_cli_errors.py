@@ -120,3 +120,17 @@ def test_uuid_mismatch(tmp_path: Path) -> None:
     assert (
         f"received uuid '00000000-0000-0000-0000-000000000000' and expected uuid '{u1}' for channel" in dst.stderr
     )
+
+
+def test_unknown_zero_page_detection_is_one_line() -> None:
+    p = run_engine("migrate", "tcp:127.0.0.1:1", "--ram-size", "1M", "--zero-page-detection", "fast")
+    _one_line_error(p, "argument --zero-page-detection: invalid choice: 'fast' (choose from 'legacy', 'multifd', 'none')",
+                    code=2)
+
+
+def test_zero_page_detection_parameter_is_validated() -> None:
+    from engine.errors import ConfigError
+    from engine.params import MigrationParams
+
+    with pytest.raises(ConfigError, match="zero-page-detection 'fast' is not supported, expected one of legacy, multifd, none"):
+        MigrationParams(zero_page_detection="fast")

@@ -232,7 +232,7 @@ def inspect_channel(path: Path, data: bytes, rounds: _Rounds | None = None) -> d
     blocks: Counter[str] = Counter()
     nums: list[int] = []
     sizes: list[int] = []
-    pages = 0
+    pages = zero_pages = 0
     comps: set[int] = set()  # compression bits of packets that carry pages
     stale = 0
     decoders: dict[int, RecvContext] = {}
@@ -246,17 +246,17 @@ def inspect_channel(path: Path, data: bytes, rounds: _Rounds | None = None) -> d
         if len(data) - pos < PACKET_HEADER_SIZE:
             truncated = f"{path}: ends {len(data) - pos} bytes into a packet header at byte {pos}"
             break
-        magic, version, fl, pages_alloc, normal, next_size, packet_num, _zero, _, name = PACKET_FIXED.unpack_from(view, pos)
+        magic, version, fl, pages_alloc, normal, next_size, packet_num, zero, _, name = PACKET_FIXED.unpack_from(view, pos)
         where = f"inspect: {path}: packet at byte {pos}"
         if magic != MULTIFD_MAGIC or version != MULTIFD_VERSION:
             raise RemoteProtocolError(
                 f"{where}: received magic {magic:#010x} version {version},"
                 f" expected {MULTIFD_MAGIC:#010x} version {MULTIFD_VERSION}"
             )
-        if normal > pages_alloc or pages_alloc > PAGES_PER_PACKET:
+        if normal + zero > pages_alloc or pages_alloc > PAGES_PER_PACKET:
             raise RemoteProtocolError(
-                f"{where}: received normal_pages {normal} pages_alloc {pages_alloc}, expected"
-                f" normal_pages <= pages_alloc <= {PAGES_PER_PACKET}"
+                f"{where}: received normal_pages {normal} zero_pages {zero} pages_alloc {pages_alloc}, expected"
+                f" normal_pages + zero_pages <= pages_alloc <= {PAGES_PER_PACKET}"
             )
         comp = fl & MULTIFD_FLAG_COMPRESSION_MASK
         payload_len = 0
@@ -269,18 +269,20 @@ def inspect_channel(path: Path, data: bytes, rounds: _Rounds | None = None) -> d
         nums.append(packet_num)
         flags[fl] += 1
         sync = bool(fl & MULTIFD_FLAG_SYNC)
-        if normal:
+        if normal or zero:
             kinds["merged_sync" if sync else "data"] += 1
-            comps.add(comp)
             pages += normal
-            sizes.append(payload_len)
+            zero_pages += zero
             block = bytes(name).split(b"\0", 1)[0].decode("utf-8", "replace")
-            blocks[block] += normal
+            blocks[block] += normal + zero
             if rounds is not None:
-                mine[-1].append(rounds.key(block, np.frombuffer(view, ">u8", normal, pos + PACKET_FIXED_SIZE)))
+                mine[-1].append(rounds.key(block, np.frombuffer(view, ">u8", normal + zero, pos + PACKET_FIXED_SIZE)))
+        if normal:
+            comps.add(comp)
+            sizes.append(payload_len)
             if decode_error is None:
                 decode_error = _decode(decoders, comp, view[pos + PACKET_HEADER_SIZE:end], normal, packet_num)
-        else:
+        elif not zero:
             kinds["sync" if sync else "empty"] += 1
             if next_size or bytes(name[:1]) != b"\0":
                 stale += 1  # leftovers of an earlier packet in the reused header (doc 2.2)
@@ -306,6 +308,7 @@ def inspect_channel(path: Path, data: bytes, rounds: _Rounds | None = None) -> d
         "flags": {f"{f:#x}": n for f, n in sorted(flags.items())},
         "compression": [method_name_for_flag(c) for c in sorted(comps)],
         "normal_pages": pages,
+        "zero_pages": zero_pages,  # listed in packets (zero-page-detection=multifd)
         "payload_bytes": sum(sizes),
         "header_bytes": len(nums) * PACKET_HEADER_SIZE,
         "payload_size": ({"min": min(sizes), "max": max(sizes), "mean": round(sum(sizes) / len(sizes))}
@@ -365,6 +368,7 @@ def inspect_files(files: Sequence[Path]) -> dict[str, Any]:
         "multifd_pages": sum(r["normal_pages"] for r in chans),
         "multifd_bytes": sum(r["bytes"] for r in chans),
         "zero_pages": sum(r["ram_records"]["zero_pages"] for r in mains),
+        "multifd_zero_pages": sum(r["zero_pages"] for r in chans),
         "main_page_records": sum(r["ram_records"]["page"] for r in mains),
         "main_bytes": sum(r["bytes"] for r in mains),
     }
@@ -419,7 +423,9 @@ def render(report: dict[str, Any]) -> str:
                          f" ({r['stale_empty_packets']} without pages carry stale ramblock/size)")
             lines.append("  flags: " + ", ".join(f"{f} x{n}" for f, n in r["flags"].items())
                          + f"; compression {', '.join(r['compression']) or '-'}")
-            lines.append(f"  pages {r['normal_pages']}, payload {_mib(r['payload_bytes'])}"
+            lines.append(f"  pages {r['normal_pages']}"
+                         + (f" (+ {r['zero_pages']} zero pages listed)" if r["zero_pages"] else "")
+                         + f", payload {_mib(r['payload_bytes'])}"
                          + (f" (per packet {r['payload_size']['min']}..{r['payload_size']['max']},"
                             f" mean {r['payload_size']['mean']})" if r["payload_size"] else "")
                          + f", headers {_mib(r['header_bytes'])}")
@@ -435,7 +441,8 @@ def render(report: dict[str, Any]) -> str:
     t = report["totals"]
     summary = (f"total: {t['main_streams']} main stream(s), {len(t['channels'])} channel(s) {t['channels']},"
                f" {t['multifd_pages']} pages in {t['multifd_packets']} packets, {t['zero_pages']} zero pages"
-               f" and {t['main_page_records']} PAGE records on main")
+               f" and {t['main_page_records']} PAGE records on main"
+               + (f", {t['multifd_zero_pages']} zero pages listed in packets" if t["multifd_zero_pages"] else ""))
     if t["channels"]:
         summary += (f"; pages repeated within a sync round {t['pages_repeated_within_round']},"
                     f" resent in a later round {t['pages_resent_in_later_round']}")

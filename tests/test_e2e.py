@@ -149,3 +149,28 @@ def test_zero_page_detection_modes(tmp_path: Path, images, mode: str, method: st
         assert sj["ram"]["duplicate"] == 0
     else:
         assert sj["ram"]["duplicate"] >= 16 + 1024 // 8  # the zero block and a share of the mixed one
+
+
+def test_inspect_lists_zero_pages_sent_in_packets(tmp_path: Path, images) -> None:
+    """An engine -> engine capture with zero-page-detection=multifd: inspect counts the zero
+    pages listed in packets, and they add up with the normal ones to every page."""
+    from qemu_support import CaptureProxy, host_port
+
+    common = ["--channels", "2", "--compression", "lz4"]
+    with Incoming("tcp:127.0.0.1:0", *common, "--json") as dst:
+        with CaptureProxy(host_port(dst.uri), tmp_path / "cap") as proxy:
+            src = run_engine("migrate", proxy.uri, *image_args(images), *common, "--zero-page-detection", "multifd",
+                             "--json")
+            assert src.returncode == 0, src.stderr
+            assert dst.wait() == 0, dst.stderr
+        assert proxy.errors == []
+        files = proxy.files()
+    p = run_engine("inspect", *map(str, files), "--json")
+    assert p.returncode == 0, p.stderr
+    totals = __import__("json").loads(p.stdout)["totals"]
+    sj = __import__("json").loads(src.stdout)
+    assert totals["zero_pages"] == 0  # no ZERO records on the main channel
+    assert totals["multifd_zero_pages"] == sj["ram"]["duplicate"] > 0
+    assert totals["multifd_pages"] + totals["multifd_zero_pages"] == sj["ram"]["total"] // 4096
+    human = run_engine("inspect", *map(str, files))
+    assert f"{totals['multifd_zero_pages']} zero pages listed in packets" in human.stdout

@@ -164,7 +164,7 @@ def packet_headers(draw: st.DrawFn) -> bytes:
     raw = bytearray(encode_packet_header(
         flags=draw(st.sampled_from([0, 1, 2, 3, 4, 5, 6, 14, 255])), packet_num=draw(st.integers(0, 2**64 - 1)),
         ramblock=draw(st.sampled_from([b"pc.ram", b"ram", b"nope", b""])), offsets=offs,
-        next_packet_size=draw(st.integers(0, 1 << 20)),
+        next_packet_size=draw(st.integers(0, 1 << 20)), zero_pages=draw(st.integers(0, n)),
     ))
     for _ in range(draw(st.integers(0, 4))):
         pos = draw(st.integers(0, PACKET_HEADER_SIZE - 4))
@@ -180,7 +180,13 @@ def test_packet_header_validation(raw: bytes, method: int) -> None:
         hdr = decode_packet_header(raw, channel=0, expected_compression=method, blocks=blocks)
     except MigrationError:
         return
-    assert hdr.normal_pages <= hdr.pages_alloc <= 128
+    assert hdr.normal_pages + hdr.zero_pages <= hdr.pages_alloc <= 128
+    if hdr.zero_pages:  # zero-page-detection=multifd: the zero pages' offsets are as valid
+        assert hdr.ramblock in blocks and len(hdr.zero_offsets) == hdr.zero_pages
+        assert ((hdr.zero_offsets % 4096) == 0).all() and (hdr.zero_offsets >= 0).all()
+        assert (hdr.zero_offsets <= blocks[hdr.ramblock] - 4096).all()
+    if not hdr.normal_pages:
+        assert hdr.next_packet_size == 0
     if hdr.normal_pages:
         assert hdr.ramblock in blocks and hdr.compression == method
         assert ((hdr.offsets % 4096) == 0).all() and (hdr.offsets <= blocks[hdr.ramblock] - 4096).all()

@@ -6,8 +6,12 @@ Theory of operation
 an unwritable file raises right there), then the rest on a background thread. Any thread may
 ``query()``, ``cancel()`` or ``wait()``: cancellation is an event the job checks between
 chunks of work (:meth:`_check`), and the job sets ``_done`` exactly once, after its single
-shutdown path has released everything. Used as a context manager, leaving the block early
-cancels the job and waits for that shutdown.
+shutdown path has released everything (:meth:`_conclude`). Used as a context manager, leaving
+the block early cancels the job and waits for that shutdown.
+
+Both jobs are precopy loops: after each iteration :meth:`_end_of_iteration` records it and
+decides, with QEMU's rules, whether the dirty remainder fits in ``downtime-limit``, whether
+``auto-converge`` throttles the guest, or whether ``max-iterations`` / ``max-time`` ends it.
 """
 
 from __future__ import annotations
@@ -20,12 +24,12 @@ from typing import Any, Protocol, Self
 
 from .dirty import DirtyTracker
 from .errors import MigrationCancelled, MigrationError, MigrationTimeout
-
-DIRTY_RATE_HIGH = 0.5  # auto-converge trigger: dirtied > 50% of what was sent (throttle-trigger-threshold)
 from .params import MigrationParams
 from .ram import GuestRam
 from .stats import MigrationStats
 from .wire import TARGET_PAGE_SIZE
+
+DIRTY_RATE_HIGH = 0.5  # auto-converge trigger: dirtied > 50% of what was sent (throttle-trigger-threshold)
 
 
 class Guest(Protocol):

@@ -36,7 +36,7 @@ class StreamReader:
         self.eof = False
 
     @classmethod
-    def from_bytes(cls, data: bytes, chunk: int = 1 << 16) -> StreamReader:
+    def from_bytes(cls, data: bytes, chunk: int = 1 << 16, capacity: int = 1 << 20) -> StreamReader:
         """A reader over ``data``, delivered at most ``chunk`` bytes per fill (for tests and files)."""
         pos = 0
 
@@ -47,7 +47,7 @@ class StreamReader:
             pos += n
             return n
 
-        return cls(fill)
+        return cls(fill, capacity)
 
     @property
     def available(self) -> int:

@@ -111,16 +111,7 @@ def zero_runs(events: Iterable[Event]) -> Iterator[tuple[str, list[int], int]]:
 
 
 def reader_over(data: bytes, chunk: int, capacity: int = 1 << 20) -> StreamReader:
-    pos = 0
-
-    def fill(into: memoryview) -> int:
-        nonlocal pos
-        n = min(len(into), chunk, len(data) - pos)
-        into[:n] = data[pos:pos + n]
-        pos += n
-        return n
-
-    return StreamReader(fill, capacity)
+    return StreamReader.from_bytes(data, chunk, capacity)
 
 
 def parse(data: bytes, chunk: int = 1 << 16, **kwargs: Any) -> list[Flat]:

@@ -109,7 +109,8 @@ class BackgroundJob:
         self.params = dataclasses.replace(self.params, **changes)
 
     def cancel(self) -> None:
-        """Cancel (``migrate_cancel``): the job fails with "cancelled", the guest keeps running."""
+        """Cancel (``migrate_cancel``): the job fails with "cancelled", the guest keeps running
+        (a migration's destination fails, a snapshot save's partial file is removed)."""
         self._cancel.set()
 
     def wait(self, timeout: float | None = None) -> MigrationStats:
@@ -137,7 +138,17 @@ class BackgroundJob:
 
     def query(self) -> dict[str, Any]:
         """A ``query-migrate``-shaped snapshot (safe from any thread)."""
-        raise NotImplementedError
+        st = self.stats
+        if not self._done.is_set():
+            self._refresh(st)
+        st.ram.remaining = self._remaining_pages * TARGET_PAGE_SIZE
+        out = st.to_json()
+        out["expected-downtime"] = round(self.expected_downtime * 1000)
+        out["ram"]["dirty-pages-rate"] = self.dirty_pages_rate
+        out["cpu-throttle-percentage"] = self.throttle
+        out["iterations"] = [it.to_json() for it in self.iterations]
+        out["iteration"] = len(self.iterations) + (st.status == "active")
+        return out
 
     def __enter__(self) -> Self:
         return self.start()
@@ -152,11 +163,27 @@ class BackgroundJob:
     def _setup(self) -> None:
         """Everything that must fail on the caller's thread."""
 
+    def _work(self) -> None:
+        """The job itself, on the background thread; raises to fail."""
+        raise NotImplementedError
+
+    def _finish(self, error: BaseException | None) -> None:
+        """The single shutdown path (also after a failed ``_setup``); ends with :meth:`_conclude`."""
+        raise NotImplementedError
+
+    def _refresh(self, st: MigrationStats) -> None:
+        """Copy the channels' live counters into ``st`` (for :meth:`query` while running)."""
+
     def _setup_failed(self, exc: BaseException) -> None:
-        """Release what a failed ``_setup`` left (the same shutdown path as a failed run)."""
+        self._finish(exc)
 
     def _run(self) -> None:
-        raise NotImplementedError
+        error: BaseException | None = None
+        try:
+            self._work()
+        except BaseException as exc:  # noqa: BLE001 - reported through wait()
+            error = exc
+        self._finish(error)
 
     def _end_of_iteration(self, iteration: int, pages: int, zero: int, nbytes: int, dt: float, remaining: int,
                           moved: int) -> bool:

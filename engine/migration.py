@@ -120,29 +120,12 @@ class Migration(BackgroundJob):
             self._limiter.rate = new.max_bandwidth
             self._limiter.reset(self._committed())
 
-    def cancel(self) -> None:
-        """Cancel (``migrate_cancel``): the destination fails, the guest keeps running."""
-        super().cancel()
+    # ------------------------------------------------------------------- internals
 
-    def query(self) -> dict[str, Any]:
-        """A ``query-migrate``-shaped snapshot (safe from any thread)."""
-        st = self.stats
+    def _refresh(self, st: MigrationStats) -> None:
         if self._channels is not None:
             st.channels = self._channels.stats()
             st.ram.multifd_bytes = sum(c.bytes for c in st.channels)
-        st.ram.remaining = self._remaining_pages * TARGET_PAGE_SIZE
-        out = st.to_json()
-        out["expected-downtime"] = round(self.expected_downtime * 1000)
-        out["ram"]["dirty-pages-rate"] = self.dirty_pages_rate
-        out["cpu-throttle-percentage"] = self.throttle
-        out["iterations"] = [it.to_json() for it in self.iterations]
-        out["iteration"] = len(self.iterations) + (st.status == "active")
-        return out
-
-    # ------------------------------------------------------------------- internals
-
-    def _setup_failed(self, exc: BaseException) -> None:
-        self._finish(exc)
 
     def _transferred(self) -> int:
         ch = self._channels
@@ -193,14 +176,6 @@ class Migration(BackgroundJob):
                 for s in socks:
                     s.close()
 
-    def _run(self) -> None:
-        error: BaseException | None = None
-        try:
-            self._migrate()
-        except BaseException as exc:  # noqa: BLE001 - reported through wait()
-            error = exc
-        self._finish(error)
-
     def _make_saver(self) -> RamSaver:
         assert self._channels is not None
         limiter = self._limiter = RateLimiter(self.params.max_bandwidth, self._check)
@@ -230,7 +205,7 @@ class Migration(BackgroundJob):
         self.stats.ram.dirty_sync_count += 1
         return dirty
 
-    def _migrate(self) -> None:
+    def _work(self) -> None:
         st = self.stats
         saver = self._saver = self._make_saver()
         self._section_pages = 0
@@ -291,8 +266,7 @@ class Migration(BackgroundJob):
         st = self.stats
         ok = error is None
         if self._channels is not None:
-            st.channels = self._channels.stats()
-            st.ram.multifd_bytes = sum(c.bytes for c in st.channels)
+            self._refresh(st)
             self._channels.close(graceful=ok)
         if self.trace is not None and self.trace_file is not None:
             self._write_trace()

@@ -37,7 +37,6 @@ import os
 import time
 import zlib
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -93,24 +92,6 @@ class SnapshotSave(BackgroundJob):
 
     # ------------------------------------------------------------------ public API
 
-    def cancel(self) -> None:
-        """Cancel: the partial file is removed, the guest keeps running."""
-        super().cancel()
-
-    def query(self) -> dict[str, Any]:
-        """A ``query-migrate``-shaped snapshot (safe from any thread)."""
-        st = self.stats
-        if self._channels is not None and not self._done.is_set():
-            self._count(st)
-        st.ram.remaining = self._remaining_pages * TARGET_PAGE_SIZE
-        out = st.to_json()
-        out["expected-downtime"] = round(self.expected_downtime * 1000)
-        out["ram"]["dirty-pages-rate"] = self.dirty_pages_rate
-        out["cpu-throttle-percentage"] = self.throttle
-        out["iterations"] = [it.to_json() for it in self.iterations]
-        out["iteration"] = len(self.iterations) + (st.status == "active")
-        return out
-
     # ------------------------------------------------------------------- internals
 
     def _setup(self) -> None:
@@ -129,24 +110,14 @@ class SnapshotSave(BackgroundJob):
             "save", p.channels, state, save_channel,
             lambda ch, cmds: (ch, cmds, fd, ram, geo, state, self.method, level, offs, p.stall_timeout))
 
-    def _setup_failed(self, exc: BaseException) -> None:
-        self._finish(exc)
-
-    def _count(self, st: MigrationStats) -> None:
+    def _refresh(self, st: MigrationStats) -> None:
         ch = self._channels
-        assert ch is not None
+        if ch is None:
+            return
         st.channels = ch.stats()
         st.ram.normal = ch.counter(C_PAGES)
         st.ram.duplicate = ch.counter(C_ZERO)
         st.ram.multifd_bytes = ch.counter(C_BYTES)
-
-    def _run(self) -> None:
-        error: BaseException | None = None
-        try:
-            self._save()
-        except BaseException as exc:  # noqa: BLE001 - reported through wait()
-            error = exc
-        self._finish(error)
 
     def _sync(self) -> PageSets | None:
         self.stats.ram.dirty_sync_count += 1
@@ -178,7 +149,7 @@ class SnapshotSave(BackgroundJob):
         st.todo[:] = 0
         return pages, ch.counter(C_ZERO) - z0, ch.counter(C_BYTES) - b0, max(time.monotonic() - t0, 1e-6)
 
-    def _save(self) -> None:
+    def _work(self) -> None:
         st = self.stats
         self._sync()  # starts the dirty epoch; the first round writes every page whatever it says
         dirty: PageSets | None = None
@@ -239,7 +210,7 @@ class SnapshotSave(BackgroundJob):
         st = self.stats
         ok = error is None
         if self._channels is not None:
-            self._count(st)
+            self._refresh(st)
             st.extra["garbage-bytes"] = self._channels.counter(C_GARBAGE)
             self._channels.close(graceful=ok)
         st.extra.update({"file": self.path, "compression": self.method, "format-version": VERSION})

@@ -414,13 +414,35 @@ def wait_for_listening(proc: Any, timeout: float) -> tuple[str, bytes]:
     raise MigrationTimeout(f"the destination did not start listening: {buf.decode(errors='replace').strip()}")
 
 
-def _on_sigterm(signum: int, frame: object) -> None:
-    raise MigrationCancelled("migration cancelled by SIGTERM")
+def run_command(body: Callable[[], int], what: str = "migration") -> int:
+    """Run one command the way every entry point does: SIGTERM and Ctrl-C cancel it, and every
+    failure is one ``engine: error:`` line with exit status 1 (143/130 after SIGTERM/SIGINT,
+    141 when stdout was closed; argparse errors exit 2 on their own)."""
+
+    def on_sigterm(signum: int, frame: object) -> None:
+        raise MigrationCancelled(f"{what} cancelled by SIGTERM")
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        return body()
+    except MigrationCancelled as exc:
+        print(f"engine: error: {exc}", file=sys.stderr)
+        return 143
+    except KeyboardInterrupt:
+        print(f"engine: error: {what} cancelled by SIGINT", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # stdout closed (e.g. piped into head): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    except MigrationError as exc:
+        print(f"engine: error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    signal.signal(signal.SIGTERM, _on_sigterm)
-    try:
+    def body() -> int:
         args = build_parser().parse_args(argv)
         from .snapshot_cli import dispatch  # save, restore, file: URIs, snapshot files for inspect
 
@@ -431,17 +453,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "inspect":
             return cmd_inspect(args)
         return cmd_incoming(args)
-    except MigrationCancelled as exc:
-        print(f"engine: error: {exc}", file=sys.stderr)
-        return 143
-    except KeyboardInterrupt:
-        print("engine: error: migration cancelled by SIGINT", file=sys.stderr)
-        return 130
-    except BrokenPipeError:  # stdout closed (e.g. piped into head): stop quietly
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 141
-    except MigrationError as exc:
-        print(f"engine: error: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+    return run_command(body)

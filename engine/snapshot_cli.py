@@ -12,15 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import signal
 import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from .cli import DEFAULT_BLOCK, _emit, _Parser, dump_ram, run_live_job
+from .cli import DEFAULT_BLOCK, _emit, _Parser, dump_ram, run_command, run_live_job
 from .compression import method_names
-from .errors import ConfigError, MigrationCancelled, MigrationError
+from .errors import ConfigError
 from .params import DEFAULT_CHANNELS, DEFAULT_STALL_TIMEOUT, MigrationParams, parse_size
 from .ram import FILLS, block_digest
 from .snapshot_format import describe_snapshot, is_snapshot_file, render_snapshot
@@ -161,40 +159,25 @@ def inspect_snapshots(files: Sequence[Path], *, as_json: bool) -> int:
     return 0 if all(r["status"] == "complete" for r in reports) else 1
 
 
-def _on_sigterm(signum: int, frame: object) -> None:
-    raise MigrationCancelled("snapshot cancelled by SIGTERM")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    """Stand-alone ``save|restore|inspect`` (for tests and before engine.cli is wired)."""
+    """Stand-alone ``save|restore|inspect``: like ``engine.cli.main``, but ``inspect`` takes
+    snapshot files only (anything else gets the snapshot reader's precise error)."""
     parser = _Parser(prog="python -m engine", description="snapshot files of guest RAM")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     add_parsers(sub)
     ins = sub.add_parser("inspect", help="describe snapshot files")
     ins.add_argument("files", nargs="+", type=Path)
     ins.add_argument("--json", action="store_true")
-    args = parser.parse_args(argv)
-    signal.signal(signal.SIGTERM, _on_sigterm)
-    try:
+
+    def body() -> int:
+        args = parser.parse_args(argv)
         if args.command == "inspect" and not all(is_snapshot_file(f) for f in args.files):
             for f in args.files:
                 describe_snapshot(f)  # raises the precise error for the first bad one
         rc = dispatch(args)
         return 0 if rc is None else rc
-    except MigrationCancelled as exc:
-        print(f"engine: error: {exc}", file=sys.stderr)
-        return 143
-    except KeyboardInterrupt:
-        print("engine: error: snapshot cancelled by SIGINT", file=sys.stderr)
-        return 130
-    except BrokenPipeError:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 141
-    except MigrationError as exc:
-        print(f"engine: error: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+    return run_command(body, "snapshot")
 
 
 if __name__ == "__main__":

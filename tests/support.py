@@ -73,6 +73,15 @@ class Incoming:
             self.proc.communicate(timeout=10)
 
 
+def wait_for(pred: Any, timeout: float, what: str) -> None:
+    """Poll ``pred()`` every 10 ms until it is true; fail the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
 def run_engine(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
     return subprocess.run(engine_cmd(*args), capture_output=True, text=True, timeout=timeout, env=_env(), cwd=ROOT)
 

@@ -16,7 +16,7 @@ from engine.errors import MigrationCancelled, MigrationError
 from engine.migration import Migration
 from engine.ram import block_digest, fill_pages
 from engine.workload import Workload, WorkloadSpec
-from support import Incoming, engine_cmd, _env, ROOT
+from support import Incoming, engine_cmd, _env, ROOT, wait_for
 
 
 def _guest(size: int = 16 << 20, blocks: int = 2) -> GuestRam:
@@ -31,14 +31,6 @@ def _digests(ram: GuestRam) -> dict[str, str]:
     return {b.name: block_digest(b) for b in ram}
 
 
-def _wait_for(pred, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
-
-
 @pytest.mark.parametrize("seed", range(6))
 def test_no_write_is_lost(seed: int) -> None:
     """Several writers at full speed; forced to iterate, then converged: dest == final source."""
@@ -46,10 +38,10 @@ def test_no_write_is_lost(seed: int) -> None:
     with _guest() as ram, Incoming("tcp:127.0.0.1:0", "--channels", "3", "--json", "--digest") as dst:
         log = DirtyLog(ram)
         with Workload(ram, WorkloadSpec(dirty_rate=0, pattern=pattern, writers=3, seed=seed), log) as guest:
-            _wait_for(lambda: guest.pages_written() > 1000, 10, "the writers to start")
+            wait_for(lambda: guest.pages_written() > 1000, 10, "the writers to start")
             params = MigrationParams(channels=3, downtime_limit=0, max_iterations=1000)
             with Migration(dst.uri, ram, params, tracker=log, guest=guest) as mig:
-                _wait_for(lambda: mig.stats.ram.dirty_sync_count >= 5 or mig.status in ("completed", "failed", "cancelled"), 60, "5 iterations")
+                wait_for(lambda: mig.stats.ram.dirty_sync_count >= 5 or mig.status in ("completed", "failed", "cancelled"), 60, "5 iterations")
                 mig.set_parameters(downtime_limit=60_000)
                 stats = mig.wait(60)
             assert guest.paused and guest.pages_written() > 0
@@ -63,10 +55,10 @@ def test_checksum_tracker_finds_unreported_writes() -> None:
     with _guest(8 << 20, 1) as ram, Incoming("tcp:127.0.0.1:0", "--json", "--digest") as dst:
         tracker = ChecksumTracker(ram)
         with Workload(ram, WorkloadSpec(dirty_rate=32 << 20, writers=2), log=None) as guest:
-            _wait_for(lambda: guest.pages_written() > 100, 10, "the writers to start")
+            wait_for(lambda: guest.pages_written() > 100, 10, "the writers to start")
             params = MigrationParams(channels=2, downtime_limit=0, max_iterations=1000)
             with Migration(dst.uri, ram, params, tracker=tracker, guest=guest) as mig:
-                _wait_for(lambda: mig.stats.ram.dirty_sync_count >= 4 or mig.status in ("completed", "failed", "cancelled"), 60, "iterations")
+                wait_for(lambda: mig.stats.ram.dirty_sync_count >= 4 or mig.status in ("completed", "failed", "cancelled"), 60, "iterations")
                 mig.set_parameters(downtime_limit=60_000)
                 mig.wait(60)
             assert dst.wait() == 0, dst.stderr
@@ -97,7 +89,7 @@ def test_fails_when_not_converging() -> None:
     with _guest(8 << 20, 1) as ram, Incoming("tcp:127.0.0.1:0") as dst:
         log = DirtyLog(ram)
         with Workload(ram, WorkloadSpec(dirty_rate=0, writers=2), log) as guest:
-            _wait_for(lambda: guest.pages_written() > 1000, 10, "the writers to start")
+            wait_for(lambda: guest.pages_written() > 1000, 10, "the writers to start")
             params = MigrationParams(downtime_limit=0, max_iterations=3)
             before = guest.pages_written()
             with Migration(dst.uri, ram, params, tracker=log, guest=guest) as mig:
@@ -105,7 +97,7 @@ def test_fails_when_not_converging() -> None:
                     mig.wait(60)
                 assert mig.status == "failed"
             # the guest keeps running after a failed migration
-            _wait_for(lambda: guest.pages_written() > before + 100, 10, "the guest to keep writing")
+            wait_for(lambda: guest.pages_written() > before + 100, 10, "the guest to keep writing")
             assert not guest.paused
         assert dst.wait() == 1
         assert "main channel" in dst.stderr
@@ -115,7 +107,7 @@ def test_auto_converge_throttles_the_guest() -> None:
     with _guest(8 << 20, 1) as ram, Incoming("tcp:127.0.0.1:0") as dst:
         log = DirtyLog(ram)
         with Workload(ram, WorkloadSpec(dirty_rate=0, writers=1), log) as guest:
-            _wait_for(lambda: guest.pages_written() > 1000, 10, "the writers to start")
+            wait_for(lambda: guest.pages_written() > 1000, 10, "the writers to start")
             # never converges without auto-converge (see test_fails_when_not_converging)
             params = MigrationParams(downtime_limit=0, max_iterations=40, auto_converge=True,
                                      cpu_throttle_initial=30, cpu_throttle_increment=20, max_bandwidth=64 << 20)
@@ -143,14 +135,14 @@ def test_cancel_keeps_guest_running_and_ram_intact() -> None:
         with Workload(ram, WorkloadSpec(dirty_rate=1 << 20, writers=1), log) as guest:
             params = MigrationParams(max_bandwidth=4 << 20)
             with Migration(dst.uri, ram, params, tracker=log, guest=guest) as mig:
-                _wait_for(lambda: mig.stats.status == "active", 10, "active")
+                wait_for(lambda: mig.stats.status == "active", 10, "active")
                 time.sleep(0.3)
                 mig.cancel()
                 with pytest.raises(MigrationCancelled, match="migration cancelled"):
                     mig.wait(30)
                 assert mig.status == "cancelled"
             n = guest.pages_written()
-            _wait_for(lambda: guest.pages_written() > n, 10, "the guest to keep writing")
+            wait_for(lambda: guest.pages_written() > n, 10, "the guest to keep writing")
         assert dst.wait() == 1
         assert "engine: error: main channel: connection closed by the source before the end of the migration" in dst.stderr
 
@@ -206,18 +198,18 @@ def test_pages_that_become_zero_are_zeroed_on_the_destination(mode: str) -> None
         log = DirtyLog(ram)
         spec = WorkloadSpec(dirty_rate=0, pattern="hotset", writers=1, seed=3)
         with Workload(ram, spec, log) as guest:
-            _wait_for(lambda: guest.pages_written() > 1000, 10, "the writer to start")
+            wait_for(lambda: guest.pages_written() > 1000, 10, "the writer to start")
             params = MigrationParams(channels=2, downtime_limit=0, max_iterations=10**6, max_bandwidth=16 << 20,
                                      zero_page_detection=mode)
             with Migration(dst.uri, ram, params, tracker=log, guest=guest) as mig:
-                _wait_for(lambda: mig.stats.ram.dirty_sync_count >= 3 or mig.status not in ("setup", "active"), 60, "the first iterations")
+                wait_for(lambda: mig.stats.ram.dirty_sync_count >= 3 or mig.status not in ("setup", "active"), 60, "the first iterations")
                 assert mig.status == "active"
                 extra = ram.blocks[1]  # the workload leaves this block alone
                 extra.pages[: extra.npages // 2] = 0
                 extra.pages[extra.npages // 2:] = 0x5A
                 log.mark_range(1, 0, extra.npages)
                 sync = mig.stats.ram.dirty_sync_count
-                _wait_for(lambda: mig.stats.ram.dirty_sync_count >= sync + 2, 60, "two more iterations")
+                wait_for(lambda: mig.stats.ram.dirty_sync_count >= sync + 2, 60, "two more iterations")
                 mig.set_parameters(downtime_limit=60_000)
                 stats = mig.wait(60)
             assert stats.status == "completed"

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import os
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pytest
@@ -20,6 +22,7 @@ from engine.ram import block_digest, fill_pages
 from engine.snapshot import SnapshotRestore, SnapshotSave, restore, save
 from engine.snapshot_format import HEADER_SIZE, MAGIC, describe_snapshot, open_snapshot, read_snapshot
 from engine.workload import Workload, WorkloadSpec
+from support import wait_for
 
 PAGE = 4096
 # Rounds of ~0.5 s on a 2 MiB guest: a writer running flat out certainly dirties pages during each
@@ -42,6 +45,16 @@ def make_guest(blocks: list[tuple[str, int]] = BLOCKS, fill: str = "mixed") -> G
     return ram
 
 
+@contextmanager
+def running_guest(size: int = 2 << 20) -> Iterator[tuple[GuestRam, DirtyLog, Workload]]:
+    """A one-block guest with a writer running flat out (and already writing), and its dirty log."""
+    with make_guest([("pc.ram", size)]) as ram:
+        log = DirtyLog(ram)
+        with Workload(ram, WorkloadSpec(dirty_rate=0, writers=1), log) as guest:
+            wait_for(lambda: guest.pages_written() > 100, 10, "the writer to start")
+            yield ram, log, guest
+
+
 def digests(ram: GuestRam) -> dict[str, str]:
     return {b.name: block_digest(b) for b in ram}
 
@@ -51,14 +64,6 @@ def assert_same(a: GuestRam, b: GuestRam) -> None:
     for x, y in zip(a, b):
         bad = np.flatnonzero((x.pages != y.pages).any(axis=1))
         assert not len(bad), f"block {x.name!r}: {len(bad)} pages differ, first at page {bad[0]}"
-
-
-def wait_for(pred, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
 
 
 @pytest.mark.parametrize("channels", [1, 2, 4], ids=lambda c: f"c{c}")
@@ -170,54 +175,45 @@ def test_live_save_with_checksum_tracker(tmp_path: Path) -> None:
 
 def test_not_converging_fails_removes_the_file_and_resumes(tmp_path: Path) -> None:
     path = tmp_path / "nc.snap"
-    with make_guest([("pc.ram", 2 << 20)]) as ram:
-        log = DirtyLog(ram)
-        with Workload(ram, WorkloadSpec(dirty_rate=0, writers=1), log) as guest:
-            wait_for(lambda: guest.pages_written() > 100, 10, "the writer to start")
-            params = MigrationParams(channels=2, downtime_limit=0, max_iterations=3, max_bandwidth=SLOW)
-            with SnapshotSave(path, ram, params, tracker=log, guest=guest) as sv:
-                with pytest.raises(MigrationError) as err:
-                    sv.wait(60)
-            assert str(err.value).startswith("snapshot save did not converge after 3 iterations (max-iterations): ")
-            assert "downtime-limit 0 ms" in str(err.value)
-            assert sv.status == "failed" and not guest.paused
-            assert not path.exists()
+    with running_guest() as (ram, log, guest):
+        params = MigrationParams(channels=2, downtime_limit=0, max_iterations=3, max_bandwidth=SLOW)
+        with SnapshotSave(path, ram, params, tracker=log, guest=guest) as sv:
+            with pytest.raises(MigrationError) as err:
+                sv.wait(60)
+        assert str(err.value).startswith("snapshot save did not converge after 3 iterations (max-iterations): ")
+        assert "downtime-limit 0 ms" in str(err.value)
+        assert sv.status == "failed" and not guest.paused
+        assert not path.exists()
 
 
 def test_cancel_removes_the_file_and_the_guest_keeps_running(tmp_path: Path) -> None:
     path = tmp_path / "cancel.snap"
-    with make_guest([("pc.ram", 2 << 20)]) as ram:
-        log = DirtyLog(ram)
-        with Workload(ram, WorkloadSpec(dirty_rate=0, writers=1), log) as guest:
-            wait_for(lambda: guest.pages_written() > 100, 10, "the writer to start")
-            params = MigrationParams(channels=2, downtime_limit=0, max_iterations=100_000, max_bandwidth=SLOW)
-            sv = SnapshotSave(path, ram, params, tracker=log, guest=guest).start()
-            wait_for(lambda: sv.stats.ram.dirty_sync_count >= 2, 30, "2 iterations")
-            assert path.exists()
-            sv.cancel()
-            with pytest.raises(MigrationCancelled, match="^snapshot save cancelled$"):
-                sv.wait(30)
-            assert sv.status == "cancelled" and not guest.paused and not path.exists()
-            before = guest.pages_written()
-            wait_for(lambda: guest.pages_written() > before, 10, "the guest to keep running")
+    with running_guest() as (ram, log, guest):
+        params = MigrationParams(channels=2, downtime_limit=0, max_iterations=100_000, max_bandwidth=SLOW)
+        sv = SnapshotSave(path, ram, params, tracker=log, guest=guest).start()
+        wait_for(lambda: sv.stats.ram.dirty_sync_count >= 2, 30, "2 iterations")
+        assert path.exists()
+        sv.cancel()
+        with pytest.raises(MigrationCancelled, match="^snapshot save cancelled$"):
+            sv.wait(30)
+        assert sv.status == "cancelled" and not guest.paused and not path.exists()
+        before = guest.pages_written()
+        wait_for(lambda: guest.pages_written() > before, 10, "the guest to keep running")
 
 
 def test_a_killed_channel_fails_the_save(tmp_path: Path) -> None:
     path = tmp_path / "killed.snap"
-    with make_guest([("pc.ram", 2 << 20)]) as ram:
-        log = DirtyLog(ram)
-        with Workload(ram, WorkloadSpec(dirty_rate=0, writers=1), log) as guest:
-            wait_for(lambda: guest.pages_written() > 100, 10, "the writer to start")
-            params = MigrationParams(channels=2, downtime_limit=0, max_iterations=100_000, max_bandwidth=SLOW)
-            with SnapshotSave(path, ram, params, tracker=log, guest=guest) as sv:
-                wait_for(lambda: sv.stats.ram.dirty_sync_count >= 2, 30, "2 iterations")
-                assert sv._channels is not None
-                pid = sv._channels.group.pids[1]
-                os.kill(pid, 9)
-                with pytest.raises(ChannelError) as err:
-                    sv.wait(30)
-            assert str(err.value) == f"snapshot channel 1 (save): process {pid} was killed by signal 9"
-            assert not path.exists() and not guest.paused
+    with running_guest() as (ram, log, guest):
+        params = MigrationParams(channels=2, downtime_limit=0, max_iterations=100_000, max_bandwidth=SLOW)
+        with SnapshotSave(path, ram, params, tracker=log, guest=guest) as sv:
+            wait_for(lambda: sv.stats.ram.dirty_sync_count >= 2, 30, "2 iterations")
+            assert sv._channels is not None
+            pid = sv._channels.group.pids[1]
+            os.kill(pid, 9)
+            with pytest.raises(ChannelError) as err:
+                sv.wait(30)
+        assert str(err.value) == f"snapshot channel 1 (save): process {pid} was killed by signal 9"
+        assert not path.exists() and not guest.paused
 
 
 def test_save_overwrites_and_reports_the_file(tmp_path: Path) -> None:

@@ -43,8 +43,9 @@ from .send_channels import (
 )
 from .trace import BARRIER, DECOMPRESS, RECV_HEADER, RECV_PAYLOAD, WRITE, Trace, now_ns
 from .transport import recv_exact_into, recv_exact_into_many
-from .wire import MAX_PACKET_PAYLOAD, PACKET_HEADER_SIZE, TARGET_PAGE_SIZE, decode_packet_header
+from .wire import MAX_PACKET_PAYLOAD, PACKET_HEADER_SIZE, PAGES_PER_PACKET, TARGET_PAGE_SIZE, decode_packet_header
 
+_ZEROS = memoryview(bytes(PAGES_PER_PACKET * TARGET_PAGE_SIZE))  # source of zero-fills (read only)
 RELEASE = b"r"
 QUIT = b"q"
 
@@ -206,7 +207,7 @@ def _zero_fill(block: RamBlock, written: npt.NDArray[np.uint8], idx: npt.NDArray
     if not len(idx):
         return
     if block.fd >= 0:
-        block.pwrite_pages(idx, memoryview(bytes(len(idx) * TARGET_PAGE_SIZE)))
+        block.pwrite_pages(idx, _ZEROS[: len(idx) * TARGET_PAGE_SIZE])
     else:
         block.pages[idx] = 0
 

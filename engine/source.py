@@ -132,39 +132,27 @@ class RamSaver:
         self.pages_done = 0
         for block_idx, block in enumerate(self.ram):
             if dirty is None:
-                self._save_block_range(block_idx, 0, block.npages)
+                self._save_block_pages(block_idx, np.arange(block.npages, dtype=np.int64))
             elif block_idx in dirty and len(dirty[block_idx]):
                 self._save_block_pages(block_idx, dirty[block_idx])
         self._sync_and_eos()
-
-    def _save_block_range(self, block_idx: int, start: int, stop: int) -> None:
-        words = self.ram.blocks[block_idx].words
-        for a in range(start, stop, self.chunk_pages):
-            b = min(a + self.chunk_pages, stop)
-            if not self.scan_zero:
-                self._emit(block_idx, np.arange(a, b, dtype=np.int64), None)
-                continue
-            t0 = now_ns()
-            zero = zero_pages(words[a:b])
-            if self.trace is not None:
-                self.trace.span(ZERO_SCAN, t0)
-            self._emit(block_idx, np.arange(a, b, dtype=np.int64), zero)
 
     def _save_block_pages(self, block_idx: int, idx: npt.NDArray[np.int64]) -> None:
         words = self.ram.blocks[block_idx].words
         for a in range(0, len(idx), self.chunk_pages):
             chunk = idx[a:a + self.chunk_pages]
-            if not self.scan_zero:
-                self._emit(block_idx, chunk, None)
-                continue
-            t0 = now_ns()
-            if chunk[-1] - chunk[0] == len(chunk) - 1:  # a contiguous run: scan a view, no gather
-                zero = zero_pages(words[chunk[0]:chunk[-1] + 1])
-            else:
-                zero = zero_pages(words[chunk])
-            if self.trace is not None:
-                self.trace.span(ZERO_SCAN, t0)
-            self._emit(block_idx, chunk, zero)
+            self._emit(block_idx, chunk, self._scan(words, chunk) if self.scan_zero else None)
+
+    def _scan(self, words: npt.NDArray[np.uint64], chunk: npt.NDArray[np.int64]) -> npt.NDArray[np.bool_]:
+        """Which pages of ``chunk`` are zero (zero-page-detection=legacy)."""
+        t0 = now_ns()
+        if chunk[-1] - chunk[0] == len(chunk) - 1:  # a contiguous run: scan a view, no gather
+            zero = zero_pages(words[chunk[0]:chunk[-1] + 1])
+        else:
+            zero = zero_pages(words[chunk])
+        if self.trace is not None:
+            self.trace.span(ZERO_SCAN, t0)
+        return zero
 
     def _emit(self, block_idx: int, idx: npt.NDArray[np.int64], zero: npt.NDArray[np.bool_] | None) -> None:
         """ZERO records for ``zero`` pages, the rest to the channels (all of them when ``zero``

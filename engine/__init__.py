@@ -8,6 +8,7 @@ Public API::
 from __future__ import annotations
 
 import os as _os
+from typing import TYPE_CHECKING
 
 _os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # channel processes need no BLAS thread pools
 
@@ -23,7 +24,6 @@ from .errors import (
     RemoteProtocolError,
     TruncatedError,
 )
-from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from .destination import run_incoming
@@ -55,26 +55,19 @@ __all__ = [
 ]
 
 
-_LAZY = {"MigrationParams": "params", "parse_size": "params", "BlockSpec": "ram", "GuestRam": "ram", "RamBlock": "ram"}
+_LAZY = {
+    "MigrationParams": "params", "parse_size": "params",
+    "BlockSpec": "ram", "GuestRam": "ram", "RamBlock": "ram",
+    "Migration": "migration", "migrate": "migration",
+    "IncomingMigration": "incoming", "run_incoming": "destination",
+}
 
 
 def __getattr__(name: str) -> object:
     # Everything that needs numpy imports lazily: `import engine` (and so `python -m engine`
     # before its own start-up) stays light, and a Ctrl-C during start-up meets our handler.
-    if name in _LAZY:
-        import importlib
+    if name not in _LAZY:
+        raise AttributeError(name)
+    import importlib
 
-        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-    if name in ("migrate", "Migration"):
-        from . import migration
-
-        return getattr(migration, name)
-    if name == "IncomingMigration":
-        from .incoming import IncomingMigration
-
-        return IncomingMigration
-    if name == "run_incoming":
-        from .destination import run_incoming
-
-        return run_incoming
-    raise AttributeError(name)
+    return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)

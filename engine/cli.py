@@ -8,6 +8,7 @@ non-zero exit status, never a traceback: 1 for a failed migration, 2 for bad arg
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import signal
@@ -118,22 +119,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _params(args: argparse.Namespace) -> MigrationParams:
-    uuid = MigrationParams.uuid_from_text(args.uuid) if args.uuid else bytes(16)
-    extra: dict[str, Any] = {}
-    if args.command == "migrate":
-        extra = dict(
-            max_bandwidth=parse_size(args.max_bandwidth, "--max-bandwidth"), downtime_limit=args.downtime_limit,
-            auto_converge=args.auto_converge, cpu_throttle_initial=args.cpu_throttle_initial,
-            cpu_throttle_increment=args.cpu_throttle_increment, max_cpu_throttle=args.max_cpu_throttle,
-            max_iterations=args.max_iterations, max_time=args.max_time,
-            zero_page_detection=args.zero_page_detection,
-        )
-    return MigrationParams(
-        channels=args.channels, compression=args.compression, level=getattr(args, "level", None), uuid=uuid,
-        machine=getattr(args, "machine", "none"), handshake_timeout=args.handshake_timeout,
-        stall_timeout=args.stall_timeout, **extra,
-    )
+def params_from_args(args: argparse.Namespace) -> MigrationParams:
+    """MigrationParams from whichever of its fields this command's options set (the option
+    ``--max-bandwidth`` fills ``max_bandwidth`` and so on); the rest keep their defaults."""
+    names = {f.name for f in dataclasses.fields(MigrationParams) if f.init}
+    given = {name: value for name, value in vars(args).items() if name in names and value is not None}
+    if "uuid" in given:
+        given["uuid"] = MigrationParams.uuid_from_text(given["uuid"])
+    if "max_bandwidth" in given:
+        given["max_bandwidth"] = parse_size(given["max_bandwidth"], "--max-bandwidth")
+    return MigrationParams(**given)
 
 
 def parse_ram_arg(text: str) -> BlockSpec:
@@ -272,26 +267,22 @@ def run_live_job(args: argparse.Namespace, make_job: Callable[[GuestRam, Any, An
         try:
             if workload is not None and wait_running:
                 _wait_running(workload)
-            job = make_job(ram, log, workload)
-            job.start()
-            next_stats = time.monotonic() + (interval or 0)
-            try:
-                while not job.wait_done(tick):
-                    if workload is not None:
-                        workload.check()
+            # leaving the block on Ctrl-C / SIGTERM cancels the job and waits for its shutdown
+            with make_job(ram, log, workload) as job:
+                next_stats = time.monotonic() + (interval or 0)
+                try:
+                    while not job.wait_done(tick):
+                        if workload is not None:
+                            workload.check()
+                        if show:
+                            print("\r" + progress_line(job.query()).ljust(120), end="", file=sys.stderr, flush=True)
+                        if interval and time.monotonic() >= next_stats:
+                            next_stats += interval
+                            print(json.dumps(stats_line(job.query())), flush=True)
+                finally:
                     if show:
-                        print("\r" + progress_line(job.query()).ljust(120), end="", file=sys.stderr, flush=True)
-                    if interval and time.monotonic() >= next_stats:
-                        next_stats += interval
-                        print(json.dumps(stats_line(job.query())), flush=True)
-            except (KeyboardInterrupt, MigrationCancelled):
-                job.cancel()
-                job.wait_done(job.params.stall_timeout + 10)
-                raise
-            finally:
-                if show:
-                    print(file=sys.stderr)
-            job.wait()
+                        print(file=sys.stderr)
+                job.wait()
             if args.dump:
                 dump_ram(ram, args.dump)
             out = job.query()
@@ -315,7 +306,7 @@ def _wait_running(workload: Any, timeout: float = 10.0) -> None:
 def cmd_migrate(args: argparse.Namespace) -> int:
     from .migration import Migration
 
-    params = _params(args)
+    params = params_from_args(args)
     out = run_live_job(args, lambda ram, log, guest: Migration(args.uri, ram, params, tracker=log, guest=guest,
                                                                trace_file=args.trace))
     _emit(out, args.json, "source")
@@ -325,7 +316,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 def cmd_incoming(args: argparse.Namespace) -> int:
     from .destination import run_incoming
 
-    params = _params(args)
+    params = params_from_args(args)
 
     def listening(uri: str) -> None:
         print(f"{LISTENING}{uri}", file=sys.stderr, flush=True)

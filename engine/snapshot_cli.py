@@ -16,10 +16,10 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from .cli import DEFAULT_BLOCK, _emit, _Parser, dump_ram, run_command, run_live_job
+from .cli import DEFAULT_BLOCK, _emit, _Parser, dump_ram, params_from_args, run_command, run_live_job
 from .compression import method_names
 from .errors import ConfigError
-from .params import DEFAULT_CHANNELS, DEFAULT_STALL_TIMEOUT, MigrationParams, parse_size
+from .params import DEFAULT_CHANNELS, DEFAULT_STALL_TIMEOUT
 from .ram import FILLS, block_digest
 from .snapshot_format import describe_snapshot, is_snapshot_file, render_snapshot
 from .workload import DIRTY_PATTERNS
@@ -97,24 +97,10 @@ def dispatch(args: argparse.Namespace) -> int | None:
     return None
 
 
-def _save_params(args: argparse.Namespace) -> MigrationParams:
-    def g(name: str, default: Any) -> Any:  # migrate's namespace has more options than save's
-        return getattr(args, name, default)
-
-    return MigrationParams(
-        channels=args.channels, compression=g("compression", "none"), level=g("level", None),
-        stall_timeout=g("stall_timeout", DEFAULT_STALL_TIMEOUT),
-        max_bandwidth=parse_size(g("max_bandwidth", "0"), "--max-bandwidth"), downtime_limit=g("downtime_limit", 300),
-        auto_converge=g("auto_converge", False), cpu_throttle_initial=g("cpu_throttle_initial", 20),
-        cpu_throttle_increment=g("cpu_throttle_increment", 10), max_cpu_throttle=g("max_cpu_throttle", 99),
-        max_iterations=g("max_iterations", 100), max_time=g("max_time", 0.0),
-    )
-
-
 def cmd_save(args: argparse.Namespace, path: Path) -> int:
     from .snapshot import SnapshotSave
 
-    params = _save_params(args)
+    params = params_from_args(args)
     fsync = not getattr(args, "no_fsync", False)
     out = run_live_job(args, lambda ram, log, guest: SnapshotSave(path, ram, params, tracker=log, guest=guest,
                                                                   fsync=fsync), wait_running=True)
@@ -125,8 +111,7 @@ def cmd_save(args: argparse.Namespace, path: Path) -> int:
 def cmd_restore(args: argparse.Namespace, path: Path) -> int:
     from .snapshot import SnapshotRestore
 
-    params = MigrationParams(channels=args.channels, stall_timeout=getattr(args, "stall_timeout", DEFAULT_STALL_TIMEOUT))
-    job = SnapshotRestore(path, params)
+    job = SnapshotRestore(path, params_from_args(args))
     with job.run() as ram:
         out = job.stats.to_json()
         if args.digest:

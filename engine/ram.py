@@ -83,12 +83,7 @@ class RamBlock:
         pos = 0
         for a, b in zip(starts.tolist(), stops.tolist()):
             n = (b - a) * TARGET_PAGE_SIZE
-            chunk = data[pos:pos + n]
-            off = a * TARGET_PAGE_SIZE
-            while chunk:
-                w = os.pwrite(fd, chunk, off)
-                chunk = chunk[w:]
-                off += w
+            pwrite_all(fd, data[pos:pos + n], a * TARGET_PAGE_SIZE)
             pos += n
 
     def release_views(self) -> None:
@@ -358,6 +353,14 @@ def safe_file_name(index: int, name: str) -> str:
     """A dump file name for a block: unique by index, readable, no path separators."""
     cleaned = re.sub(r"[^A-Za-z0-9._@-]+", "_", name).strip("._") or "block"
     return f"{index:02d}-{cleaned[:100]}.ram"
+
+
+def pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
+    """Write all of ``data`` at ``offset`` (``pwrite`` may write less than asked)."""
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
 
 
 def zero_pages(words: npt.NDArray[np.uint64]) -> npt.NDArray[np.bool_]:

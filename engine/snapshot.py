@@ -44,7 +44,7 @@ from .dirty import DirtyTracker, PageSets, count_pages, merge
 from .errors import ConfigError
 from .job import BackgroundJob, Guest
 from .params import DEFAULT_CHANNELS, DEFAULT_STALL_TIMEOUT, MigrationParams
-from .ram import BlockSpec, GuestRam
+from .ram import BlockSpec, GuestRam, pwrite_all
 from .send_channels import C_BYTES, C_PAGES, C_ZERO
 from .snapshot_channels import (
     C_GARBAGE, N_HEAP, Geometry, SharedState, SnapshotChannels, require_known,
@@ -58,13 +58,6 @@ from .stats import MigrationStats
 from .wire import MAX_CHANNELS, TARGET_PAGE_SIZE
 
 __all__ = ["SnapshotSave", "SnapshotRestore", "save", "restore", "SnapshotError"]
-
-
-def _pwrite_all(fd: int, data: bytes, off: int) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.pwrite(fd, view, off)
-        view, off = view[n:], off + n
 
 
 class SnapshotSave(BackgroundJob):
@@ -102,7 +95,7 @@ class SnapshotSave(BackgroundJob):
         except OSError as exc:
             raise SnapshotError(f"snapshot {self.path}: cannot create: {exc.strerror}") from None
         self._created = True
-        _pwrite_all(self._fd, Header(len(self.ram), self.method, p.effective_level).pack(), 0)
+        pwrite_all(self._fd, Header(len(self.ram), self.method, p.effective_level).pack(), 0)
         state = self._state = SharedState(self.geo, p.channels)
         state.ctl[N_HEAP] = HEADER_SIZE
         fd, ram, geo, level, offs = self._fd, self.ram, self.geo, p.effective_level, self._data_offsets
@@ -196,12 +189,12 @@ class SnapshotSave(BackgroundJob):
         end = int(st.ctl[N_HEAP]) if self.compressed else self._data_end
         meta_offset = -(-end // TARGET_PAGE_SIZE) * TARGET_PAGE_SIZE
         meta = encode_index(blocks, self.compressed)
-        _pwrite_all(fd, meta, meta_offset)
+        pwrite_all(fd, meta, meta_offset)
         if self.fsync:
             os.fsync(fd)
         header = Header(len(self.ram), self.method, self.params.effective_level, FLAG_COMMITTED, iterations,
                         meta_offset, len(meta), zlib.crc32(meta), time.time_ns())
-        _pwrite_all(fd, header.pack(), 0)
+        pwrite_all(fd, header.pack(), 0)
         if self.fsync:
             os.fsync(fd)
         self.stats.ram.main_bytes = HEADER_SIZE + len(meta)

@@ -55,7 +55,7 @@ from .compression.base import Buffer
 from .errors import ChannelError, CompressionError, MigrationError, MigrationTimeout
 from .migration import RateLimiter
 from .procs import _CTX, ChildGroup, Connection, self_usage
-from .ram import GuestRam, page_runs, zero_pages
+from .ram import GuestRam, page_runs, pwrite_all, zero_pages
 from .send_channels import C_ANON_RSS, C_BYTES, C_CPU_US, C_PACKETS, C_PAGES, C_PEAK_RSS, C_ZERO, ChannelStats
 from .snapshot_format import (
     REGION_PAGES, SLOT_ALIGN, SnapshotCorruptError, crc_mismatch, region_where, stored_crc,
@@ -182,12 +182,6 @@ class _GroupSink:
         self.data = data
 
 
-def _pwrite_all(fd: int, data: memoryview, off: int) -> None:
-    while data:
-        n = os.pwrite(fd, data, off)
-        data, off = data[n:], off + n
-
-
 def _read_exact(fd: int, view: memoryview, off: int, path: str, where: str) -> None:
     got = os.preadv(fd, [view], off)
     if got != len(view):
@@ -262,7 +256,7 @@ def save_channel(events: Connection, ch: int, cmds: Connection, fd: int, ram: Gu
         if method is None:
             base = data_offsets[b] + p0 * PAGE
             for a, e in zip(*(x.tolist() for x in page_runs(t[~zero]))):
-                _pwrite_all(fd, flat[a * PAGE:e * PAGE], base + a * PAGE)
+                pwrite_all(fd, flat[a * PAGE:e * PAGE], base + a * PAGE)
             mine[C_PAGES] += len(t) - nzero
             mine[C_BYTES] += (len(t) - nzero) * PAGE
             state.crc[gid] = stored_crc(pages, present)
@@ -279,7 +273,7 @@ def save_channel(events: Connection, ch: int, cmds: Connection, fd: int, ram: Gu
                     cap = -(-len(payload) // SLOT_ALIGN) * SLOT_ALIGN
                     state.goff[gid] = state.alloc(cap, timeout)
                     state.gcap[gid] = cap
-                _pwrite_all(fd, payload, int(state.goff[gid]))
+                pwrite_all(fd, payload, int(state.goff[gid]))
                 state.glen[gid] = len(payload)
                 state.crc[gid] = zlib.crc32(payload)
                 mine[C_PAGES] += len(idx)
@@ -307,8 +301,9 @@ def restore_channel(events: Connection, ch: int, cmds: Connection, fd: int, path
         idx = np.flatnonzero(present)
         where = region_where(block.name, p0 // REGION_PAGES)
         if not fresh:  # restoring into used memory: absent pages must become zero
-            for a, e in zip(*(x.tolist() for x in page_runs(np.flatnonzero(present == 0)))):
-                block.pages[p0 + a:p0 + e] = 0
+            absent = np.flatnonzero(present == 0)
+            if len(absent):
+                block.pages[p0 + absent] = 0
         expected = int(state.crc[gid])
         if len(idx) == 0:
             if expected:

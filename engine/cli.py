@@ -61,6 +61,35 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help=f"deadline for any single wait on the peer or a channel (default {DEFAULT_STALL_TIMEOUT:g})")
 
 
+def add_guest_args(p: argparse.ArgumentParser) -> None:
+    """Where the guest's RAM comes from (``migrate`` and ``save``)."""
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--ram-image", action="append", metavar="[NAME=]PATH",
+                     help=f"a RAM block from a file (repeat for several; default name {DEFAULT_BLOCK})")
+    src.add_argument("--ram-size", metavar="SIZE", help="a generated guest of SIZE bytes (K/M/G suffixes)")
+    p.add_argument("--fill", choices=FILLS, default="mixed", help="content of a --ram-size guest (default mixed)")
+    p.add_argument("--seed", type=int, default=0, help="seed for --fill and the workload (default 0)")
+
+
+def add_precopy_args(live: Any, bandwidth_help: str) -> None:
+    """The running guest and the precopy parameters (``migrate`` and ``save``)."""
+    live.add_argument("--dirty-rate", metavar="BYTES/s", default=None,
+                      help="run a guest workload dirtying this many bytes/s (K/M/G suffixes; 0 = as fast as it can)")
+    live.add_argument("--dirty-pattern", choices=DIRTY_PATTERNS, default="uniform",
+                      help="where the workload writes (default uniform)")
+    live.add_argument("--writers", type=int, default=1, metavar="K", help="workload writer processes (default 1)")
+    live.add_argument("--max-bandwidth", metavar="BYTES/s", default="0", help=bandwidth_help)
+    live.add_argument("--downtime-limit", type=int, default=300, metavar="MS", help="downtime-limit in ms (default 300)")
+    live.add_argument("--auto-converge", action="store_true", help="throttle the guest when it dirties too fast")
+    live.add_argument("--cpu-throttle-initial", type=int, default=20, metavar="PCT", help="default 20")
+    live.add_argument("--cpu-throttle-increment", type=int, default=10, metavar="PCT", help="default 10")
+    live.add_argument("--max-cpu-throttle", type=int, default=99, metavar="PCT", help="default 99")
+    live.add_argument("--max-iterations", type=int, default=100, metavar="N",
+                      help="fail if not converged after N iterations (default 100)")
+    live.add_argument("--max-time", type=float, default=0.0, metavar="SECONDS",
+                      help="fail if not completed after this long (default 0 = no limit)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="python -m engine", description="QEMU 7.2-compatible multifd migration engine")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -78,12 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     mig = sub.add_parser("migrate", help="migrate a guest's RAM to a destination")
     mig.add_argument("uri", help="tcp:HOST:PORT, tcp:[IPV6]:PORT or unix:PATH")
     _common(mig)
-    src = mig.add_mutually_exclusive_group(required=True)
-    src.add_argument("--ram-image", action="append", metavar="[NAME=]PATH",
-                     help=f"a RAM block from a file (repeat for several; default name {DEFAULT_BLOCK})")
-    src.add_argument("--ram-size", metavar="SIZE", help="a generated guest of SIZE bytes (K/M/G suffixes)")
-    mig.add_argument("--fill", choices=FILLS, default="mixed", help="content of a --ram-size guest (default mixed)")
-    mig.add_argument("--seed", type=int, default=0, help="seed for --fill (default 0)")
+    add_guest_args(mig)
     mig.add_argument("--level", type=int, default=None,
                      help="multifd-zlib-level / multifd-zstd-level / lz4 acceleration (default 1)")
     mig.add_argument("--machine", default="none", help="machine name for the configuration section (default none)")
@@ -91,23 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="legacy: the migration thread finds zero pages and sends ZERO records (QEMU 7.2);"
                           " multifd: the channels find them and list them in packets (QEMU 9.0; engine"
                           " destinations only); none: send every page whole (default legacy)")
-    live = mig.add_argument_group("live guest (precopy)")
-    live.add_argument("--dirty-rate", metavar="BYTES/s", default=None,
-                      help="run a guest workload dirtying this many bytes/s (K/M/G suffixes; 0 = as fast as it can)")
-    live.add_argument("--dirty-pattern", choices=DIRTY_PATTERNS, default="uniform",
-                      help="where the workload writes (default uniform)")
-    live.add_argument("--writers", type=int, default=1, metavar="K", help="workload writer processes (default 1)")
-    live.add_argument("--max-bandwidth", metavar="BYTES/s", default="0",
-                      help="max-bandwidth, headers included (K/M/G suffixes; default 0 = unlimited; QEMU's is 128M)")
-    live.add_argument("--downtime-limit", type=int, default=300, metavar="MS", help="downtime-limit in ms (default 300)")
-    live.add_argument("--auto-converge", action="store_true", help="throttle the guest when it dirties too fast")
-    live.add_argument("--cpu-throttle-initial", type=int, default=20, metavar="PCT", help="default 20")
-    live.add_argument("--cpu-throttle-increment", type=int, default=10, metavar="PCT", help="default 10")
-    live.add_argument("--max-cpu-throttle", type=int, default=99, metavar="PCT", help="default 99")
-    live.add_argument("--max-iterations", type=int, default=100, metavar="N",
-                      help="fail if not converged after N iterations (default 100)")
-    live.add_argument("--max-time", type=float, default=0.0, metavar="SECONDS",
-                      help="fail if not completed after this long (default 0 = no limit)")
+    add_precopy_args(mig.add_argument_group("live guest (precopy)"),
+                     "max-bandwidth, headers included (K/M/G suffixes; default 0 = unlimited; QEMU's is 128M)")
 
     ins = sub.add_parser("inspect", help="decode captured main-stream and multifd channel bytes")
     ins.add_argument("files", nargs="+", type=Path, help="captured streams (main channel and/or multifd channels)")

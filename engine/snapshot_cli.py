@@ -16,13 +16,14 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from .cli import DEFAULT_BLOCK, _emit, _Parser, dump_ram, params_from_args, run_command, run_live_job
+from .cli import (
+    _emit, _Parser, add_guest_args, add_precopy_args, dump_ram, params_from_args, run_command, run_live_job,
+)
 from .compression import method_names
 from .errors import ConfigError
 from .params import DEFAULT_CHANNELS, DEFAULT_STALL_TIMEOUT
-from .ram import FILLS, block_digest
+from .ram import block_digest
 from .snapshot_format import describe_snapshot, is_snapshot_file, render_snapshot
-from .workload import DIRTY_PATTERNS
 
 FILE_SCHEME = "file:"
 
@@ -44,25 +45,12 @@ def add_parsers(sub: Any) -> None:
     sv.add_argument("--compression", "--multifd-compression", dest="compression", default="none",
                     metavar="|".join(method_names()), help="compress each 1 MiB group (default none: mapped pages)")
     sv.add_argument("--level", type=int, default=None, help="zlib 0..9 / zstd 0..20 level, lz4 acceleration (default 1)")
-    src = sv.add_mutually_exclusive_group(required=True)
-    src.add_argument("--ram-image", action="append", metavar="[NAME=]PATH",
-                     help=f"a RAM block from a file (repeat for several; default name {DEFAULT_BLOCK})")
-    src.add_argument("--ram-size", metavar="SIZE", help="a generated guest of SIZE bytes (K/M/G suffixes)")
-    sv.add_argument("--fill", choices=FILLS, default="mixed", help="content of a --ram-size guest (default mixed)")
-    sv.add_argument("--seed", type=int, default=0, help="seed for --fill and the workload (default 0)")
+    add_guest_args(sv)
     sv.add_argument("--dump", metavar="DIR", type=Path, default=None,
                     help="also write the RAM as it was at stop-and-copy to DIR (files + manifest.json)")
     sv.add_argument("--no-fsync", action="store_true", help="do not fsync before and after the commit")
-    live = sv.add_argument_group("live guest (precopy to the file)")
-    live.add_argument("--dirty-rate", metavar="BYTES/s", default=None,
-                      help="run a guest workload dirtying this many bytes/s (K/M/G suffixes; 0 = as fast as it can)")
-    live.add_argument("--dirty-pattern", choices=DIRTY_PATTERNS, default="uniform", help="default uniform")
-    live.add_argument("--writers", type=int, default=1, metavar="K", help="workload writer processes (default 1)")
-    live.add_argument("--downtime-limit", type=int, default=300, metavar="MS", help="downtime-limit in ms (default 300)")
-    live.add_argument("--max-iterations", type=int, default=100, metavar="N", help="fail after N iterations (default 100)")
-    live.add_argument("--max-time", type=float, default=0.0, metavar="SECONDS", help="fail after this long (default 0 = none)")
-    live.add_argument("--max-bandwidth", metavar="BYTES/s", default="0", help="file bytes/s before stop-and-copy (default 0 = unlimited)")
-    live.add_argument("--auto-converge", action="store_true", help="throttle the guest when it dirties too fast")
+    add_precopy_args(sv.add_argument_group("live guest (precopy to the file)"),
+                     "file bytes/s before stop-and-copy (K/M/G suffixes; default 0 = unlimited)")
 
     rs = sub.add_parser("restore", help="restore guest RAM from a snapshot file (checks every region)")
     rs.add_argument("file", type=Path, help="the snapshot file to read")

@@ -20,13 +20,14 @@ import dataclasses
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Protocol, Self
+from typing import Any, Callable, Protocol, Self
 
-from .dirty import DirtyTracker
+from .dirty import DirtyTracker, PageSets, count_pages, merge
 from .errors import MigrationCancelled, MigrationError, MigrationTimeout
 from .params import MigrationParams
 from .ram import GuestRam
 from .stats import MigrationStats
+from .trace import DIRTY_SYNC, Trace, now_ns
 from .wire import TARGET_PAGE_SIZE
 
 DIRTY_RATE_HIGH = 0.5  # auto-converge trigger: dirtied > 50% of what was sent (throttle-trigger-threshold)
@@ -85,6 +86,7 @@ class BackgroundJob:
         self._guest_paused = False
         self._remaining_pages = ram.total_size // TARGET_PAGE_SIZE
         self._high = 0  # iterations in a row that dirtied fast (auto-converge)
+        self.trace: Trace | None = None  # this thread's track (--trace)
 
     # ------------------------------------------------------------------ public API
 
@@ -184,6 +186,43 @@ class BackgroundJob:
         except BaseException as exc:  # noqa: BLE001 - reported through wait()
             error = exc
         self._finish(error)
+
+    def _sync_dirty(self) -> PageSets:
+        """``migration_bitmap_sync``: the pages dirtied since the last sync (none without a
+        tracker); every call counts in ``dirty-sync-count``."""
+        t0 = now_ns()
+        dirty = self.tracker.sync() if self.tracker is not None else {}
+        if self.trace is not None:
+            self.trace.span(DIRTY_SYNC, t0)
+        self.stats.ram.dirty_sync_count += 1
+        return dirty
+
+    def _precopy(self, dirty: PageSets | None,
+                 one_round: Callable[[PageSets | None], tuple[int, int, int, float, int]]) -> PageSets:
+        """Precopy iterations from ``dirty`` (None: every page) until :meth:`_end_of_iteration`
+        says the rest fits in ``downtime-limit``; returns the pages still dirty. ``one_round``
+        sends the given pages and returns (pages, zero pages, bytes, seconds, bytes moved)."""
+        st = self.stats
+        st.setup_time = time.monotonic() - st.start
+        st.status = "active"
+        iteration = 0
+        while True:
+            iteration += 1
+            self._check()
+            pages, zero, nbytes, dt, moved = one_round(dirty)
+            dirty = self._sync_dirty()
+            if self._end_of_iteration(iteration, pages, zero, nbytes, dt, count_pages(dirty), moved):
+                return dirty
+
+    def _stop_guest(self, dirty: PageSets) -> PageSets:
+        """Stop-and-copy begins: pause the guest (``vm_stop``) and add what it dirtied last."""
+        self.stats.status = "device"
+        if self.guest is not None:
+            self.guest.pause(timeout=self.params.stall_timeout)
+            self._guest_paused = True
+        if self.tracker is not None:
+            dirty = merge(dirty, self._sync_dirty())
+        return dirty
 
     def _end_of_iteration(self, iteration: int, pages: int, zero: int, nbytes: int, dt: float, remaining: int,
                           moved: int) -> bool:

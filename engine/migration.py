@@ -39,7 +39,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from .dirty import DirtyTracker, PageSets, count_pages, merge
+from .dirty import DirtyTracker, PageSets, count_pages
 from .job import BackgroundJob, Guest
 from .params import MigrationParams
 from .ram import GuestRam
@@ -47,7 +47,7 @@ from .send_channels import SendChannels
 from .source import ZERO_SCAN_CHUNK, RamSaver
 from .stats import MigrationStats
 from .stream import StreamEncoder
-from .trace import DIRTY_SYNC, STOP_COPY, Trace, now_ns, write_trace
+from .trace import STOP_COPY, Trace, now_ns, write_trace
 from .transport import Deadline, connect, ensure_fd_budget, parse_uri, send_all
 from .wire import PAGES_PER_PACKET, TARGET_PAGE_SIZE, MultiFDInit
 
@@ -196,57 +196,31 @@ class Migration(BackgroundJob):
         saver.trace = self.trace
         return saver
 
-    def _sync_dirty(self) -> PageSets:
-        assert self.tracker is not None
-        t0 = now_ns()
-        dirty = self.tracker.sync()
-        if self.trace is not None:
-            self.trace.span(DIRTY_SYNC, t0)
-        self.stats.ram.dirty_sync_count += 1
-        return dirty
-
     def _work(self) -> None:
-        st = self.stats
         saver = self._saver = self._make_saver()
         self._section_pages = 0
         saver.save_setup()
-        if self.tracker is not None:
-            dirty: PageSets | None = self._sync_dirty()
-        else:
-            dirty = None
-            st.ram.dirty_sync_count += 1
-        st.setup_time = time.monotonic() - st.start
-        st.status = "active"
-        iteration = 0
-        while True:
-            iteration += 1
-            self._check()
-            pages = count_pages(dirty) if dirty is not None else self.ram.total_size // TARGET_PAGE_SIZE
-            self._section_pages = pages
-            t0, b0, z0 = time.monotonic(), self._transferred(), st.ram.duplicate
-            saver.save_section(dirty)
-            dt = max(time.monotonic() - t0, 1e-6)
-            sent = self._transferred() - b0
-            if self.tracker is None:
-                dirty = {}
-                st.ram.dirty_sync_count += 1
-            else:
-                dirty = self._sync_dirty()
-            if self._end_of_iteration(iteration, pages, st.ram.duplicate - z0, sent, dt, count_pages(dirty), sent):
-                break
+        first = self._sync_dirty()  # dirty-sync-count 1: the first iteration sends every page
+        dirty = self._precopy(first if self.tracker is not None else None, self._one_section)
         self._stop_and_copy(dirty)
+
+    def _one_section(self, dirty: PageSets | None) -> tuple[int, int, int, float, int]:
+        """One precopy iteration: the ``dirty`` pages (None: all) as one ram PART section."""
+        assert self._saver is not None
+        st = self.stats
+        pages = count_pages(dirty) if dirty is not None else self.ram.total_size // TARGET_PAGE_SIZE
+        self._section_pages = pages
+        t0, b0, z0 = time.monotonic(), self._transferred(), st.ram.duplicate
+        self._saver.save_section(dirty)
+        sent = self._transferred() - b0
+        return pages, st.ram.duplicate - z0, sent, max(time.monotonic() - t0, 1e-6), sent
 
     def _stop_and_copy(self, dirty: PageSets) -> None:
         st = self.stats
         assert self._saver is not None and self._channels is not None
-        st.status = "device"
         down = time.monotonic()
         self._down_ns = now_ns()
-        if self.guest is not None:
-            self.guest.pause(timeout=self.params.stall_timeout)
-            self._guest_paused = True
-        if self.tracker is not None:
-            dirty = merge(dirty, self._sync_dirty())
+        dirty = self._stop_guest(dirty)
         self._section_pages = count_pages(dirty)
         self._saver.after_chunk = self._check  # stop-and-copy ignores max-bandwidth
         self._saver.save_section(dirty, end=True)

@@ -40,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .dirty import DirtyTracker, PageSets, count_pages, merge
+from .dirty import DirtyTracker, PageSets, count_pages
 from .errors import ConfigError
 from .job import BackgroundJob, Guest
 from .params import DEFAULT_CHANNELS, DEFAULT_STALL_TIMEOUT, MigrationParams
@@ -112,10 +112,6 @@ class SnapshotSave(BackgroundJob):
         st.ram.duplicate = ch.counter(C_ZERO)
         st.ram.multifd_bytes = ch.counter(C_BYTES)
 
-    def _sync(self) -> PageSets | None:
-        self.stats.ram.dirty_sync_count += 1
-        return self.tracker.sync() if self.tracker is not None else None
-
     def _round(self, dirty: PageSets | None, final: bool) -> tuple[int, int, int, float]:
         """Write the regions holding ``dirty`` pages (None: all); (pages, zero pages, bytes, seconds)."""
         assert self._channels is not None
@@ -143,30 +139,16 @@ class SnapshotSave(BackgroundJob):
         return pages, ch.counter(C_ZERO) - z0, ch.counter(C_BYTES) - b0, max(time.monotonic() - t0, 1e-6)
 
     def _work(self) -> None:
-        st = self.stats
-        self._sync()  # starts the dirty epoch; the first round writes every page whatever it says
-        dirty: PageSets | None = None
-        st.setup_time = time.monotonic() - st.start
-        st.status = "active"
-        iteration = 0
-        while True:
-            iteration += 1
-            self._check()
+        self._sync_dirty()  # starts the dirty epoch; the first round writes every page whatever it says
+
+        def one_round(dirty: PageSets | None) -> tuple[int, int, int, float, int]:
             pages, zero, written, dt = self._round(dirty, final=False)
-            dirty = self._sync() if self.tracker is not None else {}
-            assert dirty is not None
-            if self._end_of_iteration(iteration, pages, zero, written, dt, count_pages(dirty), pages * TARGET_PAGE_SIZE):
-                break
-        # stop-and-copy
-        st.status = "device"
+            return pages, zero, written, dt, pages * TARGET_PAGE_SIZE
+
+        dirty = self._precopy(None, one_round)
+        st = self.stats
         down = time.monotonic()
-        if self.guest is not None:
-            self.guest.pause(timeout=self.params.stall_timeout)
-            self._guest_paused = True
-        if self.tracker is not None:
-            last = self._sync()
-            assert last is not None
-            dirty = merge(dirty, last)
+        dirty = self._stop_guest(dirty)
         pages = self._round(dirty, final=True)[0]
         self._commit(len(self.iterations) + (pages > 0))
         st.downtime = time.monotonic() - down

@@ -123,9 +123,14 @@ class Migration(BackgroundJob):
     # ------------------------------------------------------------------- internals
 
     def _refresh(self, st: MigrationStats) -> None:
+        """Page counts are the channels' (``normal``: pages they sent whole; zero pages they
+        listed in packets) plus the ZERO records of the migration thread."""
         if self._channels is not None:
             st.channels = self._channels.stats()
             st.ram.multifd_bytes = sum(c.bytes for c in st.channels)
+            st.ram.normal = sum(c.normal_pages for c in st.channels)
+            zero_records = self._saver.zero_records if self._saver is not None else 0
+            st.ram.duplicate = zero_records + sum(c.zero_pages for c in st.channels)
 
     def _transferred(self) -> int:
         ch = self._channels
@@ -211,7 +216,8 @@ class Migration(BackgroundJob):
         pages = count_pages(dirty) if dirty is not None else self.ram.total_size // TARGET_PAGE_SIZE
         self._section_pages = pages
         t0, b0, z0 = time.monotonic(), self._transferred(), st.ram.duplicate
-        self._saver.save_section(dirty)
+        self._saver.save_section(dirty)  # returns once every packet of it is written
+        self._refresh(st)
         sent = self._transferred() - b0
         return pages, st.ram.duplicate - z0, sent, max(time.monotonic() - t0, 1e-6), sent
 

@@ -368,10 +368,6 @@ class SendChannels:
     def bytes_sent(self) -> int:
         return int(self._counters[:, C_BYTES].sum())
 
-    def zero_pages(self) -> int:
-        """Zero pages the channels found and listed in packets (zero-page-detection=multifd)."""
-        return int(self._counters[:, C_ZERO].sum())
-
     def stats(self) -> list[ChannelStats]:
         pids = self.group.pids
         return [ChannelStats.from_counters(i, pids[i], c) for i, c in enumerate(self._counters)]

@@ -91,7 +91,7 @@ class RamSaver:
         self.after_chunk = after_chunk  # rate limiting and cancellation, between chunks
         self.chunk_pages = chunk_pages
         self.scan_zero = scan_zero  # zero-page-detection=legacy; else every page goes to the channels
-        self._zero_counted = 0
+        self.zero_records = 0  # zero pages sent as ZERO records (the channels count the rest)
         self.trace: Trace | None = None
 
     def _flush_main(self, force: bool = False) -> None:
@@ -107,11 +107,6 @@ class RamSaver:
         self.channels.sync()
         if self.trace is not None:
             self.trace.span(SYNC_WAIT, t0)
-        if not self.scan_zero:  # every packet of the section is sent: take the channels' count
-            found = self.channels.zero_pages() - self._zero_counted
-            self.stats.ram.duplicate += found
-            self.stats.ram.normal -= found
-            self._zero_counted += found
         self.enc.ram_eos()
         self.enc.footer(RAM_SECTION_ID)
         self._flush_main(force=True)
@@ -156,18 +151,16 @@ class RamSaver:
 
     def _emit(self, block_idx: int, idx: npt.NDArray[np.int64], zero: npt.NDArray[np.bool_] | None) -> None:
         """ZERO records for ``zero`` pages, the rest to the channels (all of them when ``zero``
-        is None: the channels find the zero pages, and the normal count is corrected from
-        theirs)."""
+        is None: the channels find the zero pages)."""
         normal = idx
         if zero is not None:
             zeros = idx[zero]
             if len(zeros):
                 self.enc.ram_zero_pages(self.ram.blocks[block_idx].name, zeros * TARGET_PAGE_SIZE)
-                self.stats.ram.duplicate += len(zeros)
+                self.zero_records += len(zeros)
                 self._flush_main()
             normal = idx[~zero]
         if len(normal):
             self.queue.queue(block_idx, normal)
-            self.stats.ram.normal += len(normal)
         self.pages_done += len(idx)
         self.after_chunk()

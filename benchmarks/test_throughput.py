@@ -18,30 +18,33 @@ METHODS = ["none", "lz4", "zstd", "zlib"]
 CHANNELS = [1, 2, 4, 8]
 
 
+def _bench(benchmark, ram, params: MigrationParams, uri: str, *dst_args: str, rounds: int) -> None:
+    """Time ``rounds`` migrations of ``ram``, each into a fresh destination process."""
+    dests: list[Incoming] = []
+
+    def setup():
+        dst = Incoming(uri, "--channels", str(params.channels), "--compression", params.compression, "--json",
+                       "--listen-timeout", "120", *dst_args)
+        dests.append(dst)
+        return (dst.uri,), {}
+
+    stats = benchmark.pedantic(lambda dst_uri: migrate(dst_uri, ram, params), setup=setup, rounds=rounds,
+                               iterations=1)
+    for d in dests:
+        assert d.wait(120) == 0, d.stderr
+    benchmark.extra_info["guest_bytes"] = ram.total_size
+    benchmark.extra_info["MiB/s (median)"] = round(ram.total_size / benchmark.stats.stats.median / 2**20, 1)
+    benchmark.extra_info["transferred"] = stats.ram.transferred
+
+
 @pytest.mark.parametrize("fill", ["mixed", "random", "zero"])
 @pytest.mark.parametrize("channels", CHANNELS, ids=lambda c: f"c{c}")
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("transport", ["tcp", "unix"])
 def test_migrate(benchmark, make_guest, tmp_path, transport: str, method: str, channels: int, fill: str) -> None:
     ram = make_guest(fill)
-    params = MigrationParams(channels=channels, compression=method)
     uri = "tcp:127.0.0.1:0" if transport == "tcp" else f"unix:{tmp_path}/b.sock"
-    dests: list[Incoming] = []
-
-    def setup():
-        dst = Incoming(uri, "--channels", str(channels), "--compression", method, "--json")
-        dests.append(dst)
-        return (dst.uri,), {}
-
-    def run(dst_uri: str):
-        return migrate(dst_uri, ram, params)
-
-    stats = benchmark.pedantic(run, setup=setup, rounds=3, iterations=1)
-    for d in dests:
-        assert d.wait(120) == 0, d.stderr
-    benchmark.extra_info["guest_bytes"] = ram.total_size
-    benchmark.extra_info["MiB/s (median)"] = round(ram.total_size / benchmark.stats.stats.median / 2**20, 1)
-    benchmark.extra_info["transferred"] = stats.ram.transferred
+    _bench(benchmark, ram, MigrationParams(channels=channels, compression=method), uri, rounds=3)
 
 
 @pytest.mark.parametrize("dest", ["fresh", "prealloc"])
@@ -53,16 +56,4 @@ def test_zero_page_detection(benchmark, make_guest, detection: str, method: str,
     ram = make_guest("mixed")
     params = MigrationParams(channels=4, compression=method, zero_page_detection=detection)
     extra = ["--ram", f"pc.ram={ram.total_size}", "--prealloc"] if dest == "prealloc" else []
-    dests: list[Incoming] = []
-
-    def setup():
-        dst = Incoming("tcp:127.0.0.1:0", "--channels", "4", "--compression", method, "--json", *extra,
-                       "--listen-timeout", "120")
-        dests.append(dst)
-        return (dst.uri,), {}
-
-    stats = benchmark.pedantic(lambda uri: migrate(uri, ram, params), setup=setup, rounds=5, iterations=1)
-    for d in dests:
-        assert d.wait(120) == 0, d.stderr
-    benchmark.extra_info["MiB/s (median)"] = round(ram.total_size / benchmark.stats.stats.median / 2**20, 1)
-    benchmark.extra_info["transferred"] = stats.ram.transferred
+    _bench(benchmark, ram, params, "tcp:127.0.0.1:0", *extra, rounds=5)

@@ -10,11 +10,20 @@ owner gone; that is the backstop, not the plan.
 
 Non-owners (a user's own writer processes, the embedding API) call :func:`attach`, which maps an
 existing segment without registering it with any resource tracker.
+
+Concurrent writers: positioned writes (``pwrite``) into one segment take the kernel's per-file
+lock, which spins while the holder runs on the other CPU. The destination's channel processes
+all write into the same block, so each block carries a sleeping cross-process lock
+(:attr:`RamBlock.write_lock`, a semaphore created before the channels are forked) that
+:meth:`RamBlock.pwrite_pages` holds for a whole packet: one writer at a time, the others
+sleep instead of spinning. Measured on 2 cores, 1 GiB mixed, 4 channels: destination channel
+CPU 1.55 -> 1.28 s on fresh memory (see README, Performance).
 """
 
 from __future__ import annotations
 
 import mmap
+import multiprocessing
 import os
 import re
 from dataclasses import dataclass
@@ -24,10 +33,13 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 import numpy.typing as npt
 
-from .errors import ConfigError
+from .errors import ChannelError, ConfigError
 from .wire import MAX_RAMBLOCK_NAME, TARGET_PAGE_SIZE
 
 SEGMENT_PREFIX = "mfd"
+#: A writer holds a block's write lock for one packet (well under a second); waiting longer
+#: means the holder died with it held, and the parent is already tearing the migration down.
+WRITE_LOCK_TIMEOUT = 30.0
 PAGE_U64 = TARGET_PAGE_SIZE // 8
 
 
@@ -64,6 +76,8 @@ class RamBlock:
         self.buf = buf
         self.pages: npt.NDArray[np.uint8] = np.frombuffer(buf, dtype=np.uint8).reshape(self.npages, TARGET_PAGE_SIZE)
         self.words: npt.NDArray[np.uint64] = self.pages.view(np.uint64)
+        # A fork-context semaphore is unlinked at creation: nothing in /dev/shm, no tracker entry.
+        self.write_lock = multiprocessing.get_context("fork").Lock()
 
     @property
     def spec(self) -> BlockSpec:
@@ -77,14 +91,23 @@ class RamBlock:
         return int(getattr(self._closer, "_fd", -1))
 
     def pwrite_pages(self, idx: npt.NDArray[np.int64], data: memoryview) -> None:
-        """Write ``len(idx)`` pages of ``data`` (contiguous) to pages ``idx`` with positioned writes."""
+        """Write ``len(idx)`` pages of ``data`` (contiguous) to pages ``idx`` with positioned
+        writes, holding the block's write lock (see the module docstring)."""
         fd = self.fd
-        starts, stops = page_runs(idx)
-        pos = 0
-        for a, b in zip(starts.tolist(), stops.tolist()):
-            n = (b - a) * TARGET_PAGE_SIZE
-            pwrite_all(fd, data[pos:pos + n], a * TARGET_PAGE_SIZE)
-            pos += n
+        runs = page_runs(idx)
+        if not self.write_lock.acquire(timeout=WRITE_LOCK_TIMEOUT):
+            raise ChannelError(
+                f"RAM block {self.name!r}: another writer held the write lock for {WRITE_LOCK_TIMEOUT:g}s"
+            )
+        try:
+            pos = 0
+            for a, b in runs:
+                end = pos + (b - a) * TARGET_PAGE_SIZE
+                if os.pwrite(fd, data[pos:end], a * TARGET_PAGE_SIZE) != end - pos:  # short: finish it
+                    pwrite_all(fd, data[pos:end], a * TARGET_PAGE_SIZE)
+                pos = end
+        finally:
+            self.write_lock.release()
 
     def release_views(self) -> None:
         """Drop this object's numpy/memoryview exports (so the mapping can be closed)."""
@@ -339,14 +362,25 @@ def block_digest(block: RamBlock) -> str:
     return h.hexdigest()
 
 
-def page_runs(idx: npt.NDArray[np.int64]) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
-    """Coalesce sorted page indices into runs: (starts, stops), stops exclusive."""
-    if len(idx) == 0:
-        return idx, idx
-    breaks = np.flatnonzero(np.diff(idx) != 1) + 1
-    starts = idx[np.concatenate(([0], breaks))]
-    stops = idx[np.concatenate((breaks - 1, [len(idx) - 1]))] + 1
-    return starts, stops
+def page_runs(idx: npt.NDArray[np.int64]) -> list[tuple[int, int]]:
+    """Coalesce page indices into runs of consecutive pages: ``[(start, stop), ...]``, stops
+    exclusive, in the given order (indices from the wire need not be sorted).
+
+    A plain loop over at most a packet's 128 indices: about 11 us here, against 22 us for the
+    six numpy calls it replaced (each numpy call costs a few microseconds on this machine).
+    """
+    pages = idx.tolist()
+    if not pages:
+        return []
+    runs = []
+    start = stop = pages[0]
+    for p in pages:
+        if p != stop:
+            runs.append((start, stop))
+            start = p
+        stop = p + 1
+    runs.append((start, stop))
+    return runs
 
 
 def safe_file_name(index: int, name: str) -> str:

@@ -109,8 +109,7 @@ class _Sink:
                 self.trace.span(WRITE, t1)
             return
         buf = self.block.buf
-        starts, stops = page_runs(self.idx)
-        views = [buf[a * TARGET_PAGE_SIZE:b * TARGET_PAGE_SIZE] for a, b in zip(starts.tolist(), stops.tolist())]
+        views = [buf[a * TARGET_PAGE_SIZE:b * TARGET_PAGE_SIZE] for a, b in page_runs(self.idx)]
         t0 = now_ns()
         recv_exact_into_many(self.sock, views, f"{self.what} payload")
         if self.trace is not None:

@@ -98,8 +98,7 @@ class _Batch:
     def views(self) -> Sequence[memoryview]:
         assert self.block is not None
         buf = self.block.buf
-        starts, stops = page_runs(self.idx)
-        return [buf[int(a) * TARGET_PAGE_SIZE:int(b) * TARGET_PAGE_SIZE] for a, b in zip(starts, stops)]
+        return [buf[a * TARGET_PAGE_SIZE:b * TARGET_PAGE_SIZE] for a, b in page_runs(self.idx)]
 
     def gather(self) -> npt.NDArray[np.uint8]:
         """Copy the pages into the scratch buffer with positioned reads of the segment (the
@@ -115,14 +114,13 @@ class _Batch:
             np.take(block.pages, self.idx, axis=0, out=out)
             return out
         flat = memoryview(out).cast("B")  # type: ignore[arg-type]
-        starts, stops = page_runs(self.idx)
         pos = 0
-        for a, b in zip(starts.tolist(), stops.tolist()):
-            n = (b - a) * TARGET_PAGE_SIZE
-            got = os.preadv(fd, [flat[pos:pos + n]], a * TARGET_PAGE_SIZE)
-            if got != n:
-                raise ChannelError(f"short read of RAM block {block.name!r}: {got} of {n} bytes")
-            pos += n
+        for a, b in page_runs(self.idx):
+            end = pos + (b - a) * TARGET_PAGE_SIZE
+            got = os.preadv(fd, (flat[pos:end],), a * TARGET_PAGE_SIZE)
+            if got != end - pos:
+                raise ChannelError(f"short read of RAM block {block.name!r}: {got} of {end - pos} bytes")
+            pos = end
         return out
 
 

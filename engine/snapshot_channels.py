@@ -255,7 +255,7 @@ def save_channel(events: Connection, ch: int, cmds: Connection, fd: int, ram: Gu
         mine[C_ZERO] += nzero
         if method is None:
             base = data_offsets[b] + p0 * PAGE
-            for a, e in zip(*(x.tolist() for x in page_runs(t[~zero]))):
+            for a, e in page_runs(t[~zero]):
                 pwrite_all(fd, flat[a * PAGE:e * PAGE], base + a * PAGE)
             mine[C_PAGES] += len(t) - nzero
             mine[C_BYTES] += (len(t) - nzero) * PAGE
@@ -312,7 +312,7 @@ def restore_channel(events: Connection, ch: int, cmds: Connection, fd: int, path
         if method is None:
             stored = flat[:len(idx) * PAGE]
             pos, base = 0, data_offsets[b] + p0 * PAGE
-            for a, e in zip(*(x.tolist() for x in page_runs(idx))):
+            for a, e in page_runs(idx):
                 _read_exact(fd, stored[pos:pos + (e - a) * PAGE], base + a * PAGE, path, where)
                 pos += (e - a) * PAGE
         else:

@@ -334,7 +334,7 @@ def stored_crc(pages: npt.NDArray[np.uint8], present: npt.NDArray[np.uint8]) -> 
         return zlib.crc32(pages.data.cast("B"))
     crc = 0
     flat = pages.data.cast("B")
-    for a, b in zip(*(x.tolist() for x in page_runs(idx))):
+    for a, b in page_runs(idx):
         crc = zlib.crc32(flat[a * TARGET_PAGE_SIZE:b * TARGET_PAGE_SIZE], crc)
     return crc
 

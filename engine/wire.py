@@ -270,10 +270,12 @@ def decode_packet_header(
         raise RemoteProtocolError(f"{where}: received unknown RAM block {name!r}, expected one of {sorted(blocks)}")
     count = normal_pages + zero_pages
     offsets = np.frombuffer(data, dtype=">u8", count=count, offset=PACKET_FIXED_SIZE).astype(np.int64)
-    bad = (offsets & (page_size - 1)) != 0
-    bad |= offsets > length - page_size
-    bad |= offsets < 0
-    if bad.any():
+    # Three reductions decide; an offset >= 2**63 reads as negative. Only a bad header pays
+    # for finding the first bad slot.
+    if (int(np.bitwise_or.reduce(offsets)) & (page_size - 1)) or offsets.min() < 0 or offsets.max() > length - page_size:
+        bad = (offsets & (page_size - 1)) != 0
+        bad |= offsets > length - page_size
+        bad |= offsets < 0
         i = int(np.argmax(bad))
         raw = int(np.frombuffer(data, dtype=">u8", count=1, offset=PACKET_FIXED_SIZE + 8 * i)[0])
         raise RemoteProtocolError(

@@ -268,9 +268,10 @@ def shm_tag() -> str:
     return f"cq{os.getpid()}"
 
 
-def engine_env(tag: str) -> dict[str, str]:
+def engine_env(tag: str, root: Path = ROOT) -> dict[str, str]:
+    """The environment of an engine process run from the checkout ``root``."""
     env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONPATH"] = str(root) + os.pathsep + env.get("PYTHONPATH", "")
     env["MFD_SHM_TAG"] = tag
     return env
 
@@ -288,7 +289,8 @@ class EngineProcess:
     stdout and stderr go to files (no pipe can fill up); the end is collected with ``wait4`` so
     its rusage covers the process and the channel processes it reaped."""
 
-    def __init__(self, args: Sequence[str], workdir: Path, name: str, env: dict[str, str]) -> None:
+    def __init__(self, args: Sequence[str], workdir: Path, name: str, env: dict[str, str],
+                 root: Path = ROOT) -> None:
         self.name = name
         self.out_path = workdir / f"{name}.out"
         self.err_path = workdir / f"{name}.err"
@@ -304,7 +306,7 @@ class EngineProcess:
         self.done_minflt: int | None = None
         try:
             self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=self._out, stderr=self._err,
-                                         env=env, cwd=ROOT)
+                                         env=env, cwd=root)
         except BaseException:
             self._out.close()
             self._err.close()
@@ -411,11 +413,12 @@ def _channel_rss(js: dict[str, Any]) -> list[dict[str, Any]]:
 
 def run_engine(image: Path, size: int, *, channels: int, compression: str, level: int | None, prealloc: bool,
                workdir: Path, timeout: float, tag: str | None = None, uri: str = "tcp:127.0.0.1:0",
-               extra_src: Sequence[str] = (), extra_dst: Sequence[str] = ()) -> dict[str, Any]:
-    """One engine -> engine migration of ``image`` through the CLI. Returns its measurements;
-    raises :class:`RunFailed`. Both processes are always ended and reaped."""
+               extra_src: Sequence[str] = (), extra_dst: Sequence[str] = (), root: Path = ROOT) -> dict[str, Any]:
+    """One engine -> engine migration of ``image`` through the CLI, both sides run from the
+    checkout ``root``. Returns its measurements; raises :class:`RunFailed`. Both processes are
+    always ended and reaped."""
     tag = tag or shm_tag()
-    env = engine_env(tag)
+    env = engine_env(tag, root)
     workdir.mkdir(parents=True, exist_ok=True)
     common = ["--channels", str(channels), "--compression", compression, "--json"]
     dst_args = ["incoming", uri, *common, *extra_dst]
@@ -426,7 +429,7 @@ def run_engine(image: Path, size: int, *, channels: int, compression: str, level
         src_args_tail += ["--level", str(level)]
     procs: list[EngineProcess] = []
     try:
-        dst = EngineProcess(dst_args, workdir, "engine-destination", env)
+        dst = EngineProcess(dst_args, workdir, "engine-destination", env, root)
         procs.append(dst)
         dst_uri = _wait_line(dst, "engine: listening on ", 60.0 + 10.0 * size / GiB)
         dst_base = proc_cpu(dst.pid, children=True)
@@ -435,7 +438,7 @@ def run_engine(image: Path, size: int, *, channels: int, compression: str, level
         machine0 = machine_cpu()  # replaced when the source's migration starts
         vm0 = vmstat()
         load = loadavg()
-        src = EngineProcess(["migrate", dst_uri, *src_args_tail], workdir, "engine-source", env)
+        src = EngineProcess(["migrate", dst_uri, *src_args_tail], workdir, "engine-source", env, root)
         procs.append(src)
         src_base: float | None = None
         port = int(dst_uri.rsplit(":", 1)[1]) if dst_uri.startswith("tcp:") else None

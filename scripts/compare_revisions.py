@@ -1,0 +1,250 @@
+#!/usr/bin/env python3
+"""Two engine revisions side by side: the same RAM image migrated by each, interleaved.
+
+Run it with ``scripts/compare-revisions`` (it sets up the venv); ``--help`` lists the options.
+
+Theory of operation
+-------------------
+``BASE`` (a git revision, ``HEAD`` by default) is checked out into a temporary git worktree;
+the other side is this checkout as it is, uncommitted changes included, or ``--new REV`` in a
+second worktree. Every round runs each (compression, destination mode) case once per
+revision, alternating which revision goes first from case to case and round to round, so a
+noisy neighbour or a drifting machine hits both. Each run is ``compare_qemu.run_engine``: the
+same CLI processes, CPU accounting (both sides, every process, during the migration) and
+leftover checks as ``scripts/compare-qemu``, started from that revision's checkout.
+
+The table shows, per case, the medians (min-max) of throughput (guest MiB / the source's
+``total-time``) and of CPU seconds per GiB for each revision, and new/base ratios: the
+side-by-side numbers a speed-up claim needs on a machine whose speed drifts by 10-20%.
+
+Nothing is left behind: the worktrees are removed (``git worktree remove --force``), the image
+deleted, and any engine shared-memory segment carrying this run's tag removed and reported,
+also on Ctrl-C or SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from compare_qemu import (  # noqa: E402
+    CASES, GiB, MODES, MiB, RunFailed, leftover_segments, make_image, run_engine, shm_tag,
+)
+
+PROG = "scripts/compare-revisions"
+
+
+class GitError(Exception):
+    pass
+
+
+def git(*args: str, cwd: Path = ROOT) -> str:
+    r = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=120)
+    if r.returncode != 0:
+        raise GitError(f"git {' '.join(args)}: {r.stderr.strip() or r.stdout.strip()}")
+    return r.stdout.strip()
+
+
+def checkout(rev: str, where: Path) -> str:
+    """A detached worktree of ``rev`` at ``where``; returns its short commit id."""
+    try:
+        commit = git("rev-parse", "--verify", "--quiet", "--short", f"{rev}^{{commit}}")
+    except GitError:
+        raise GitError(f"unknown revision {rev!r}, expected a commit, branch or tag of {ROOT}") from None
+    git("worktree", "add", "--detach", "--force", str(where), commit)
+    return commit
+
+
+def remove_worktree(where: Path) -> None:
+    try:
+        git("worktree", "remove", "--force", str(where))
+    except (GitError, OSError, subprocess.SubprocessError):
+        shutil.rmtree(where, ignore_errors=True)
+        subprocess.run(["git", "worktree", "prune"], cwd=ROOT, capture_output=True, timeout=60)
+
+
+def describe_worktree() -> str:
+    head = git("rev-parse", "--short", "HEAD")
+    dirty = git("status", "--porcelain", "--", "engine")
+    return head + ("+work-tree changes" if dirty else "")
+
+
+def _med(xs: Sequence[float]) -> float | None:
+    return statistics.median(xs) if xs else None
+
+
+def summarize(results: dict[tuple[str, str, str], list[dict[str, Any]]], cases: Sequence[str],
+              modes: Sequence[str], size: int) -> list[dict[str, Any]]:
+    rows = []
+    for case in cases:
+        for mode in modes:
+            row: dict[str, Any] = {"case": case, "mode": mode}
+            for side in ("base", "new"):
+                runs = [r for r in results.get((side, case, mode), []) if r.get("status") == "completed"]
+                thr = [size / MiB / (r["total-time"] / 1000) for r in runs if r["total-time"]]
+                cpu = [r["cpu-s"] / (size / GiB) for r in runs]
+                row[side] = {"runs": len(runs), "mib-s": _med(thr), "mib-s-min": min(thr, default=None),
+                             "mib-s-max": max(thr, default=None), "cpu-s-per-gib": _med(cpu)}
+            b, n = row["base"], row["new"]
+            row["throughput-ratio"] = n["mib-s"] / b["mib-s"] if b["mib-s"] and n["mib-s"] else None
+            row["cpu-ratio"] = (n["cpu-s-per-gib"] / b["cpu-s-per-gib"]
+                                if b["cpu-s-per-gib"] and n["cpu-s-per-gib"] else None)
+            rows.append(row)
+    return rows
+
+
+def _f(v: float | None, fmt: str) -> str:
+    return "-" if v is None else fmt.format(v)
+
+
+def table(rows: Sequence[dict[str, Any]]) -> str:
+    lines = ["| case | destination | base MiB/s (min-max) | new MiB/s (min-max) | new/base throughput"
+             " | base CPU s/GiB | new CPU s/GiB | new/base CPU |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        cells = []
+        for side in ("base", "new"):
+            s = r[side]
+            cells.append(f"{_f(s['mib-s'], '{:.0f}')} ({_f(s['mib-s-min'], '{:.0f}')}-{_f(s['mib-s-max'], '{:.0f}')})")
+        lines.append(f"| {r['case']} | {r['mode']} | {cells[0]} | {cells[1]} | {_f(r['throughput-ratio'], '{:.2f}x')}"
+                     f" | {_f(r['base']['cpu-s-per-gib'], '{:.2f}')} | {_f(r['new']['cpu-s-per-gib'], '{:.2f}')}"
+                     f" | {_f(r['cpu-ratio'], '{:.2f}x')} |")
+    return "\n".join(lines)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog=PROG, description="Migrate the same RAM image with two engine revisions,"
+                                                       " interleaved, and compare (medians, ratios, CPU).")
+    p.add_argument("base", nargs="?", default="HEAD", help="the baseline git revision (default HEAD)")
+    p.add_argument("--new", default=None, metavar="REV",
+                   help="the revision to compare (default: this checkout as it is, uncommitted changes included)")
+    p.add_argument("--size", default="1G", help="guest RAM size (K/M/G suffixes; default 1G)")
+    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default 5)")
+    p.add_argument("--cases", default="none", help=f"comma-separated subset of {','.join(CASES)} (default none)")
+    p.add_argument("--modes", default=",".join(MODES), help="destination modes: fresh,prealloc (default both)")
+    p.add_argument("--channels", type=int, default=4, help="multifd-channels (default 4)")
+    p.add_argument("--level", type=int, default=1, help="zlib/zstd level and lz4 acceleration (default 1)")
+    p.add_argument("--json", type=Path, default=None, metavar="FILE", help="write every run and the summary here")
+    p.add_argument("--timeout", type=float, default=300.0, help="deadline for one migration, seconds (default 300)")
+    args = p.parse_args(argv)
+    args.cases = [c.strip() for c in args.cases.split(",") if c.strip()]
+    args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    for c in args.cases:
+        if c not in CASES:
+            p.error(f"unknown case {c!r}, expected some of {', '.join(CASES)}")
+    for m in args.modes:
+        if m not in MODES:
+            p.error(f"unknown mode {m!r}, expected some of {', '.join(MODES)}")
+    if args.rounds < 1 or not 1 <= args.channels <= 255:
+        p.error("--rounds must be >= 1 and --channels 1..255")
+    from engine.errors import ConfigError
+    from engine.params import parse_size
+
+    try:
+        args.size_bytes = parse_size(args.size, "--size")
+    except ConfigError as exc:
+        p.error(str(exc))
+    return args
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    workdir = Path(tempfile.mkdtemp(prefix="compare-revisions-"))
+    tag = shm_tag()
+    size = args.size_bytes
+    results: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    trees: list[Path] = []
+    interrupted = False
+    try:
+        try:
+            roots = {"base": workdir / "base"}
+            trees.append(roots["base"])
+            revs = {"base": checkout(args.base, roots["base"])}
+            if args.new is None:
+                roots["new"], revs["new"] = ROOT, describe_worktree()
+            else:
+                roots["new"] = workdir / "new"
+                trees.append(roots["new"])
+                revs["new"] = checkout(args.new, roots["new"])
+        except GitError as exc:
+            print(f"{PROG}: error: {exc}", file=sys.stderr)
+            return 2
+        image = workdir / "ram.img"
+        make_image(image, size)
+        print(f"{PROG}: base {revs['base']} vs new {revs['new']}: {args.rounds} rounds,"
+              f" {size / MiB:g} MiB guest, {args.channels} channels", file=sys.stderr)
+        for rnd in range(args.rounds):
+            print(f"{PROG}: round {rnd + 1}/{args.rounds}", file=sys.stderr)
+            k = 0
+            for mode in args.modes:
+                for case in args.cases:
+                    order = ("base", "new") if (rnd + k) % 2 == 0 else ("new", "base")
+                    k += 1
+                    for side in order:
+                        try:
+                            r = run_engine(image, size, channels=args.channels, compression=case,
+                                           level=args.level if case != "none" else None, prealloc=mode == "prealloc",
+                                           workdir=workdir / "runs", timeout=args.timeout, tag=tag, root=roots[side])
+                        except RunFailed as exc:
+                            r = {"status": "failed", "error": str(exc)}
+                            print(f"{PROG}: {side}/{case}/{mode} round {rnd + 1} failed: {exc}", file=sys.stderr)
+                        r.update(side=side, revision=revs[side], round=rnd + 1, compression=case, mode=mode)
+                        results.setdefault((side, case, mode), []).append(r)
+                        if r["status"] == "completed":
+                            print(f"  {side:<4} {case}/{mode:<8} {size / MiB / (r['total-time'] / 1000):8.0f} MiB/s"
+                                  f"  total-time {r['total-time']:>6} ms  cpu {r['cpu-s']:6.2f} s", file=sys.stderr)
+    except KeyboardInterrupt:
+        interrupted = True
+        print(f"{PROG}: interrupted; summarising what completed", file=sys.stderr)
+    finally:
+        for tree in trees:
+            remove_worktree(tree)
+        left = leftover_segments(tag)
+        for name in left:
+            try:
+                os.unlink(f"/dev/shm/{name}")
+            except OSError:
+                pass
+        if left:
+            print(f"{PROG}: warning: removed {len(left)} leftover engine segment(s): {left}", file=sys.stderr)
+        shutil.rmtree(workdir, ignore_errors=True)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+    rows = summarize(results, args.cases, args.modes, size)
+    title = (f"engine {revs.get('new', '?')} (new) vs {revs.get('base', '?')} (base): {size / MiB:g} MiB guest,"
+             f" {args.channels} multifd channels, TCP loopback, medians of {args.rounds} interleaved rounds")
+    print(f"\n{title}\n")
+    print(table(rows))
+    if args.json is not None:
+        out = {"title": title, "started": time.time(), "revisions": revs,
+               "config": {"size": size, "rounds": args.rounds, "cases": args.cases, "modes": args.modes,
+                          "channels": args.channels, "level": args.level},
+               "summary": rows, "runs": [r for runs in results.values() for r in runs]}
+        args.json.write_text(json.dumps(out, indent=2) + "\n")
+        print(f"{PROG}: wrote {args.json}", file=sys.stderr)
+    if interrupted:
+        return 130
+    return 0 if all(r.get("status") == "completed" for runs in results.values() for r in runs) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

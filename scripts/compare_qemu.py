@@ -820,34 +820,25 @@ def wait_quiet(below: float, max_wait: float) -> float:
             return busy
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="scripts/compare-qemu",
-                                description="Migrate the same RAM image QEMU 7.2 -> QEMU 7.2 and engine -> engine,"
-                                            " interleaved, and compare (medians, ratios, CPU, JSON, PNG).")
+def add_run_args(p: argparse.ArgumentParser, *, default_cases: str) -> None:
+    """The options every side-by-side script shares (compare-qemu, compare-revisions)."""
     p.add_argument("--size", default="1G", help="guest RAM size (K/M/G suffixes; default 1G)")
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default 5)")
-    p.add_argument("--cases", default=",".join(CASES),
-                   help=f"comma-separated subset of {','.join(CASES)} (default all; lz4 is engine only)")
+    p.add_argument("--cases", default=default_cases,
+                   help=f"comma-separated subset of {','.join(CASES)} (default {default_cases})")
     p.add_argument("--modes", default=",".join(MODES), help="destination modes: fresh,prealloc (default both)")
-    p.add_argument("--slow-rounds", type=int, default=3, metavar="N",
-                   help="run zlib (about 10x slower than the rest) in the first N rounds only"
-                        " (default 3; 0 = every round)")
     p.add_argument("--channels", type=int, default=4, help="multifd-channels on both sides (default 4)")
     p.add_argument("--level", type=int, default=1, help="zlib/zstd level and lz4 acceleration (default 1)")
     p.add_argument("--json", type=Path, default=None, metavar="FILE", help="write every run and the summary here")
-    p.add_argument("--chart", type=Path, default=None, metavar="FILE", help="write a PNG chart here (matplotlib)")
-    p.add_argument("--trace", type=Path, default=None, metavar="DIR",
-                   help="after the rounds, one more engine run per case and mode with --trace on both sides"
-                        " (Chrome trace JSON in DIR, not counted in the medians); prints time per span kind")
-    p.add_argument("--image", type=Path, default=None,
-                   help="use this RAM image instead of generating one (its size wins over --size; kept)")
     p.add_argument("--timeout", type=float, default=300.0, help="deadline for one migration, seconds (default 300)")
-    p.add_argument("--quiet-below", type=float, default=0.3, metavar="FRACTION",
-                   help="before each round wait until the machine is less busy than this (default 0.3)")
-    p.add_argument("--quiet-wait", type=float, default=10.0, metavar="SECONDS",
-                   help="how long to wait for that per round (default 10; 0 = do not wait)")
-    p.add_argument("--workdir", type=Path, default=None, help="where image and logs go (default a temp dir, removed)")
-    args = p.parse_args(argv)
+
+
+def check_run_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
+    """Split and check the shared options; ``args.size_bytes`` is the guest size. Errors exit 2
+    with argparse's one-line message."""
+    from engine.errors import ConfigError
+    from engine.params import parse_size
+
     args.cases = [c.strip() for c in args.cases.split(",") if c.strip()]
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     for c in args.cases:
@@ -858,10 +849,33 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             p.error(f"unknown mode {m!r}, expected some of {', '.join(MODES)}")
     if args.rounds < 1 or not 1 <= args.channels <= 255:
         p.error("--rounds must be >= 1 and --channels 1..255")
-    from engine.params import parse_size
-
-    args.size_bytes = parse_size(args.size, "--size")
+    try:
+        args.size_bytes = parse_size(args.size, "--size")
+    except ConfigError as exc:
+        p.error(str(exc))
     return args
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="scripts/compare-qemu",
+                                description="Migrate the same RAM image QEMU 7.2 -> QEMU 7.2 and engine -> engine,"
+                                            " interleaved, and compare (medians, ratios, CPU, JSON, PNG).")
+    add_run_args(p, default_cases=",".join(CASES))
+    p.add_argument("--slow-rounds", type=int, default=3, metavar="N",
+                   help="run zlib (about 10x slower than the rest) in the first N rounds only"
+                        " (default 3; 0 = every round)")
+    p.add_argument("--chart", type=Path, default=None, metavar="FILE", help="write a PNG chart here (matplotlib)")
+    p.add_argument("--trace", type=Path, default=None, metavar="DIR",
+                   help="after the rounds, one more engine run per case and mode with --trace on both sides"
+                        " (Chrome trace JSON in DIR, not counted in the medians); prints time per span kind")
+    p.add_argument("--image", type=Path, default=None,
+                   help="use this RAM image instead of generating one (its size wins over --size; kept)")
+    p.add_argument("--quiet-below", type=float, default=0.3, metavar="FRACTION",
+                   help="before each round wait until the machine is less busy than this (default 0.3)")
+    p.add_argument("--quiet-wait", type=float, default=10.0, metavar="SECONDS",
+                   help="how long to wait for that per round (default 10; 0 = do not wait)")
+    p.add_argument("--workdir", type=Path, default=None, help="where image and logs go (default a temp dir, removed)")
+    return check_run_args(p, p.parse_args(argv))
 
 
 def engine_revision() -> str:

@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from compare_qemu import (  # noqa: E402
-    CASES, GiB, MODES, MiB, RunFailed, leftover_segments, make_image, run_engine, shm_tag,
+    GiB, MiB, RunFailed, add_run_args, check_run_args, leftover_segments, make_image, run_engine, shm_tag,
 )
 
 PROG = "scripts/compare-revisions"
@@ -132,33 +132,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("base", nargs="?", default="HEAD", help="the baseline git revision (default HEAD)")
     p.add_argument("--new", default=None, metavar="REV",
                    help="the revision to compare (default: this checkout as it is, uncommitted changes included)")
-    p.add_argument("--size", default="1G", help="guest RAM size (K/M/G suffixes; default 1G)")
-    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default 5)")
-    p.add_argument("--cases", default="none", help=f"comma-separated subset of {','.join(CASES)} (default none)")
-    p.add_argument("--modes", default=",".join(MODES), help="destination modes: fresh,prealloc (default both)")
-    p.add_argument("--channels", type=int, default=4, help="multifd-channels (default 4)")
-    p.add_argument("--level", type=int, default=1, help="zlib/zstd level and lz4 acceleration (default 1)")
-    p.add_argument("--json", type=Path, default=None, metavar="FILE", help="write every run and the summary here")
-    p.add_argument("--timeout", type=float, default=300.0, help="deadline for one migration, seconds (default 300)")
-    args = p.parse_args(argv)
-    args.cases = [c.strip() for c in args.cases.split(",") if c.strip()]
-    args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    for c in args.cases:
-        if c not in CASES:
-            p.error(f"unknown case {c!r}, expected some of {', '.join(CASES)}")
-    for m in args.modes:
-        if m not in MODES:
-            p.error(f"unknown mode {m!r}, expected some of {', '.join(MODES)}")
-    if args.rounds < 1 or not 1 <= args.channels <= 255:
-        p.error("--rounds must be >= 1 and --channels 1..255")
-    from engine.errors import ConfigError
-    from engine.params import parse_size
-
-    try:
-        args.size_bytes = parse_size(args.size, "--size")
-    except ConfigError as exc:
-        p.error(str(exc))
-    return args
+    add_run_args(p, default_cases="none")
+    return check_run_args(p, p.parse_args(argv))
 
 
 def _on_sigterm(signum: int, frame: object) -> None:

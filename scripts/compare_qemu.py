@@ -283,6 +283,18 @@ def leftover_segments(tag: str) -> list[str]:
         return []
 
 
+def remove_leftover_segments(tag: str, prog: str) -> None:
+    """Unlink any engine segment carrying ``tag`` that a run left behind, and say so."""
+    left = leftover_segments(tag)
+    for name in left:
+        try:
+            os.unlink(f"/dev/shm/{name}")
+        except OSError:
+            pass
+    if left:
+        print(f"{prog}: warning: removed {len(left)} leftover engine segment(s): {left}", file=sys.stderr)
+
+
 class EngineProcess:
     """One ``python -m engine ...`` process; the only owner: ``close()`` always ends and reaps it.
 
@@ -958,14 +970,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         interrupted = True
         print("compare-qemu: interrupted; summarising what completed", file=sys.stderr)
     finally:
-        left = leftover_segments(tag)
-        for name in left:
-            try:
-                os.unlink(f"/dev/shm/{name}")
-            except OSError:
-                pass
-        if left:
-            print(f"compare-qemu: warning: removed {len(left)} leftover engine segment(s): {left}", file=sys.stderr)
+        remove_leftover_segments(tag, "compare-qemu")
         if tmp:
             shutil.rmtree(workdir, ignore_errors=True)
         elif args.image is None:

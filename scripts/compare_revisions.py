@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
 import statistics
 import subprocess
@@ -42,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from compare_qemu import (  # noqa: E402
-    GiB, MiB, RunFailed, add_run_args, check_run_args, leftover_segments, make_image, run_engine, shm_tag,
+    GiB, MiB, RunFailed, add_run_args, check_run_args, make_image, remove_leftover_segments, run_engine, shm_tag,
 )
 
 PROG = "scripts/compare-revisions"
@@ -193,14 +192,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         for tree in trees:
             remove_worktree(tree)
-        left = leftover_segments(tag)
-        for name in left:
-            try:
-                os.unlink(f"/dev/shm/{name}")
-            except OSError:
-                pass
-        if left:
-            print(f"{PROG}: warning: removed {len(left)} leftover engine segment(s): {left}", file=sys.stderr)
+        remove_leftover_segments(tag, PROG)
         shutil.rmtree(workdir, ignore_errors=True)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
 

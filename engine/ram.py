@@ -109,6 +109,16 @@ class RamBlock:
         finally:
             self.write_lock.release()
 
+    def unmap_pages(self, start: int, stop: int) -> None:
+        """Drop this process's page-table entries for pages ``[start, stop)``
+        (``MADV_DONTNEED`` on the shared mapping). The pages stay in the segment as they are
+        (a shared mapping is refilled from it on the next access); only this process's RSS
+        stops counting them. A channel that sends from views calls it after each packet, so
+        its RSS does not grow with the guest."""
+        mm = getattr(self._closer, "_mmap", None)
+        if mm is not None and stop > start:
+            mm.madvise(mmap.MADV_DONTNEED, start * TARGET_PAGE_SIZE, (stop - start) * TARGET_PAGE_SIZE)
+
     def release_views(self) -> None:
         """Drop this object's numpy/memoryview exports (so the mapping can be closed)."""
         self.pages = self.words = None  # type: ignore[assignment]

@@ -13,8 +13,8 @@ after them.
 
 A channel process owns one socket and one compression context for the whole migration. For a
 data job it builds the header in its reused 1344-byte buffer, gets the payload buffers from the
-method (for ``none``: the pages read into its reused buffer) and writes header + payload with
-one ``sendmsg``. With ``zero-page-detection=multifd`` (QEMU 9.0) the main process does not
+method (for ``none``: views of the pages in guest RAM, whose page-table entries it drops again
+after the send so its RSS does not grow) and writes header + payload with one ``sendmsg``. With ``zero-page-detection=multifd`` (QEMU 9.0) the main process does not
 scan for zero pages: each channel scans the pages it read, sends only the non-zero ones and
 lists the zero ones in the header's ``zero_pages`` slots, so the scan runs in parallel. Then it counts the job done and posts ``channels_ready``. (``issued`` is written
 only by the parent and ``done`` only by the child, so no counter is ever updated by two
@@ -52,6 +52,7 @@ from .wire import MULTIFD_FLAG_SYNC, PACKET_HEADER_SIZE, PAGES_PER_PACKET, TARGE
 #: channel); with processes, a wake-up on a busy 2-core machine costs more than a thread
 #: switch, so a short queue keeps every socket busy. The wire format is unaffected.
 QUEUE_DEPTH = 2
+_PT_PAGES = 512  # pages per page table (2 MiB on x86-64)
 
 JOB_DATA = 1
 JOB_SYNC = 2
@@ -71,9 +72,17 @@ class _Batch:
         self.block: RamBlock | None = None
         self.idx: npt.NDArray[np.int64] = np.zeros(0, dtype=np.int64)
         self.gathered: npt.NDArray[np.uint8] | None = None  # this job's pages, already read
+        self._mapped: tuple[int, int] | None = None  # pages views() faulted into this process
 
     def start(self, block: RamBlock, idx: npt.NDArray[np.int64]) -> None:
         self.block, self.idx, self.gathered = block, idx, None
+
+    def done(self) -> None:
+        """After the packet is sent: drop the page-table entries :meth:`views` brought in."""
+        if self._mapped is not None:
+            assert self.block is not None
+            self.block.unmap_pages(*self._mapped)
+            self._mapped = None
 
     def drop_zero_pages(self) -> npt.NDArray[np.int64]:
         """``zero-page-detection=multifd``: read the pages, keep the non-zero ones (in order,
@@ -98,7 +107,14 @@ class _Batch:
     def views(self) -> Sequence[memoryview]:
         assert self.block is not None
         buf = self.block.buf
-        return [buf[a * TARGET_PAGE_SIZE:b * TARGET_PAGE_SIZE] for a, b in page_runs(self.idx)]
+        runs = page_runs(self.idx)
+        if runs:
+            # Whole 2 MiB page tables: read faults map neighbouring pages too (fault-around,
+            # at most one page table's worth), and those must go as well or RSS would creep.
+            lo = min(a for a, _ in runs) // _PT_PAGES * _PT_PAGES
+            hi = -(-max(b for _, b in runs) // _PT_PAGES) * _PT_PAGES
+            self._mapped = (lo, min(hi, self.block.npages))
+        return [buf[a * TARGET_PAGE_SIZE:b * TARGET_PAGE_SIZE] for a, b in runs]
 
     def gather(self) -> npt.NDArray[np.uint8]:
         """Copy the pages into the scratch buffer with positioned reads of the segment (the
@@ -170,6 +186,7 @@ def _channel_loop(
                 if tr is not None:
                     t0 = tr.span(GATHER if method.flag == 0 else COMPRESS, t0)
                 sent = send_all(sock, [header, *payload], what)
+                batch.done()
                 if tr is not None:
                     tr.span(SEND, t0)
                 mine[C_PACKETS] += 1

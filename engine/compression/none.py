@@ -1,4 +1,4 @@
-"""``none``: raw pages, read from the segment into the channel's buffer and sent as is;
+"""``none``: raw pages, sent straight from views of the segment (one iovec per run of pages);
 received into the channel's buffer and written into the segment (see recv_channels.py)."""
 
 from __future__ import annotations
@@ -11,11 +11,13 @@ from .registry import register_method
 
 
 class NoneSend(SendContext):
-    # gather() (positioned reads of the segment into the channel's reused buffer) measured
-    # as fast as sending views of the mapping, and keeps the channel's RSS flat: 43 MiB vs
-    # 357 MiB peak for a 1 GiB guest, because the channel never faults guest pages in.
+    # Views of the mapping, one iovec per run of pages: the page bytes go from guest RAM to
+    # the socket without a copy in the process. The channel drops the page-table entries after
+    # each packet (_Batch.done in send_channels.py), so its peak RSS stays at 27 MiB for a
+    # 1 GiB guest (331 MiB without). Against positioned reads into a reused buffer (gather()):
+    # 1.04x / 1.01x throughput fresh / pre-allocated, 0.95x / 0.98x CPU.
     def send_prepare(self, batch: PageBatch) -> Sequence[Buffer]:
-        return [batch.gather()]
+        return batch.views()
 
 
 class NoneRecv(RecvContext):

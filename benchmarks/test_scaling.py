@@ -5,7 +5,7 @@ Run: ./scripts/bench -k scaling --benchmark-json scaling.json     (extra_info la
 Every round is one engine -> engine migration through the CLI, both sides real processes
 (``python -m engine incoming`` / ``migrate --ram-image``), compression none, TCP loopback,
 fresh destination, measured exactly as ``scripts/compare-qemu`` measures the engine
-(``compare_qemu.run_engine``): time is the source's ``total-time``; CPU is every process of both
+(``engine_runs.run_engine``): time is the source's ``total-time``; CPU is every process of both
 sides (main processes and channel processes) from the start of the migration to its end; RSS is
 each channel process's ``peak-rss-kib`` / ``private-rss-kib`` from the JSON and the main
 processes' ``VmHWM`` / ``RssAnon`` sampled from ``/proc``.
@@ -37,7 +37,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 
-import compare_qemu as cq  # noqa: E402
+import engine_runs  # noqa: E402
 from engine.params import parse_size  # noqa: E402
 
 GUEST = os.environ.get("BENCH_GUEST", "1G")
@@ -71,14 +71,14 @@ def images(tmp_path_factory: Any) -> Iterator[dict[int, Path]]:
 def _image(images: dict[int, Path], tmp_path_factory: Any, size: int) -> Path:
     if size not in images:
         path = tmp_path_factory.mktemp("scaling") / f"ram-{size >> 20}M.img"
-        cq.make_image(path, size)
+        engine_runs.make_image(path, size)
         images[size] = path
     return images[size]
 
 
 def _record(benchmark: Any, runs: list[dict[str, Any]], size: int) -> None:
     med = statistics.median
-    gib = size / cq.GiB
+    gib = size / engine_runs.GiB
     rss = [r["rss"] for r in runs]
 
     def ch(side: str, key: str) -> int:
@@ -90,7 +90,7 @@ def _record(benchmark: Any, runs: list[dict[str, Any]], size: int) -> None:
     benchmark.extra_info.update({
         "guest_bytes": size,
         "total-time ms (median)": med(r["total-time"] for r in runs),
-        "MiB/s (median)": round(size / cq.MiB / (med(r["total-time"] for r in runs) / 1000), 1),
+        "MiB/s (median)": round(size / engine_runs.MiB / (med(r["total-time"] for r in runs) / 1000), 1),
         "setup-time ms (median)": med(r["setup-time"] for r in runs),
         "CPU s/GiB (median, both sides)": round(med(r["cpu-s"] for r in runs) / gib, 3),
         "CPU s/GiB source main / channels": [round(med(r["cpu"]["source-main"] for r in runs) / gib, 3),
@@ -114,8 +114,8 @@ def _bench(benchmark: Any, image: Path, size: int, channels: int, workdir: Path,
     runs: list[dict[str, Any]] = []
 
     def run() -> None:
-        runs.append(cq.run_engine(image, size, channels=channels, compression="none", level=None, prealloc=prealloc,
-                                  workdir=workdir, timeout=600.0))
+        runs.append(engine_runs.run_engine(image, size, channels=channels, compression="none", level=None,
+                                           prealloc=prealloc, workdir=workdir, timeout=600.0))
 
     benchmark.pedantic(run, rounds=rounds, iterations=1)
     _record(benchmark, runs, size)

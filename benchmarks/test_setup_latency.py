@@ -27,7 +27,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 
-import compare_qemu as cq  # noqa: E402
+import engine_runs  # noqa: E402
 from engine.migration import Migration  # noqa: E402
 from engine.params import MigrationParams, parse_size  # noqa: E402
 from support import Incoming  # noqa: E402
@@ -90,7 +90,7 @@ def test_setup_latency_api(benchmark: Any, make_guest: Any) -> None:
 def image(tmp_path_factory: Any) -> Iterator[tuple[Path, int]]:
     size = parse_size(GUEST)
     path = tmp_path_factory.mktemp("setup-latency") / "ram.img"
-    cq.make_image(path, size)
+    engine_runs.make_image(path, size)
     yield path, size
     path.unlink(missing_ok=True)
 
@@ -100,8 +100,8 @@ def test_setup_latency_cli(benchmark: Any, image: tuple[Path, int], tmp_path: Pa
     runs: list[dict[str, Any]] = []
 
     def run() -> None:
-        runs.append(cq.run_engine(path, size, channels=CHANNELS, compression="none", level=None, prealloc=False,
-                                  workdir=tmp_path, timeout=300.0))
+        runs.append(engine_runs.run_engine(path, size, channels=CHANNELS, compression="none", level=None,
+                                           prealloc=False, workdir=tmp_path, timeout=300.0))
 
     benchmark.pedantic(run, rounds=5, iterations=1)
     setup = [r["setup-time"] for r in runs]

@@ -9,7 +9,7 @@ Theory of operation
 the other side is this checkout as it is, uncommitted changes included, or ``--new REV`` in a
 second worktree. Every round runs each (compression, destination mode) case once per
 revision, alternating which revision goes first from case to case and round to round, so a
-noisy neighbour or a drifting machine hits both. Each run is ``compare_qemu.run_engine``: the
+noisy neighbour or a drifting machine hits both. Each run is ``engine_runs.run_engine``: the
 same CLI processes, CPU accounting (both sides, every process, during the migration) and
 leftover checks as ``scripts/compare-qemu``, started from that revision's checkout.
 
@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from compare_qemu import (  # noqa: E402
+from engine_runs import (  # noqa: E402
     GiB, MiB, RunFailed, add_run_args, check_run_args, make_image, remove_leftover_segments, run_engine, shm_tag,
 )
 

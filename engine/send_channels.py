@@ -104,8 +104,12 @@ class _Batch:
     def normal_pages(self) -> int:
         return len(self.idx)
 
-    def views(self) -> Sequence[memoryview]:
+    def views(self) -> Sequence[Any]:
+        """Views of the pages in guest RAM, one per run; or, when the channel has already read
+        them (its own zero-page scan), that copy: the same bytes, not read twice."""
         assert self.block is not None
+        if self.gathered is not None:
+            return [self.gathered]
         buf = self.block.buf
         runs = page_runs(self.idx)
         if runs:

@@ -224,6 +224,8 @@ class Loader:
         self.machine: str | None = None
         self.tail = b""
         self.main_bytes = 0
+        self.main_normal = 0  # pages that came whole on the main channel (PAGE records)
+        self.main_zero = 0  # ZERO records
         self.main_eof = False
         self.section = "the stream header"
 
@@ -375,26 +377,30 @@ class Loader:
         else:
             pages[idx] = ev.fill
             written[idx] = 1
-        self.stats.ram.duplicate += len(ev.offsets)
+        self.main_zero += len(ev.offsets)
 
     def _page(self, ev: RamPage) -> None:
         assert self.ram is not None and self.channels is not None
         i = ev.offset >> 12
         self.ram[ev.block].pages[i] = np.frombuffer(ev.data, dtype=np.uint8)
         self.channels.written.maps[ev.block][i] = 1
-        self.stats.ram.normal += 1
+        self.main_normal += 1
+
+    def refresh(self, *, live: bool = True) -> MigrationStats:
+        """Bring the counters up to date: the channels' (read live from their shared counters,
+        or as :meth:`close` left them) plus what came on the main channel."""
+        st = self.stats
+        if live and self.channels is not None:
+            st.channels = self.channels.stats()
+        st.ram.main_bytes = self.main_bytes
+        st.ram.multifd_bytes = sum(c.bytes for c in st.channels)
+        st.ram.normal = self.main_normal + sum(c.normal_pages for c in st.channels)
+        st.ram.duplicate = self.main_zero + sum(c.zero_pages for c in st.channels)
+        return st
 
     def query(self) -> dict[str, Any]:
         """A query-migrate-shaped snapshot of the destination (safe from another thread)."""
-        st = self.stats
-        if self.channels is not None:
-            st.channels = self.channels.stats()
-            st.ram.multifd_bytes = sum(c.bytes for c in st.channels)
-        st.ram.main_bytes = self.main_bytes
-        out = st.to_json()
-        out["ram"]["normal"] = st.ram.normal + sum(c.normal_pages for c in st.channels)
-        out["ram"]["duplicate"] = st.ram.duplicate + sum(c.zero_pages for c in st.channels)
-        return out
+        return self.refresh().to_json()
 
     def write_trace(self, path: Path) -> None:
         assert self.trace is not None
@@ -487,12 +493,8 @@ def run_incoming(
             loader.close(ok)
             if trace is not None and trace_file:
                 loader.write_trace(Path(trace_file))
-        stats = loader.stats
+        stats = loader.refresh(live=False)
         stats.end = time.monotonic()
-        stats.ram.main_bytes = loader.main_bytes
-        stats.ram.multifd_bytes = sum(c.bytes for c in stats.channels)
-        stats.ram.normal += sum(c.normal_pages for c in stats.channels)
-        stats.ram.duplicate += sum(c.zero_pages for c in stats.channels)
         state, desc = parse_tail(loader.tail)
         devices = parse_device_state(state, desc)
         stats.status = "completed"

@@ -24,7 +24,6 @@ pre-allocated (see README, Performance).
 from __future__ import annotations
 
 import mmap
-import multiprocessing
 import os
 import re
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ import numpy as np
 import numpy.typing as npt
 
 from .errors import ChannelError, ConfigError
+from .procs import _CTX
 from .wire import MAX_RAMBLOCK_NAME, TARGET_PAGE_SIZE
 
 SEGMENT_PREFIX = "mfd"
@@ -78,7 +78,7 @@ class RamBlock:
         self.pages: npt.NDArray[np.uint8] = np.frombuffer(buf, dtype=np.uint8).reshape(self.npages, TARGET_PAGE_SIZE)
         self.words: npt.NDArray[np.uint64] = self.pages.view(np.uint64)
         # A fork-context semaphore is unlinked at creation: nothing in /dev/shm, no tracker entry.
-        self.write_lock = multiprocessing.get_context("fork").Lock()
+        self.write_lock = _CTX.Lock()
 
     @property
     def spec(self) -> BlockSpec:
@@ -104,8 +104,9 @@ class RamBlock:
             pos = 0
             for a, b in runs:
                 end = pos + (b - a) * TARGET_PAGE_SIZE
-                if os.pwrite(fd, data[pos:end], a * TARGET_PAGE_SIZE) != end - pos:  # short: finish it
-                    pwrite_all(fd, data[pos:end], a * TARGET_PAGE_SIZE)
+                n = os.pwrite(fd, data[pos:end], a * TARGET_PAGE_SIZE)
+                if n != end - pos:  # a short write: finish the run
+                    pwrite_all(fd, data[pos + n:end], a * TARGET_PAGE_SIZE + n)
                 pos = end
         finally:
             self.write_lock.release()

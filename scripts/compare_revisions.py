@@ -25,6 +25,7 @@ also on Ctrl-C or SIGTERM.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import signal
 import statistics
@@ -139,26 +140,56 @@ def _on_sigterm(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
+def checkouts(args: argparse.Namespace, workdir: Path, trees: list[Path]) -> tuple[dict[str, Path], dict[str, str]]:
+    """The checkout each side runs from and its revision; worktrees made are added to ``trees``."""
+    roots = {"base": workdir / "base"}
+    trees.append(roots["base"])
+    revs = {"base": checkout(args.base, roots["base"])}
+    if args.new is None:
+        roots["new"], revs["new"] = ROOT, describe_worktree()
+    else:
+        roots["new"] = workdir / "new"
+        trees.append(roots["new"])
+        revs["new"] = checkout(args.new, roots["new"])
+    return roots, revs
+
+
+def run_rounds(args: argparse.Namespace, image: Path, roots: dict[str, Path], revs: dict[str, str], workdir: Path,
+               tag: str, results: dict[tuple[str, str, str], list[dict[str, Any]]]) -> None:
+    """Every case once per side per round, the side that goes first alternating."""
+    size = args.size_bytes
+    for rnd in range(args.rounds):
+        print(f"{PROG}: round {rnd + 1}/{args.rounds}", file=sys.stderr)
+        for k, (mode, case) in enumerate(itertools.product(args.modes, args.cases)):
+            for side in (("base", "new") if (rnd + k) % 2 == 0 else ("new", "base")):
+                try:
+                    r = run_engine(image, size, channels=args.channels, compression=case,
+                                   level=args.level if case != "none" else None, prealloc=mode == "prealloc",
+                                   workdir=workdir / "runs", timeout=args.timeout, tag=tag, root=roots[side])
+                except RunFailed as exc:
+                    r = {"status": "failed", "error": str(exc)}
+                    print(f"{PROG}: {side}/{case}/{mode} round {rnd + 1} failed: {exc}", file=sys.stderr)
+                r.update(side=side, revision=revs[side], round=rnd + 1, compression=case, mode=mode)
+                results.setdefault((side, case, mode), []).append(r)
+                if r["status"] == "completed":
+                    print(f"  {side:<4} {case}/{mode:<8} {size / MiB / (r['total-time'] / 1000):8.0f} MiB/s"
+                          f"  total-time {r['total-time']:>6} ms  cpu {r['cpu-s']:6.2f} s", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, _on_sigterm)
+    started = time.time()
     workdir = Path(tempfile.mkdtemp(prefix="compare-revisions-"))
     tag = shm_tag()
     size = args.size_bytes
     results: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
     trees: list[Path] = []
+    revs: dict[str, str] = {}
     interrupted = False
     try:
         try:
-            roots = {"base": workdir / "base"}
-            trees.append(roots["base"])
-            revs = {"base": checkout(args.base, roots["base"])}
-            if args.new is None:
-                roots["new"], revs["new"] = ROOT, describe_worktree()
-            else:
-                roots["new"] = workdir / "new"
-                trees.append(roots["new"])
-                revs["new"] = checkout(args.new, roots["new"])
+            roots, revs = checkouts(args, workdir, trees)
         except GitError as exc:
             print(f"{PROG}: error: {exc}", file=sys.stderr)
             return 2
@@ -166,26 +197,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         make_image(image, size)
         print(f"{PROG}: base {revs['base']} vs new {revs['new']}: {args.rounds} rounds,"
               f" {size / MiB:g} MiB guest, {args.channels} channels", file=sys.stderr)
-        for rnd in range(args.rounds):
-            print(f"{PROG}: round {rnd + 1}/{args.rounds}", file=sys.stderr)
-            k = 0
-            for mode in args.modes:
-                for case in args.cases:
-                    order = ("base", "new") if (rnd + k) % 2 == 0 else ("new", "base")
-                    k += 1
-                    for side in order:
-                        try:
-                            r = run_engine(image, size, channels=args.channels, compression=case,
-                                           level=args.level if case != "none" else None, prealloc=mode == "prealloc",
-                                           workdir=workdir / "runs", timeout=args.timeout, tag=tag, root=roots[side])
-                        except RunFailed as exc:
-                            r = {"status": "failed", "error": str(exc)}
-                            print(f"{PROG}: {side}/{case}/{mode} round {rnd + 1} failed: {exc}", file=sys.stderr)
-                        r.update(side=side, revision=revs[side], round=rnd + 1, compression=case, mode=mode)
-                        results.setdefault((side, case, mode), []).append(r)
-                        if r["status"] == "completed":
-                            print(f"  {side:<4} {case}/{mode:<8} {size / MiB / (r['total-time'] / 1000):8.0f} MiB/s"
-                                  f"  total-time {r['total-time']:>6} ms  cpu {r['cpu-s']:6.2f} s", file=sys.stderr)
+        run_rounds(args, image, roots, revs, workdir, tag, results)
     except KeyboardInterrupt:
         interrupted = True
         print(f"{PROG}: interrupted; summarising what completed", file=sys.stderr)
@@ -202,7 +214,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"\n{title}\n")
     print(table(rows))
     if args.json is not None:
-        out = {"title": title, "started": time.time(), "revisions": revs,
+        out = {"title": title, "started": started, "revisions": revs,
                "config": {"size": size, "rounds": args.rounds, "cases": args.cases, "modes": args.modes,
                           "channels": args.channels, "level": args.level},
                "summary": rows, "runs": [r for runs in results.values() for r in runs]}

@@ -93,8 +93,8 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import qemu_peer  # noqa: E402
 from engine_runs import (  # noqa: E402
     CASES, GiB, MiB, RunFailed, add_run_args, check_run_args, loadavg, machine_busy, machine_cpu, make_image,
-    proc_cpu, proc_huge_kib, proc_memory, proc_minflt, remove_leftover_segments, run_engine, shm_tag, vmstat,
-    vmstat_delta,
+    exit_status, proc_cpu, proc_huge_kib, proc_memory, proc_minflt, remove_leftover_segments, run_engine, shm_tag,
+    vmstat, vmstat_delta, write_json,
 )
 
 QEMU_MAX_BANDWIDTH = 64 << 30  # bytes/s: effectively unlimited (QEMU's default is 128 MiB/s)
@@ -540,15 +540,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "traces": traces,
         "runs": [r for runs in results.values() for r in runs],
     }
-    if args.json is not None:
-        args.json.write_text(json.dumps(out, indent=2) + "\n")
-        print(f"compare-qemu: wrote {args.json}", file=sys.stderr)
+    write_json(args.json, out, "compare-qemu")
     if args.chart is not None:
         err = chart(rows, args.chart, title)
         print(f"compare-qemu: {'chart not written: ' + err if err else f'wrote {args.chart}'}", file=sys.stderr)
-    if interrupted:
-        return 130
-    return 0 if all(r.get("status") == "completed" for runs in results.values() for r in runs) else 1
+    return exit_status((r for runs in results.values() for r in runs), interrupted)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import signal
 import statistics
 import subprocess
@@ -42,7 +41,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from engine_runs import (  # noqa: E402
-    GiB, MiB, RunFailed, add_run_args, check_run_args, make_image, remove_leftover_segments, run_engine, shm_tag,
+    GiB, MiB, RunFailed, add_run_args, check_run_args, exit_status, make_image, remove_leftover_segments,
+    run_engine, shm_tag, write_json,
 )
 
 PROG = "scripts/compare-revisions"
@@ -213,16 +213,12 @@ def main(argv: Sequence[str] | None = None) -> int:
              f" {args.channels} multifd channels, TCP loopback, medians of {args.rounds} interleaved rounds")
     print(f"\n{title}\n")
     print(table(rows))
-    if args.json is not None:
-        out = {"title": title, "started": started, "revisions": revs,
-               "config": {"size": size, "rounds": args.rounds, "cases": args.cases, "modes": args.modes,
-                          "channels": args.channels, "level": args.level},
-               "summary": rows, "runs": [r for runs in results.values() for r in runs]}
-        args.json.write_text(json.dumps(out, indent=2) + "\n")
-        print(f"{PROG}: wrote {args.json}", file=sys.stderr)
-    if interrupted:
-        return 130
-    return 0 if all(r.get("status") == "completed" for runs in results.values() for r in runs) else 1
+    runs = [r for side_runs in results.values() for r in side_runs]
+    write_json(args.json, {"title": title, "started": started, "revisions": revs,
+                           "config": {"size": size, "rounds": args.rounds, "cases": args.cases, "modes": args.modes,
+                                      "channels": args.channels, "level": args.level},
+                           "summary": rows, "runs": runs}, PROG)
+    return exit_status(runs, interrupted)
 
 
 if __name__ == "__main__":

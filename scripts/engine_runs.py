@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -490,3 +490,17 @@ def check_run_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> argp
     except ConfigError as exc:
         p.error(str(exc))
     return args
+
+
+def write_json(path: Path | None, out: dict[str, Any], prog: str) -> None:
+    """``--json FILE``: every run and the summary."""
+    if path is not None:
+        path.write_text(json.dumps(out, indent=2) + "\n")
+        print(f"{prog}: wrote {path}", file=sys.stderr)
+
+
+def exit_status(runs: Iterable[dict[str, Any]], interrupted: bool) -> int:
+    """130 after Ctrl-C, 1 if any run failed, else 0."""
+    if interrupted:
+        return 130
+    return 0 if all(r.get("status") == "completed" for r in runs) else 1

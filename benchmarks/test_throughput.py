@@ -2,8 +2,9 @@
 
 Run: ./scripts/bench -k "none and tcp and c4"     (BENCH_GUEST=1G by default)
 The number that matters is the migration's own wall time (connect to last byte written);
-each round starts a fresh destination process, so destination memory is fresh, as in QEMU's
-default case. extra_info carries MiB/s (guest size / time) for the report.
+each round starts a fresh destination process once the previous one has exited (its teardown,
+freeing a whole guest, does not run during the next round), so destination memory is fresh,
+as in QEMU's default case. extra_info carries MiB/s (guest size / time) for the report.
 """
 
 from __future__ import annotations
@@ -23,15 +24,20 @@ def _bench(benchmark, ram, params: MigrationParams, uri: str, *dst_args: str, ro
     dests: list[Incoming] = []
 
     def setup():
+        if dests:  # the previous round's destination exits (frees its RAM) before this round starts
+            assert dests[-1].wait(120) == 0, dests[-1].stderr
         dst = Incoming(uri, "--channels", str(params.channels), "--compression", params.compression, "--json",
                        "--listen-timeout", "120", *dst_args)
         dests.append(dst)
         return (dst.uri,), {}
 
-    stats = benchmark.pedantic(lambda dst_uri: migrate(dst_uri, ram, params), setup=setup, rounds=rounds,
-                               iterations=1)
-    for d in dests:
-        assert d.wait(120) == 0, d.stderr
+    try:
+        stats = benchmark.pedantic(lambda dst_uri: migrate(dst_uri, ram, params), setup=setup, rounds=rounds,
+                                   iterations=1)
+        assert dests[-1].wait(120) == 0, dests[-1].stderr
+    finally:  # a failed round leaves no destination process behind
+        for d in dests:
+            d.__exit__()
     benchmark.extra_info["guest_bytes"] = ram.total_size
     benchmark.extra_info["MiB/s (median)"] = round(ram.total_size / benchmark.stats.stats.median / 2**20, 1)
     benchmark.extra_info["transferred"] = stats.ram.transferred

@@ -92,10 +92,13 @@ class RamBlock:
         return int(getattr(self._closer, "_fd", -1))
 
     def pwrite_pages(self, idx: npt.NDArray[np.int64], data: memoryview) -> None:
-        """Write ``len(idx)`` pages of ``data`` (contiguous) to pages ``idx`` with positioned
-        writes, holding the block's write lock (see the module docstring)."""
+        """Write ``len(idx)`` pages of ``data`` (contiguous) to pages ``idx``."""
+        self.pwrite_runs(page_runs(idx), data)
+
+    def pwrite_runs(self, runs: Sequence[tuple[int, int]], data: memoryview) -> None:
+        """Write ``data`` (contiguous) to the runs of pages ``[(start, stop), ...]`` in order,
+        one positioned write per run, holding the block's write lock (see the module docstring)."""
         fd = self.fd
-        runs = page_runs(idx)
         if not self.write_lock.acquire(timeout=WRITE_LOCK_TIMEOUT):
             raise ChannelError(
                 f"RAM block {self.name!r}: another writer held the write lock for {WRITE_LOCK_TIMEOUT:g}s"

@@ -4,10 +4,12 @@ Theory of operation
 -------------------
 Each channel process owns one socket (already past its 64-byte handshake) and one
 decompression context. It reads a 1344-byte header into a reused buffer, validates every field
-against the RAM block table *before* touching memory, then receives the payload straight into
-guest RAM (``none``: ``recvmsg_into`` on views of the pages) or through its decompressor
-(scattered into the pages with one numpy assignment). Pages are always written before the
-packet's SYNC flag is acted on (a merged data+SYNC packet, doc 2.4).
+against the RAM block table *before* touching memory, then receives the payload into its
+buffer and writes it into the segment (``none``: one ``pwrite`` per run of pages) or through
+its decompressor. Pages are always written before the packet's SYNC flag is acted on (a merged
+data+SYNC packet, doc 2.4). For ``none``, almost every packet is plain (raw pages of a known
+block, no flags): :func:`wire.plain_packet` validates its offsets and finds the runs in one
+pass, and only the other packets go through the general decoder and the method's contract.
 
 On a SYNC packet the channel reports ``synced`` to the parent and blocks until released. The
 parent's main-stream loader releases all channels only when it has reached the matching EOS
@@ -43,7 +45,10 @@ from .send_channels import (
 )
 from .trace import BARRIER, DECOMPRESS, RECV_HEADER, RECV_PAYLOAD, WRITE, Trace, now_ns
 from .transport import recv_exact_into, recv_exact_into_many
-from .wire import MAX_PACKET_PAYLOAD, PACKET_HEADER_SIZE, PAGES_PER_PACKET, TARGET_PAGE_SIZE, decode_packet_header
+from .wire import (
+    MAX_PACKET_PAYLOAD, MULTIFD_FLAG_NOCOMP, PACKET_HEADER_SIZE, PAGES_PER_PACKET, TARGET_PAGE_BITS, TARGET_PAGE_SIZE,
+    decode_packet_header, plain_packet,
+)
 
 _ZEROS = memoryview(bytes(PAGES_PER_PACKET * TARGET_PAGE_SIZE))  # source of zero-fills (read only)
 RELEASE = b"r"
@@ -69,6 +74,7 @@ class _Sink:
     def __init__(self, sock: socket.socket, what: str) -> None:
         self.sock = sock
         self.what = what
+        self.payload_what = f"{what} payload"
         self.payload = bytearray(MAX_PACKET_PAYLOAD)
         self.payload_view = memoryview(self.payload)
         self.block: RamBlock | None = None
@@ -85,7 +91,7 @@ class _Sink:
     def read_payload(self) -> memoryview:
         view = self.payload_view[: self.next_packet_size]
         t0 = now_ns()
-        recv_exact_into(self.sock, view, f"{self.what} payload")
+        recv_exact_into(self.sock, view, self.payload_what)
         if self.trace is not None:
             self._t = self.trace.span(RECV_PAYLOAD, t0)
         return view
@@ -101,7 +107,7 @@ class _Sink:
         if self._by_fd():  # receive into the (cache-hot) packet buffer, then pwrite it
             view = self.payload_view[: len(self.idx) * TARGET_PAGE_SIZE]
             t0 = now_ns()
-            recv_exact_into(self.sock, view, f"{self.what} payload")
+            recv_exact_into(self.sock, view, self.payload_what)
             t1 = now_ns()
             self.block.pwrite_pages(self.idx, view)
             if self.trace is not None:
@@ -111,9 +117,16 @@ class _Sink:
         buf = self.block.buf
         views = [buf[a * TARGET_PAGE_SIZE:b * TARGET_PAGE_SIZE] for a, b in page_runs(self.idx)]
         t0 = now_ns()
-        recv_exact_into_many(self.sock, views, f"{self.what} payload")
+        recv_exact_into_many(self.sock, views, self.payload_what)
         if self.trace is not None:
             self.trace.span(RECV_PAYLOAD, t0)
+
+    def receive_plain(self, block: RamBlock, runs: list[tuple[int, int]], pages: int) -> None:
+        """A plain ``none`` packet (see :func:`wire.plain_packet`): its pages into the buffer,
+        then one ``pwrite`` per run."""
+        view = self.payload_view[: pages * TARGET_PAGE_SIZE]
+        recv_exact_into(self.sock, view, self.payload_what)
+        block.pwrite_runs(runs, view)
 
     def scatter(self, data: Buffer) -> None:
         assert self.block is not None
@@ -161,6 +174,9 @@ def _channel_loop(
     mine = counters[channel]
     sink.trace = sink_trace
     sock.settimeout(stall_timeout)
+    # plain packets skip the method's contract: raw pages written with pwrite (not when tracing,
+    # which times the general path's steps)
+    plain_path = method.flag == MULTIFD_FLAG_NOCOMP and tr is None and all(b.fd >= 0 for b in ram)
     try:
         while True:
             t0 = now_ns()
@@ -171,6 +187,15 @@ def _channel_loop(
                 return
             if tr is not None:
                 tr.span(RECV_HEADER, t0)
+            plain = plain_packet(header, lengths) if plain_path else None
+            if plain is not None:
+                pages = len(plain.offsets)
+                sink.receive_plain(ram[plain.ramblock], plain.runs, pages)
+                written.maps[plain.ramblock][plain.offsets >> TARGET_PAGE_BITS] = 1
+                mine[C_PACKETS] += 1
+                mine[C_PAGES] += pages
+                mine[C_BYTES] += PACKET_HEADER_SIZE + pages * TARGET_PAGE_SIZE
+                continue
             hdr = decode_packet_header(header, channel=channel, expected_compression=method.flag, blocks=lengths)
             mine[C_PACKETS] += 1
             wire_bytes = PACKET_HEADER_SIZE

@@ -26,7 +26,7 @@ import struct
 import uuid as uuidlib
 import dataclasses
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Mapping, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -263,8 +263,7 @@ def decode_packet_header(
             )
     elif next_size > MAX_PACKET_PAYLOAD:
         raise RemoteProtocolError(f"{where}: received next_packet_size {next_size}, expected <= {MAX_PACKET_PAYLOAD}")
-    raw_name = bytes(name_field[:MAX_RAMBLOCK_NAME]).split(b"\0", 1)[0]
-    name = raw_name.decode("utf-8", "replace")
+    name = _block_name(name_field)
     length = blocks.get(name)
     if length is None:
         raise RemoteProtocolError(f"{where}: received unknown RAM block {name!r}, expected one of {sorted(blocks)}")
@@ -286,6 +285,58 @@ def decode_packet_header(
         return PacketHeader(flags, pages_alloc, normal_pages, next_size, packet_num, name,
                             offsets[:normal_pages], offsets[normal_pages:])
     return PacketHeader(flags, pages_alloc, normal_pages, next_size, packet_num, name, offsets)
+
+
+def _block_name(field: bytes) -> str:
+    """The RAM block id in a packet's 256-byte ``ramblock`` field (NUL-terminated)."""
+    return field[:MAX_RAMBLOCK_NAME].split(b"\0", 1)[0].decode("utf-8", "replace")
+
+
+class PlainPacket(NamedTuple):
+    """A packet read by :func:`plain_packet`: block, offsets (big-endian, as on the wire) and
+    the runs of consecutive pages they form, ``[(start, stop), ...]`` in page numbers (a
+    named tuple: made once per packet, so it is cheap to make)."""
+
+    ramblock: str
+    offsets: npt.NDArray[np.uint64]
+    runs: list[tuple[int, int]]
+
+
+def plain_packet(data: bytes | bytearray | memoryview, blocks: Mapping[str, int]) -> PlainPacket | None:
+    """The common packet, checked and split into runs in one pass: raw pages (``none``) of a
+    known block, no flags, no zero pages, every offset page-aligned and inside the block.
+
+    Anything else, valid or not, gives None and goes to :func:`decode_packet_header`, which
+    knows every case and names what is wrong; this only decides "plain or not", so it never
+    accepts a header that :func:`decode_packet_header` would reject. The destination's
+    channels take this path for almost every packet: one loop over the offsets both validates
+    them and finds the runs, where the general path spends several numpy calls and a second
+    pass (inside a busy channel each call costs several times its standalone time).
+    """
+    magic, version, flags, pages_alloc, normal, size, _, zero, _, name_field = PACKET_FIXED.unpack_from(data, 0)
+    if (magic != MULTIFD_MAGIC or version != MULTIFD_VERSION or flags or zero
+            or not 0 < normal <= pages_alloc <= PAGES_PER_PACKET
+            or (size and size != normal * TARGET_PAGE_SIZE)):
+        return None
+    name = _block_name(name_field)
+    length = blocks.get(name)
+    if length is None:
+        return None
+    offsets = np.frombuffer(data, dtype=">u8", count=normal, offset=PACKET_FIXED_SIZE)
+    last = length - TARGET_PAGE_SIZE
+    runs = []
+    start = stop = -1
+    for offset in offsets.tolist():
+        if offset & (TARGET_PAGE_SIZE - 1) or offset > last:
+            return None
+        page = offset >> TARGET_PAGE_BITS
+        if page != stop:
+            if stop >= 0:
+                runs.append((start, stop))
+            start = page
+        stop = page + 1
+    runs.append((start, stop))
+    return PlainPacket(name, offsets, runs)
 
 
 _NO_OFFSETS: npt.NDArray[np.int64] = np.zeros(0, dtype=np.int64)

@@ -47,7 +47,7 @@ from .procs import ChildGroup, Connection, _CTX, self_usage
 from .ram import GuestRam, RamBlock, page_runs, zero_pages
 from .trace import COMPRESS, GATHER, SEND, WAIT, ZERO_SCAN, Trace, now_ns
 from .transport import send_all
-from .wire import MULTIFD_FLAG_SYNC, PACKET_HEADER_SIZE, PAGES_PER_PACKET, TARGET_PAGE_SIZE, PacketEncoder
+from .wire import MULTIFD_FLAG_NOCOMP, MULTIFD_FLAG_SYNC, PACKET_HEADER_SIZE, PAGES_PER_PACKET, TARGET_PAGE_SIZE, PacketEncoder
 
 #: Jobs a channel may have queued in its pipe. QEMU 7.2 uses 1 (one ``pages`` buffer per
 #: channel); with processes, a wake-up on a busy 2-core machine costs more than a thread
@@ -116,8 +116,9 @@ class _Batch:
         if runs:
             # Whole 2 MiB page tables: read faults map neighbouring pages too (fault-around,
             # at most one page table's worth), and those must go as well or RSS would creep.
-            lo = min(a for a, _ in runs) // _PT_PAGES * _PT_PAGES
-            hi = -(-max(b for _, b in runs) // _PT_PAGES) * _PT_PAGES
+            # A job's pages are sorted (RamSaver.save_section's contract).
+            lo = runs[0][0] // _PT_PAGES * _PT_PAGES
+            hi = -(-runs[-1][1] // _PT_PAGES) * _PT_PAGES
             self._mapped = (lo, min(hi, self.block.npages))
         return [buf[a * TARGET_PAGE_SIZE:b * TARGET_PAGE_SIZE] for a, b in runs]
 
@@ -167,6 +168,7 @@ def _channel_loop(
     names = [b.name.encode() for b in blocks]
     what = f"multifd channel {channel}"
     mine = counters[channel]
+    raw = method.flag == MULTIFD_FLAG_NOCOMP
     try:
         while True:
             t0 = now_ns() if tr is not None else 0
@@ -182,7 +184,10 @@ def _channel_loop(
                     if tr is not None:
                         t0 = tr.span(ZERO_SCAN, t0)
                 payload = ctx.send_prepare(batch) if len(batch.idx) else ()
-                size = sum(memoryview(p).nbytes for p in payload)  # type: ignore[arg-type,misc]
+                if raw:  # 'none': the payload is the pages themselves
+                    size = len(batch.idx) * TARGET_PAGE_SIZE
+                else:
+                    size = sum(memoryview(p).nbytes for p in payload)  # type: ignore[arg-type,misc]
                 offsets = batch.idx if not len(zeros) else np.concatenate((batch.idx, zeros))
                 header = enc.encode(
                     flags=flags | method.flag, packet_num=packet_num, ramblock=names[block_idx],
@@ -190,7 +195,7 @@ def _channel_loop(
                 )
                 if tr is not None:
                     t0 = tr.span(GATHER if method.flag == 0 else COMPRESS, t0)
-                sent = send_all(sock, [header, *payload], what)
+                sent = send_all(sock, [header, *payload], what, PACKET_HEADER_SIZE + size)
                 batch.done()
                 if tr is not None:
                     tr.span(SEND, t0)

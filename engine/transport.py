@@ -141,22 +141,31 @@ def connect(addr: Address, timeout: float) -> socket.socket:
         raise ChannelError(f"cannot connect to {addr.uri}: {exc.strerror or exc}") from exc
 
 
-def send_all(sock: socket.socket, buffers: Sequence[object], what: str) -> int:
-    """Send every buffer with as few ``sendmsg`` calls as the kernel allows; returns the byte count."""
-    views = [memoryview(b).cast("B") for b in buffers]  # type: ignore[arg-type]
-    total = sum(len(v) for v in views)
-    sent_total = 0
+def send_all(sock: socket.socket, buffers: Sequence[object], what: str, total: int | None = None) -> int:
+    """Send every buffer with as few ``sendmsg`` calls as the kernel allows; returns the byte count.
+
+    A caller that knows ``total`` (the buffers' byte count) saves wrapping each buffer in a
+    byte view unless the kernel takes only part of them."""
+    sent = 0
     try:
-        while views:
-            sent = sock.sendmsg(views)
-            sent_total += sent
-            if sent_total == total:
-                break
-            while sent and sent >= len(views[0]):
+        if total is not None:
+            sent = sock.sendmsg(buffers)  # type: ignore[arg-type]
+            if sent == total:
+                return total
+        views = [memoryview(b).cast("B") for b in buffers]  # type: ignore[arg-type]
+        if total is None:
+            total = sum(len(v) for v in views)
+        done = sent
+        while True:
+            while sent and sent >= len(views[0]):  # drop what the last call took
                 sent -= len(views[0])
                 views.pop(0)
             if sent:
                 views[0] = views[0][sent:]
+            if done == total:
+                break
+            sent = sock.sendmsg(views)
+            done += sent
     except socket.timeout as exc:
         raise MigrationTimeout(f"{what}: sending stalled for {sock.gettimeout():g}s (the peer is not reading)") from exc
     except OSError as exc:

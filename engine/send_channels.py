@@ -7,9 +7,11 @@ packets of at most 128 pages and hands each packet to an idle channel, like QEMU
 ``multifd_send_pages``: it takes a token from the ``channels_ready`` semaphore (a channel
 posts one whenever it becomes idle), then scans round-robin from the channel after the last
 one used for one with room in its queue (``issued - done < QUEUE_DEPTH``; QEMU's
-``pending_job``), and writes the job into that channel's pipe. A job carries only the block index, the page offsets, the packet_num and the
-flags: never page bytes. The pipe is ordered, so a SYNC job written after data jobs is handled
-after them.
+``pending_job``), and writes the job into that channel's pipe. A job carries only the block
+index, the page indices, the packet_num and the flags: never page bytes. Every job is one
+fixed-size record (:data:`JOB_SIZE`, below the pipe's atomic-write size), so each ``write`` lands
+whole and each ``read`` of one record's size returns exactly one job. The pipe is ordered, so
+a SYNC job written after data jobs is handled after them.
 
 A channel process owns one socket and one compression context for the whole migration. For a
 data job it builds the header in its reused 1344-byte buffer, gets the payload buffers from the
@@ -58,7 +60,8 @@ _PT_PAGES = 512  # pages per page table (2 MiB on x86-64)
 JOB_DATA = 1
 JOB_SYNC = 2
 JOB_QUIT = 3
-_JOB = struct.Struct("<BxxxIQI")  # kind, block index, packet_num, flags; then int64 page indices
+_JOB = struct.Struct("<BxHIQI")  # kind, page count, block index, packet_num, flags; then int64 page indices
+JOB_SIZE = _JOB.size + 8 * PAGES_PER_PACKET  # 1044 bytes, < PIPE_BUF: written and read whole
 
 # counters per channel, in the shared mapping (resource usage is written when the channel ends)
 C_PACKETS, C_PAGES, C_BYTES, C_CPU_US, C_PEAK_RSS, C_ANON_RSS, C_ZERO, C_NCOUNTERS = range(8)
@@ -150,7 +153,7 @@ def _channel_loop(
     events: Connection,
     channel: int,
     sock: socket.socket,
-    jobs: Connection,
+    jobs: int,
     ram: GuestRam,
     method: MultiFDMethod,
     level: int,
@@ -167,17 +170,23 @@ def _channel_loop(
     blocks = ram.blocks
     names = [b.name.encode() for b in blocks]
     what = f"multifd channel {channel}"
-    mine = counters[channel]
+    # item updates through memoryviews cost half of numpy scalar ones, every packet
+    mine = counters[channel].data
+    done_v = done.data
     raw = method.flag == MULTIFD_FLAG_NOCOMP
     try:
         while True:
             t0 = now_ns() if tr is not None else 0
-            msg = jobs.recv_bytes()
-            kind, block_idx, packet_num, flags = _JOB.unpack_from(msg)
+            msg = os.read(jobs, JOB_SIZE)
+            if len(msg) != JOB_SIZE:
+                if not msg:  # the parent closed the pipe: it is tearing the migration down
+                    break
+                raise ChannelError(f"{what}: a job of {len(msg)} bytes, expected {JOB_SIZE}")
+            kind, npages, block_idx, packet_num, flags = _JOB.unpack_from(msg)
             if tr is not None:
                 t0 = tr.span(WAIT, t0)
             if kind == JOB_DATA:
-                batch.start(blocks[block_idx], np.frombuffer(msg, dtype=np.int64, offset=_JOB.size))
+                batch.start(blocks[block_idx], np.frombuffer(msg, dtype=np.int64, count=npages, offset=_JOB.size))
                 zeros = _NO_PAGES
                 if detect_zero:
                     zeros = batch.drop_zero_pages()
@@ -203,7 +212,7 @@ def _channel_loop(
                 mine[C_PAGES] += len(batch.idx)
                 mine[C_ZERO] += len(zeros)
                 mine[C_BYTES] += sent
-                done[channel] += 1  # only this process writes done[channel]
+                done_v[channel] += 1  # only this process writes done[channel]
                 ready.release()  # type: ignore[attr-defined]
             elif kind == JOB_SYNC:
                 header = enc.encode(flags=MULTIFD_FLAG_SYNC, packet_num=packet_num)
@@ -276,22 +285,27 @@ class SendChannels:
         self._shared = mmap.mmap(-1, 8 * n * (C_NCOUNTERS + 1))
         self._counters = np.frombuffer(self._shared, dtype=np.uint64, count=n * C_NCOUNTERS).reshape(n, C_NCOUNTERS)
         self._done = np.frombuffer(self._shared, dtype=np.uint64, count=n, offset=8 * n * C_NCOUNTERS)
-        self._issued = np.zeros(n, dtype=np.uint64)
-        self._jobs: list[Connection] = []
+        self._done_v = self._done.data  # read per packet (plain ints, cheaper than numpy scalars)
+        self._issued = [0] * n
+        self._jobs: list[int] = []  # write ends of the job pipes
+        self._job = bytearray(JOB_SIZE)  # the record being written (reused)
+        self._job_pages = np.frombuffer(self._job, dtype=np.int64, offset=_JOB.size)
         self.group = ChildGroup("source")
         self._closed = False
         self.sync_wait = 0.0  # seconds spent waiting for SYNC rounds
         try:
             for i, sock in enumerate(socks):
-                job_read, job_write = _CTX.Pipe(duplex=False)
-                self.group.start(
-                    i, _channel_loop,
-                    (i, sock, job_read, ram, method, level, self._ready, self._done, self._counters, tracing,
-                     detect_zero),
-                    own=sock, others=[*socks, *close_in_children, *self._jobs],
-                )
-                job_read.close()
-                self._jobs.append(job_write)
+                job_read, job_write = os.pipe()
+                self._jobs.append(job_write)  # closed in close(); no child keeps a write end
+                try:
+                    self.group.start(
+                        i, _channel_loop,
+                        (i, sock, job_read, ram, method, level, self._ready, self._done, self._counters, tracing,
+                         detect_zero),
+                        own=sock, others=[*socks, *close_in_children, *self._jobs],
+                    )
+                finally:
+                    os.close(job_read)
         except BaseException:
             self.close(graceful=False)
             raise
@@ -305,9 +319,14 @@ class SendChannels:
         self.packet_num += 1
         return num
 
-    def _send_job(self, ch: int, data: bytes) -> None:
+    def _send_job(self, ch: int, kind: int, block_idx: int, flags: int, idx: npt.NDArray[np.int64] = _NO_PAGES) -> None:
+        """One job record into channel ``ch``'s pipe (the next packet_num goes with it)."""
+        job = self._job
+        _JOB.pack_into(job, 0, kind, len(idx), block_idx, self._next_packet_num(), flags)
+        if len(idx):
+            self._job_pages[: len(idx)] = idx
         try:
-            self._jobs[ch].send_bytes(data)
+            os.write(self._jobs[ch], job)
         except OSError as exc:  # the channel process is gone: say why, if it told us
             deadline = time.monotonic() + 1.0
             while time.monotonic() < deadline:
@@ -337,7 +356,7 @@ class SendChannels:
                     f"no multifd channel became idle for {self.stall_timeout:g}s (the destination is not reading)"
                 )
         n = self.n
-        issued, done, depth = self._issued, self._done, self.queue_depth
+        issued, done, depth = self._issued, self._done_v, self.queue_depth
         for k in range(n):
             ch = (self._next + k) % n
             if issued[ch] - done[ch] < depth:
@@ -347,15 +366,14 @@ class SendChannels:
         self._next = (ch + 1) % n
         issued[ch] += 1
         self.bytes_committed += PACKET_HEADER_SIZE + len(idx) * TARGET_PAGE_SIZE
-        job = _JOB.pack(JOB_DATA, block_idx, self._next_packet_num(), 0)
-        self._send_job(ch, job + np.ascontiguousarray(idx, dtype=np.int64).tobytes())
+        self._send_job(ch, JOB_DATA, block_idx, 0, idx)
 
     def sync(self) -> None:
         """``multifd_send_sync_main``: a SYNC packet on every channel, all of them written."""
         t0 = time.perf_counter()
         self.bytes_committed += self.n * PACKET_HEADER_SIZE
         for ch in range(self.n):
-            self._send_job(ch, _JOB.pack(JOB_SYNC, 0, self._next_packet_num(), MULTIFD_FLAG_SYNC))
+            self._send_job(ch, JOB_SYNC, 0, MULTIFD_FLAG_SYNC)
         synced: set[int] = set()
         deadline = time.monotonic() + self.stall_timeout
         while len(synced) < self.n:
@@ -376,7 +394,7 @@ class SendChannels:
     def quit(self, timeout: float = 10.0) -> None:
         """Graceful end: every channel finishes its queue, closes its socket and exits 0."""
         for ch in range(self.n):
-            self._send_job(ch, _JOB.pack(JOB_QUIT, 0, 0, 0))
+            self._send_job(ch, JOB_QUIT, 0, 0)
         deadline = time.monotonic() + timeout
         procs = self.group.procs
         while any(p.exitcode is None for p in procs):
@@ -402,5 +420,5 @@ class SendChannels:
             return
         self._closed = True
         self.group.close(graceful=graceful)
-        for conn in self._jobs:
-            conn.close()
+        for fd in self._jobs:
+            os.close(fd)

@@ -98,7 +98,7 @@ class RamBlock:
     def pwrite_runs(self, runs: Sequence[tuple[int, int]], data: memoryview) -> None:
         """Write ``data`` (contiguous) to the runs of pages ``[(start, stop), ...]`` in order,
         one positioned write per run, holding the block's write lock (see the module docstring)."""
-        fd = self.fd
+        fd, pwrite, page = self.fd, os.pwrite, TARGET_PAGE_SIZE
         if not self.write_lock.acquire(timeout=WRITE_LOCK_TIMEOUT):
             raise ChannelError(
                 f"RAM block {self.name!r}: another writer held the write lock for {WRITE_LOCK_TIMEOUT:g}s"
@@ -106,10 +106,10 @@ class RamBlock:
         try:
             pos = 0
             for a, b in runs:
-                end = pos + (b - a) * TARGET_PAGE_SIZE
-                n = os.pwrite(fd, data[pos:end], a * TARGET_PAGE_SIZE)
+                end = pos + (b - a) * page
+                n = pwrite(fd, data[pos:end], a * page)
                 if n != end - pos:  # a short write: finish the run
-                    pwrite_all(fd, data[pos + n:end], a * TARGET_PAGE_SIZE + n)
+                    pwrite_all(fd, data[pos + n:end], a * page + n)
                 pos = end
         finally:
             self.write_lock.release()

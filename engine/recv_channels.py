@@ -51,6 +51,7 @@ from .wire import (
 )
 
 _ZEROS = memoryview(bytes(PAGES_PER_PACKET * TARGET_PAGE_SIZE))  # source of zero-fills (read only)
+_MARKS = b"\1" * PAGES_PER_PACKET  # a written-map run of "written" (slices of it)
 RELEASE = b"r"
 QUIT = b"q"
 
@@ -62,9 +63,13 @@ class WrittenMap:
         total = sum(b.npages for b in ram)
         self._mm = mmap.mmap(-1, max(total, 1))
         self.maps: dict[str, npt.NDArray[np.uint8]] = {}
+        self.views: dict[str, memoryview] = {}
         off = 0
         for b in ram:
             self.maps[b.name] = np.frombuffer(self._mm, dtype=np.uint8, count=b.npages, offset=off)
+            # the same bytes as a memoryview: channels mark runs with slice assignments, which
+            # costs less per packet than building an index array for numpy
+            self.views[b.name] = memoryview(self._mm)[off:off + b.npages]
             off += b.npages
 
 
@@ -177,10 +182,11 @@ def _channel_loop(
     # plain packets skip the method's contract: raw pages written with pwrite (not when tracing,
     # which times the general path's steps)
     plain_path = method.flag == MULTIFD_FLAG_NOCOMP and tr is None and all(b.fd >= 0 for b in ram)
+    header_what = f"{what} packet header"
     try:
         while True:
-            t0 = now_ns()
-            if not recv_exact_into(sock, hview, f"{what} packet header", eof_ok=True):
+            t0 = now_ns() if tr is not None else 0
+            if not recv_exact_into(sock, hview, header_what, eof_ok=True):
                 if tr is not None:
                     events.send(("trace", channel, tr.name, os.getpid(), tr.to_bytes()))
                 events.send(("eof", channel))
@@ -191,7 +197,9 @@ def _channel_loop(
             if plain is not None:
                 pages = len(plain.offsets)
                 sink.receive_plain(ram[plain.ramblock], plain.runs, pages)
-                written.maps[plain.ramblock][plain.offsets >> TARGET_PAGE_BITS] = 1
+                marks = written.views[plain.ramblock]
+                for a, b in plain.runs:
+                    marks[a:b] = _MARKS[: b - a]
                 mine[C_PACKETS] += 1
                 mine[C_PAGES] += pages
                 mine[C_BYTES] += PACKET_HEADER_SIZE + pages * TARGET_PAGE_SIZE

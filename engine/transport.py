@@ -177,9 +177,11 @@ def recv_exact_into(sock: socket.socket, view: memoryview, what: str, *, eof_ok:
     """Fill ``view`` completely. Returns False on EOF before the first byte when ``eof_ok``."""
     got = 0
     n = len(view)
+    if not n:
+        return True
     try:
-        while got < n:
-            r = sock.recv_into(view[got:])
+        r = sock.recv_into(view)  # usually all of it: no sliced view to make
+        while True:
             if r == 0:
                 if got == 0 and eof_ok:
                     return False
@@ -187,6 +189,9 @@ def recv_exact_into(sock: socket.socket, view: memoryview, what: str, *, eof_ok:
                     raise ChannelClosed(f"{what}: connection closed by the peer")
                 raise TruncatedError(f"{what}: connection closed after {got} of {n} bytes")
             got += r
+            if got == n:
+                break
+            r = sock.recv_into(view[got:])
     except socket.timeout as exc:
         raise MigrationTimeout(f"{what}: nothing received for {sock.gettimeout():g}s") from exc
     except (ConnectionError, OSError) as exc:

@@ -323,16 +323,18 @@ def plain_packet(data: bytes | bytearray | memoryview, blocks: Mapping[str, int]
     if length is None:
         return None
     offsets = np.frombuffer(data, dtype=">u8", count=normal, offset=PACKET_FIXED_SIZE)
-    last = length - TARGET_PAGE_SIZE
+    listed = offsets.tolist()
+    if max(listed) > length - TARGET_PAGE_SIZE:
+        return None
+    mask, bits = TARGET_PAGE_SIZE - 1, TARGET_PAGE_BITS
     runs = []
-    start = stop = -1
-    for offset in offsets.tolist():
-        if offset & (TARGET_PAGE_SIZE - 1) or offset > last:
+    start = stop = listed[0] >> bits
+    for offset in listed:
+        if offset & mask:
             return None
-        page = offset >> TARGET_PAGE_BITS
+        page = offset >> bits
         if page != stop:
-            if stop >= 0:
-                runs.append((start, stop))
+            runs.append((start, stop))
             start = page
         stop = page + 1
     runs.append((start, stop))

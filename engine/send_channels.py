@@ -56,6 +56,10 @@ from .wire import MULTIFD_FLAG_NOCOMP, MULTIFD_FLAG_SYNC, PACKET_HEADER_SIZE, PA
 #: switch, so a short queue keeps every socket busy. The wire format is unaffected.
 QUEUE_DEPTH = 2
 _PT_PAGES = 512  # pages per page table (2 MiB on x86-64)
+#: A channel drops the page-table entries its views brought in once the packets sent since the
+#: last drop span this many pages (8 MiB): one madvise per few packets instead of one each,
+#: and at most a few MiB of guest pages mapped in the channel at any time.
+_UNMAP_SPAN = 4 * _PT_PAGES
 
 JOB_DATA = 1
 JOB_SYNC = 2
@@ -77,16 +81,30 @@ class _Batch:
         self.idx: npt.NDArray[np.int64] = np.zeros(0, dtype=np.int64)
         self.gathered: npt.NDArray[np.uint8] | None = None  # this job's pages, already read
         self._mapped: tuple[int, int] | None = None  # pages views() faulted into this process
+        self._unmap: tuple[RamBlock, int, int] | None = None  # mapped since the last drop
 
     def start(self, block: RamBlock, idx: npt.NDArray[np.int64]) -> None:
         self.block, self.idx, self.gathered = block, idx, None
 
     def done(self) -> None:
-        """After the packet is sent: drop the page-table entries :meth:`views` brought in."""
-        if self._mapped is not None:
-            assert self.block is not None
-            self.block.unmap_pages(*self._mapped)
-            self._mapped = None
+        """After the packet is sent: note the page-table entries :meth:`views` brought in, and
+        drop them all once they span :data:`_UNMAP_SPAN` pages or another block begins."""
+        if self._mapped is None:
+            return
+        block, (lo, hi) = self.block, self._mapped
+        assert block is not None
+        self._mapped = None
+        if self._unmap is not None:
+            was, wlo, whi = self._unmap
+            if was is block:
+                lo, hi = min(lo, wlo), max(hi, whi)
+            else:
+                was.unmap_pages(wlo, whi)
+        if hi - lo >= _UNMAP_SPAN:
+            block.unmap_pages(lo, hi)
+            self._unmap = None
+        else:
+            self._unmap = (block, lo, hi)
 
     def drop_zero_pages(self) -> npt.NDArray[np.int64]:
         """``zero-page-detection=multifd``: read the pages, keep the non-zero ones (in order,

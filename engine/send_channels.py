@@ -49,7 +49,10 @@ from .procs import ChildGroup, Connection, _CTX, self_usage
 from .ram import GuestRam, RamBlock, page_runs, zero_pages
 from .trace import COMPRESS, GATHER, SEND, WAIT, ZERO_SCAN, Trace, now_ns
 from .transport import send_all
-from .wire import MULTIFD_FLAG_NOCOMP, MULTIFD_FLAG_SYNC, PACKET_HEADER_SIZE, PAGES_PER_PACKET, TARGET_PAGE_SIZE, PacketEncoder
+from .wire import (
+    MULTIFD_FLAG_NOCOMP, MULTIFD_FLAG_SYNC, PACKET_HEADER_SIZE, PAGES_PER_PACKET, TARGET_PAGE_BITS, TARGET_PAGE_SIZE,
+    PacketEncoder,
+)
 
 #: Jobs a channel may have queued in its pipe. QEMU 7.2 uses 1 (one ``pages`` buffer per
 #: channel); with processes, a wake-up on a busy 2-core machine costs more than a thread
@@ -64,8 +67,10 @@ _UNMAP_SPAN = 4 * _PT_PAGES
 JOB_DATA = 1
 JOB_SYNC = 2
 JOB_QUIT = 3
-_JOB = struct.Struct("<BxHIQI")  # kind, page count, block index, packet_num, flags; then int64 page indices
+_JOB = struct.Struct("<BxHIQI")  # kind, page count, block index, packet_num, flags; then the offsets
 JOB_SIZE = _JOB.size + 8 * PAGES_PER_PACKET  # 1044 bytes, < PIPE_BUF: written and read whole
+#: a job's page offsets are packed as the packet header wants them: byte offsets, 8-byte big-endian
+_PACKED = [struct.Struct(f">{n}q") for n in range(PAGES_PER_PACKET + 1)]
 
 # counters per channel, in the shared mapping (resource usage is written when the channel ends)
 C_PACKETS, C_PAGES, C_BYTES, C_CPU_US, C_PEAK_RSS, C_ANON_RSS, C_ZERO, C_NCOUNTERS = range(8)
@@ -134,14 +139,33 @@ class _Batch:
             return [self.gathered]
         buf = self.block.buf
         runs = page_runs(self.idx)
-        if runs:
-            # Whole 2 MiB page tables: read faults map neighbouring pages too (fault-around,
-            # at most one page table's worth), and those must go as well or RSS would creep.
-            # A job's pages are sorted (RamSaver.save_section's contract).
-            lo = runs[0][0] // _PT_PAGES * _PT_PAGES
-            hi = -(-runs[-1][1] // _PT_PAGES) * _PT_PAGES
-            self._mapped = (lo, min(hi, self.block.npages))
+        if runs:  # a job's pages are sorted (RamSaver.save_section's contract)
+            self._note_mapped(runs[0][0], runs[-1][1])
         return [buf[a * TARGET_PAGE_SIZE:b * TARGET_PAGE_SIZE] for a, b in runs]
+
+    def views_at(self, block: RamBlock, offsets: Sequence[int]) -> list[memoryview]:
+        """:meth:`views` for a job's byte offsets (sorted, at least one), without numpy."""
+        self.block, self.gathered = block, None
+        buf, page = block.buf, TARGET_PAGE_SIZE
+        views = []
+        start = stop = offsets[0]
+        for offset in offsets:
+            if offset != stop:
+                views.append(buf[start:stop])
+                start = offset
+            stop = offset + page
+        views.append(buf[start:stop])
+        self._note_mapped(offsets[0] >> TARGET_PAGE_BITS, stop >> TARGET_PAGE_BITS)
+        return views
+
+    def _note_mapped(self, first: int, end: int) -> None:
+        """Pages ``[first, end)`` are about to be read through the mapping. Whole 2 MiB page
+        tables: read faults map neighbouring pages too (fault-around, at most one page table's
+        worth), and those must go as well or RSS would creep."""
+        assert self.block is not None
+        lo = first // _PT_PAGES * _PT_PAGES
+        hi = -(-end // _PT_PAGES) * _PT_PAGES
+        self._mapped = (lo, min(hi, self.block.npages))
 
     def gather(self) -> npt.NDArray[np.uint8]:
         """Copy the pages into the scratch buffer with positioned reads of the segment (the
@@ -192,6 +216,7 @@ def _channel_loop(
     mine = counters[channel].data
     done_v = done.data
     raw = method.flag == MULTIFD_FLAG_NOCOMP
+    lean = raw and not detect_zero and tr is None  # the numpy-free path below
     try:
         while True:
             t0 = now_ns() if tr is not None else 0
@@ -203,8 +228,26 @@ def _channel_loop(
             kind, npages, block_idx, packet_num, flags = _JOB.unpack_from(msg)
             if tr is not None:
                 t0 = tr.span(WAIT, t0)
-            if kind == JOB_DATA:
-                batch.start(blocks[block_idx], np.frombuffer(msg, dtype=np.int64, count=npages, offset=_JOB.size))
+            if kind == JOB_DATA and lean:
+                # 'none' from views: runs straight from the packed offsets, which also go into
+                # the header as they are (no numpy call per packet)
+                block = blocks[block_idx]
+                views = batch.views_at(block, _PACKED[npages].unpack_from(msg, _JOB.size))
+                size = npages * TARGET_PAGE_SIZE
+                header = enc.encode_packed(
+                    flags=flags, packet_num=packet_num, ramblock=names[block_idx],
+                    packed_offsets=msg[_JOB.size:_JOB.size + 8 * npages], next_packet_size=size,
+                )
+                sent = send_all(sock, [header, *views], what, PACKET_HEADER_SIZE + size)
+                batch.done()
+                mine[C_PACKETS] += 1
+                mine[C_PAGES] += npages
+                mine[C_BYTES] += sent
+                done_v[channel] += 1  # only this process writes done[channel]
+                ready.release()  # type: ignore[attr-defined]
+            elif kind == JOB_DATA:
+                offsets = np.frombuffer(msg, dtype=">i8", count=npages, offset=_JOB.size)
+                batch.start(blocks[block_idx], offsets >> TARGET_PAGE_BITS)
                 zeros = _NO_PAGES
                 if detect_zero:
                     zeros = batch.drop_zero_pages()
@@ -307,7 +350,7 @@ class SendChannels:
         self._issued = [0] * n
         self._jobs: list[int] = []  # write ends of the job pipes
         self._job = bytearray(JOB_SIZE)  # the record being written (reused)
-        self._job_pages = np.frombuffer(self._job, dtype=np.int64, offset=_JOB.size)
+        self._job_offsets = np.frombuffer(self._job, dtype=">i8", offset=_JOB.size)
         self.group = ChildGroup("source")
         self._closed = False
         self.sync_wait = 0.0  # seconds spent waiting for SYNC rounds
@@ -341,8 +384,8 @@ class SendChannels:
         """One job record into channel ``ch``'s pipe (the next packet_num goes with it)."""
         job = self._job
         _JOB.pack_into(job, 0, kind, len(idx), block_idx, self._next_packet_num(), flags)
-        if len(idx):
-            self._job_pages[: len(idx)] = idx
+        if len(idx):  # byte offsets, big-endian: the channel copies them into the header as they are
+            np.left_shift(idx, TARGET_PAGE_BITS, out=self._job_offsets[: len(idx)])
         try:
             os.write(self._jobs[ch], job)
         except OSError as exc:  # the channel process is gone: say why, if it told us

@@ -201,6 +201,33 @@ class PacketEncoder:
         self._used = n
         return self.buf
 
+    def encode_packed(
+        self, *, flags: int, packet_num: int, ramblock: bytes, packed_offsets: bytes, next_packet_size: int
+    ) -> bytearray:
+        """:meth:`encode` for normal pages whose offsets come already packed as on the wire
+        (8-byte big-endian each, as a source job carries them): the bytes are copied in, with
+        no numpy call on the way. Same header, same checks."""
+        n, odd = divmod(len(packed_offsets), 8)
+        if odd or n > PAGES_PER_PACKET:
+            raise LocalProtocolError(
+                f"{len(packed_offsets)} bytes of packed offsets, expected 8 per page, at most {PAGES_PER_PACKET} pages"
+            )
+        if len(ramblock) > MAX_RAMBLOCK_NAME:
+            raise LocalProtocolError(f"RAM block name of {len(ramblock)} bytes, at most {MAX_RAMBLOCK_NAME}")
+        if next_packet_size > MAX_PACKET_PAYLOAD:
+            raise LocalProtocolError(f"payload of {next_packet_size} bytes, at most {MAX_PACKET_PAYLOAD}")
+        buf = self.buf
+        PACKET_FIXED.pack_into(
+            buf, 0, MULTIFD_MAGIC, MULTIFD_VERSION, flags, PAGES_PER_PACKET, n, next_packet_size, packet_num, 0,
+            bytes(28), ramblock,
+        )
+        end = PACKET_FIXED_SIZE + 8 * n
+        buf[PACKET_FIXED_SIZE:end] = packed_offsets
+        if self._used > n:
+            buf[end:PACKET_FIXED_SIZE + 8 * self._used] = bytes(8 * (self._used - n))
+        self._used = n
+        return buf
+
 
 def encode_packet_header(**kwargs: object) -> bytes:
     """One-off header encoding (tests, tools); hot paths keep a :class:`PacketEncoder`."""

@@ -620,3 +620,24 @@ def test_errors_are_migration_errors() -> None:
 )
 def test_method_name_for_flag(flag: int, name: str) -> None:
     assert method_name_for_flag(flag) == name
+
+
+@given(seq=st.lists(st.lists(st.integers(0, 2**40), max_size=PAGES_PER_PACKET), min_size=1, max_size=5))
+def test_encode_packed_is_encode_for_offsets_packed_as_on_the_wire(seq: list[list[int]]) -> None:
+    """A source job carries offsets packed big-endian; encoding from those bytes gives the
+    same header as encoding from an array, also when one encoder is reused (stale slots)."""
+    packed_enc, array_enc = PacketEncoder(), PacketEncoder()
+    for k, pages in enumerate(seq):
+        offsets = np.array(pages, dtype=np.int64) * PAGE
+        packed = offsets.astype(">u8").tobytes()
+        got = packed_enc.encode_packed(flags=0, packet_num=k, ramblock=b"pc.ram", packed_offsets=packed,
+                                       next_packet_size=len(pages) * PAGE)
+        want = array_enc.encode(flags=0, packet_num=k, ramblock=b"pc.ram", offsets=offsets,
+                                next_packet_size=len(pages) * PAGE)
+        assert bytes(got) == bytes(want)
+
+
+def test_encode_packed_refuses_a_partial_offset() -> None:
+    with pytest.raises(LocalProtocolError, match=r"^12 bytes of packed offsets, expected 8 per page, at most 128 pages$"):
+        PacketEncoder().encode_packed(flags=0, packet_num=0, ramblock=b"x", packed_offsets=bytes(12),
+                                      next_packet_size=0)

@@ -118,7 +118,7 @@ class RamBlock:
         """Drop this process's page-table entries for pages ``[start, stop)``
         (``MADV_DONTNEED`` on the shared mapping). The pages stay in the segment as they are
         (a shared mapping is refilled from it on the next access); only this process's RSS
-        stops counting them. A channel that sends from views calls it after each packet, so
+        stops counting them. A channel that sends from views calls it every few packets, so
         its RSS does not grow with the guest."""
         mm = getattr(self._closer, "_mmap", None)
         if mm is not None and stop > start:

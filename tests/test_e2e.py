@@ -178,7 +178,7 @@ def test_inspect_lists_zero_pages_sent_in_packets(tmp_path: Path, images) -> Non
 
 @pytest.mark.slow
 def test_source_channel_rss_does_not_grow_with_the_guest() -> None:
-    """`none` sends from views of guest RAM; the channels drop those mappings after each packet,
+    """`none` sends from views of guest RAM; the channels drop those mappings every 8 MiB of packets,
     so a guest 8x larger leaves their peak RSS where it was (without the drop, each of the 2
     channels would map about half of the 512 MiB guest)."""
     import json

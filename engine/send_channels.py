@@ -51,7 +51,7 @@ from .trace import COMPRESS, GATHER, SEND, WAIT, ZERO_SCAN, Trace, now_ns
 from .transport import send_all
 from .wire import (
     MULTIFD_FLAG_NOCOMP, MULTIFD_FLAG_SYNC, PACKET_HEADER_SIZE, PAGES_PER_PACKET, TARGET_PAGE_BITS, TARGET_PAGE_SIZE,
-    PacketEncoder,
+    PacketEncoder, consecutive_runs,
 )
 
 #: Jobs a channel may have queued in its pipe. QEMU 7.2 uses 1 (one ``pages`` buffer per
@@ -146,17 +146,10 @@ class _Batch:
     def views_at(self, block: RamBlock, offsets: Sequence[int]) -> list[memoryview]:
         """:meth:`views` for a job's byte offsets (sorted, at least one), without numpy."""
         self.block, self.gathered = block, None
-        buf, page = block.buf, TARGET_PAGE_SIZE
-        views = []
-        start = stop = offsets[0]
-        for offset in offsets:
-            if offset != stop:
-                views.append(buf[start:stop])
-                start = offset
-            stop = offset + page
-        views.append(buf[start:stop])
-        self._note_mapped(offsets[0] >> TARGET_PAGE_BITS, stop >> TARGET_PAGE_BITS)
-        return views
+        buf = block.buf
+        runs = consecutive_runs(offsets, TARGET_PAGE_SIZE)
+        self._note_mapped(runs[0][0] >> TARGET_PAGE_BITS, runs[-1][1] >> TARGET_PAGE_BITS)
+        return [buf[a:b] for a, b in runs]
 
     def _note_mapped(self, first: int, end: int) -> None:
         """Pages ``[first, end)`` are about to be read through the mapping. Whole 2 MiB page

@@ -182,6 +182,29 @@ class PacketEncoder:
         """``offsets`` lists the normal pages' offsets, then the last ``zero_pages`` are the
         zero pages' (``zero-page-detection=multifd``)."""
         n = 0 if offsets is None else len(offsets)
+        self._fixed(flags, packet_num, ramblock, n, zero_pages, next_packet_size, pages_alloc)
+        if n:
+            self._offsets[:n] = offsets
+        return self._clear_from(n)
+
+    def encode_packed(
+        self, *, flags: int, packet_num: int, ramblock: bytes, packed_offsets: bytes, next_packet_size: int
+    ) -> bytearray:
+        """:meth:`encode` for normal pages whose offsets come already packed as on the wire
+        (8-byte big-endian each, as a source job carries them): the bytes are copied in, with
+        no numpy call on the way. Same header, same checks."""
+        n, odd = divmod(len(packed_offsets), 8)
+        if odd:
+            raise LocalProtocolError(
+                f"{len(packed_offsets)} bytes of packed offsets, expected 8 per page, at most {PAGES_PER_PACKET} pages"
+            )
+        self._fixed(flags, packet_num, ramblock, n, 0, next_packet_size, PAGES_PER_PACKET)
+        self.buf[PACKET_FIXED_SIZE:PACKET_FIXED_SIZE + 8 * n] = packed_offsets
+        return self._clear_from(n)
+
+    def _fixed(self, flags: int, packet_num: int, ramblock: bytes, n: int, zero_pages: int,
+               next_packet_size: int, pages_alloc: int) -> None:
+        """Check what a header of ``n`` offsets can hold and write its fixed part."""
         if n > PAGES_PER_PACKET:
             raise LocalProtocolError(f"packet with {n} pages, at most {PAGES_PER_PACKET} fit")
         if not 0 <= zero_pages <= n:
@@ -194,39 +217,13 @@ class PacketEncoder:
             self.buf, 0, MULTIFD_MAGIC, MULTIFD_VERSION, flags, pages_alloc, n - zero_pages, next_packet_size,
             packet_num, zero_pages, bytes(28), ramblock,
         )
-        if n:
-            self._offsets[:n] = offsets
+
+    def _clear_from(self, n: int) -> bytearray:
+        """Zero the offset slots the previous header used beyond the ``n`` just written."""
         if self._used > n:
-            self._offsets[n:self._used] = 0
+            self.buf[PACKET_FIXED_SIZE + 8 * n:PACKET_FIXED_SIZE + 8 * self._used] = bytes(8 * (self._used - n))
         self._used = n
         return self.buf
-
-    def encode_packed(
-        self, *, flags: int, packet_num: int, ramblock: bytes, packed_offsets: bytes, next_packet_size: int
-    ) -> bytearray:
-        """:meth:`encode` for normal pages whose offsets come already packed as on the wire
-        (8-byte big-endian each, as a source job carries them): the bytes are copied in, with
-        no numpy call on the way. Same header, same checks."""
-        n, odd = divmod(len(packed_offsets), 8)
-        if odd or n > PAGES_PER_PACKET:
-            raise LocalProtocolError(
-                f"{len(packed_offsets)} bytes of packed offsets, expected 8 per page, at most {PAGES_PER_PACKET} pages"
-            )
-        if len(ramblock) > MAX_RAMBLOCK_NAME:
-            raise LocalProtocolError(f"RAM block name of {len(ramblock)} bytes, at most {MAX_RAMBLOCK_NAME}")
-        if next_packet_size > MAX_PACKET_PAYLOAD:
-            raise LocalProtocolError(f"payload of {next_packet_size} bytes, at most {MAX_PACKET_PAYLOAD}")
-        buf = self.buf
-        PACKET_FIXED.pack_into(
-            buf, 0, MULTIFD_MAGIC, MULTIFD_VERSION, flags, PAGES_PER_PACKET, n, next_packet_size, packet_num, 0,
-            bytes(28), ramblock,
-        )
-        end = PACKET_FIXED_SIZE + 8 * n
-        buf[PACKET_FIXED_SIZE:end] = packed_offsets
-        if self._used > n:
-            buf[end:PACKET_FIXED_SIZE + 8 * self._used] = bytes(8 * (self._used - n))
-        self._used = n
-        return buf
 
 
 def encode_packet_header(**kwargs: object) -> bytes:

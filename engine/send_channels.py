@@ -221,41 +221,36 @@ def _channel_loop(
             kind, npages, block_idx, packet_num, flags = _JOB.unpack_from(msg)
             if tr is not None:
                 t0 = tr.span(WAIT, t0)
-            if kind == JOB_DATA and lean:
-                # 'none' from views: runs straight from the packed offsets, which also go into
-                # the header as they are (no numpy call per packet)
-                block = blocks[block_idx]
-                views = batch.views_at(block, _PACKED[npages].unpack_from(msg, _JOB.size))
-                size = npages * TARGET_PAGE_SIZE
-                header = enc.encode_packed(
-                    flags=flags, packet_num=packet_num, ramblock=names[block_idx],
-                    packed_offsets=msg[_JOB.size:_JOB.size + 8 * npages], next_packet_size=size,
-                )
-                sent = send_all(sock, [header, *views], what, PACKET_HEADER_SIZE + size)
-                batch.done()
-                mine[C_PACKETS] += 1
-                mine[C_PAGES] += npages
-                mine[C_BYTES] += sent
-                done_v[channel] += 1  # only this process writes done[channel]
-                ready.release()  # type: ignore[attr-defined]
-            elif kind == JOB_DATA:
-                offsets = np.frombuffer(msg, dtype=">i8", count=npages, offset=_JOB.size)
-                batch.start(blocks[block_idx], offsets >> TARGET_PAGE_BITS)
+            if kind == JOB_DATA:
+                packed = msg[_JOB.size:_JOB.size + 8 * npages]  # the header's offsets, as they go out
                 zeros = _NO_PAGES
-                if detect_zero:
-                    zeros = batch.drop_zero_pages()
-                    if tr is not None:
-                        t0 = tr.span(ZERO_SCAN, t0)
-                payload = ctx.send_prepare(batch) if len(batch.idx) else ()
+                payload: Sequence[Any]
+                if lean:  # 'none' from views, runs straight from the job: no numpy call per packet
+                    payload = batch.views_at(blocks[block_idx], _PACKED[npages].unpack_from(msg, _JOB.size))
+                else:
+                    offsets = np.frombuffer(packed, dtype=">i8")
+                    batch.start(blocks[block_idx], offsets >> TARGET_PAGE_BITS)
+                    if detect_zero:
+                        zeros = batch.drop_zero_pages()
+                        if tr is not None:
+                            t0 = tr.span(ZERO_SCAN, t0)
+                    payload = ctx.send_prepare(batch) if len(batch.idx) else ()
+                normal = npages - len(zeros)
                 if raw:  # 'none': the payload is the pages themselves
-                    size = len(batch.idx) * TARGET_PAGE_SIZE
+                    size = normal * TARGET_PAGE_SIZE
                 else:
                     size = sum(memoryview(p).nbytes for p in payload)  # type: ignore[arg-type,misc]
-                offsets = batch.idx if not len(zeros) else np.concatenate((batch.idx, zeros))
-                header = enc.encode(
-                    flags=flags | method.flag, packet_num=packet_num, ramblock=names[block_idx],
-                    offsets=offsets * TARGET_PAGE_SIZE, next_packet_size=size, zero_pages=len(zeros),
-                )
+                if len(zeros):  # normal pages first, then the zero pages the channel found
+                    header = enc.encode(
+                        flags=flags | method.flag, packet_num=packet_num, ramblock=names[block_idx],
+                        offsets=np.concatenate((batch.idx, zeros)) * TARGET_PAGE_SIZE, next_packet_size=size,
+                        zero_pages=len(zeros),
+                    )
+                else:
+                    header = enc.encode_packed(
+                        flags=flags | method.flag, packet_num=packet_num, ramblock=names[block_idx],
+                        packed_offsets=packed, next_packet_size=size,
+                    )
                 if tr is not None:
                     t0 = tr.span(GATHER if method.flag == 0 else COMPRESS, t0)
                 sent = send_all(sock, [header, *payload], what, PACKET_HEADER_SIZE + size)
@@ -263,7 +258,7 @@ def _channel_loop(
                 if tr is not None:
                     tr.span(SEND, t0)
                 mine[C_PACKETS] += 1
-                mine[C_PAGES] += len(batch.idx)
+                mine[C_PAGES] += normal
                 mine[C_ZERO] += len(zeros)
                 mine[C_BYTES] += sent
                 done_v[channel] += 1  # only this process writes done[channel]
@@ -373,7 +368,9 @@ class SendChannels:
         self.packet_num += 1
         return num
 
-    def _send_job(self, ch: int, kind: int, block_idx: int, flags: int, idx: npt.NDArray[np.int64] = _NO_PAGES) -> None:
+    def _send_job(
+        self, ch: int, kind: int, block_idx: int, flags: int, idx: npt.NDArray[np.int64] = _NO_PAGES
+    ) -> None:
         """One job record into channel ``ch``'s pipe (the next packet_num goes with it)."""
         job = self._job
         _JOB.pack_into(job, 0, kind, len(idx), block_idx, self._next_packet_num(), flags)

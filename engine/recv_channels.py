@@ -63,13 +63,9 @@ class WrittenMap:
         total = sum(b.npages for b in ram)
         self._mm = mmap.mmap(-1, max(total, 1))
         self.maps: dict[str, npt.NDArray[np.uint8]] = {}
-        self.views: dict[str, memoryview] = {}
         off = 0
         for b in ram:
             self.maps[b.name] = np.frombuffer(self._mm, dtype=np.uint8, count=b.npages, offset=off)
-            # the same bytes as a memoryview: channels mark runs with slice assignments, which
-            # costs less per packet than building an index array for numpy
-            self.views[b.name] = memoryview(self._mm)[off:off + b.npages]
             off += b.npages
 
 
@@ -83,7 +79,6 @@ class _Sink:
         self.payload = bytearray(MAX_PACKET_PAYLOAD)
         self.payload_view = memoryview(self.payload)
         self.block: RamBlock | None = None
-        self.written: npt.NDArray[np.uint8] | None = None
         self.idx: npt.NDArray[np.int64] = np.zeros(0, dtype=np.int64)
         self.next_packet_size = 0
         self.trace: Trace | None = None
@@ -109,15 +104,8 @@ class _Sink:
 
     def recv_into_pages(self) -> None:
         assert self.block is not None
-        if self._by_fd():  # receive into the (cache-hot) packet buffer, then pwrite it
-            view = self.payload_view[: len(self.idx) * TARGET_PAGE_SIZE]
-            t0 = now_ns()
-            recv_exact_into(self.sock, view, self.payload_what)
-            t1 = now_ns()
-            self.block.pwrite_pages(self.idx, view)
-            if self.trace is not None:
-                self.trace.span(RECV_PAYLOAD, t0, t1)
-                self.trace.span(WRITE, t1)
+        if self._by_fd():
+            self.recv_and_pwrite(self.block, page_runs(self.idx), len(self.idx))
             return
         buf = self.block.buf
         views = [buf[a * TARGET_PAGE_SIZE:b * TARGET_PAGE_SIZE] for a, b in page_runs(self.idx)]
@@ -126,12 +114,17 @@ class _Sink:
         if self.trace is not None:
             self.trace.span(RECV_PAYLOAD, t0)
 
-    def receive_plain(self, block: RamBlock, runs: list[tuple[int, int]], pages: int) -> None:
-        """A plain ``none`` packet (see :func:`wire.plain_packet`): its pages into the buffer,
-        then one ``pwrite`` per run."""
+    def recv_and_pwrite(self, block: RamBlock, runs: list[tuple[int, int]], pages: int) -> None:
+        """Raw pages: receive them into the (cache-hot) packet buffer, then one ``pwrite`` per
+        run of pages into the segment."""
         view = self.payload_view[: pages * TARGET_PAGE_SIZE]
+        t0 = now_ns() if self.trace is not None else 0
         recv_exact_into(self.sock, view, self.payload_what)
+        t1 = now_ns() if self.trace is not None else 0
         block.pwrite_runs(runs, view)
+        if self.trace is not None:
+            self.trace.span(RECV_PAYLOAD, t0, t1)
+            self.trace.span(WRITE, t1)
 
     def scatter(self, data: Buffer) -> None:
         assert self.block is not None
@@ -179,10 +172,12 @@ def _channel_loop(
     mine = counters[channel].data  # item updates: half the cost of numpy scalar ones
     sink.trace = sink_trace
     sock.settimeout(stall_timeout)
-    # plain packets skip the method's contract: raw pages written with pwrite (not when tracing,
-    # which times the general path's steps)
-    plain_path = method.flag == MULTIFD_FLAG_NOCOMP and tr is None and all(b.fd >= 0 for b in ram)
+    # plain packets skip the method's contract: raw pages written with pwrite
+    plain_path = method.flag == MULTIFD_FLAG_NOCOMP and all(b.fd >= 0 for b in ram)
     header_what = f"{what} packet header"
+    # the written maps as memoryviews: a plain packet marks its runs with slice assignments,
+    # cheaper per packet in a busy channel than building an index array for numpy
+    marks = {name: m.data for name, m in written.maps.items()}
     try:
         while True:
             t0 = now_ns() if tr is not None else 0
@@ -196,10 +191,10 @@ def _channel_loop(
             plain = plain_packet(header, lengths) if plain_path else None
             if plain is not None:
                 pages = len(plain.offsets)
-                sink.receive_plain(ram[plain.ramblock], plain.runs, pages)
-                marks = written.views[plain.ramblock]
+                sink.recv_and_pwrite(ram[plain.ramblock], plain.runs, pages)
+                mark = marks[plain.ramblock]
                 for a, b in plain.runs:
-                    marks[a:b] = _MARKS[: b - a]
+                    mark[a:b] = _MARKS[: b - a]
                 mine[C_PACKETS] += 1
                 mine[C_PAGES] += pages
                 mine[C_BYTES] += PACKET_HEADER_SIZE + pages * TARGET_PAGE_SIZE
@@ -212,7 +207,6 @@ def _channel_loop(
                 mine[C_ZERO] += hdr.zero_pages
             if hdr.normal_pages:
                 sink.block = ram[hdr.ramblock]
-                sink.written = written.maps[hdr.ramblock]
                 sink.idx = hdr.offsets >> 12
                 sink.next_packet_size = hdr.next_packet_size or hdr.normal_pages * TARGET_PAGE_SIZE
                 ctx.recv_pages(sink)

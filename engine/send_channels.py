@@ -209,7 +209,7 @@ def _channel_loop(
     mine = counters[channel].data
     done_v = done.data
     raw = method.flag == MULTIFD_FLAG_NOCOMP
-    lean = raw and not detect_zero and tr is None  # the numpy-free path below
+    lean = raw and not detect_zero  # the numpy-free path below
     try:
         while True:
             t0 = now_ns() if tr is not None else 0

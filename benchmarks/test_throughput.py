@@ -9,6 +9,8 @@ as in QEMU's default case. extra_info carries MiB/s (guest size / time) for the 
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 
 from engine.params import MigrationParams
@@ -22,22 +24,21 @@ CHANNELS = [1, 2, 4, 8]
 def _bench(benchmark, ram, params: MigrationParams, uri: str, *dst_args: str, rounds: int) -> None:
     """Time ``rounds`` migrations of ``ram``, each into a fresh destination process."""
     dests: list[Incoming] = []
+    with contextlib.ExitStack() as cleanup:  # a failed round leaves no destination process behind
 
-    def setup():
-        if dests:  # the previous round's destination exits (frees its RAM) before this round starts
-            assert dests[-1].wait(120) == 0, dests[-1].stderr
-        dst = Incoming(uri, "--channels", str(params.channels), "--compression", params.compression, "--json",
-                       "--listen-timeout", "120", *dst_args)
-        dests.append(dst)
-        return (dst.uri,), {}
+        def setup():
+            if dests:  # the previous round's destination exits (frees its RAM) before this round starts
+                assert dests[-1].wait(120) == 0, dests[-1].stderr
+            dst = cleanup.enter_context(Incoming(
+                uri, "--channels", str(params.channels), "--compression", params.compression, "--json",
+                "--listen-timeout", "120", *dst_args,
+            ))
+            dests.append(dst)
+            return (dst.uri,), {}
 
-    try:
         stats = benchmark.pedantic(lambda dst_uri: migrate(dst_uri, ram, params), setup=setup, rounds=rounds,
                                    iterations=1)
         assert dests[-1].wait(120) == 0, dests[-1].stderr
-    finally:  # a failed round leaves no destination process behind
-        for d in dests:
-            d.__exit__()
     benchmark.extra_info["guest_bytes"] = ram.total_size
     benchmark.extra_info["MiB/s (median)"] = round(ram.total_size / benchmark.stats.stats.median / 2**20, 1)
     benchmark.extra_info["transferred"] = stats.ram.transferred

@@ -17,7 +17,7 @@ class NoneSend(SendContext):
     # a 1 GiB guest (331 MiB without). Against positioned reads into a reused buffer (gather()):
     # 1.04x / 1.01x throughput fresh / pre-allocated, 0.95x / 0.98x CPU. A source channel's
     # common path builds the same views from the job's packed offsets without calling this
-    # (send_channels.py); this serves tracing and zero-page-detection=multifd.
+    # (send_channels.py); this serves zero-page-detection=multifd.
     def send_prepare(self, batch: PageBatch) -> Sequence[Buffer]:
         return batch.views()
 

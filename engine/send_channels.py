@@ -137,14 +137,13 @@ class _Batch:
         assert self.block is not None
         if self.gathered is not None:
             return [self.gathered]
-        buf = self.block.buf
-        runs = page_runs(self.idx)
-        if runs:  # a job's pages are sorted (RamSaver.save_section's contract)
-            self._note_mapped(runs[0][0], runs[-1][1])
-        return [buf[a * TARGET_PAGE_SIZE:b * TARGET_PAGE_SIZE] for a, b in runs]
+        if not len(self.idx):
+            return []
+        return self.views_at(self.block, (self.idx * TARGET_PAGE_SIZE).tolist())
 
     def views_at(self, block: RamBlock, offsets: Sequence[int]) -> list[memoryview]:
-        """:meth:`views` for a job's byte offsets (sorted, at least one), without numpy."""
+        """:meth:`views` for a job's byte offsets (sorted, as RamSaver.save_section hands them
+        out; at least one), without numpy: the channel's common path for ``none``."""
         self.block, self.gathered = block, None
         buf = block.buf
         runs = consecutive_runs(offsets, TARGET_PAGE_SIZE)

@@ -5,8 +5,8 @@ Ownership (the rule from ``multiprocessing.shared_memory``): exactly one :class:
 every exit path (context manager, ``finally`` in the CLI). Channel processes are forked from the
 owner and use the inherited mappings; they never attach by name, so on Python 3.11 no other
 process's resource tracker learns the names. If the owner is killed with SIGKILL, its resource
-tracker (a separate process started before any child) unlinks the segments when it sees the
-owner gone; that is the backstop, not the plan.
+tracker (a separate process, started before the first segment exists) unlinks the segments when
+it sees the owner gone; that is the backstop, not the plan.
 
 Non-owners (a user's own writer processes, the embedding API) call :func:`attach`, which maps an
 existing segment without registering it with any resource tracker.
@@ -27,7 +27,7 @@ import mmap
 import os
 import re
 from dataclasses import dataclass
-from multiprocessing import shared_memory
+from multiprocessing import resource_tracker, shared_memory
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
@@ -156,6 +156,9 @@ class GuestRam:
             dup = next(n for n in names if names.count(n) > 1)
             raise ConfigError(f"RAM block {dup!r} given twice; block names must be unique")
         check_shm_space(sum(s.size for s in specs))
+        # SharedMemory starts the tracker on first use, after the segment is already in
+        # /dev/shm: a SIGKILL while the tracker process starts (~0.1 s) would leak the segment
+        resource_tracker.ensure_running()
         ram = cls([], [], owner=True)
         try:
             for spec in specs:

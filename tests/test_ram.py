@@ -82,3 +82,31 @@ def test_write_lock_held_too_long_is_a_clear_error(monkeypatch: pytest.MonkeyPat
         assert str(exc.value) == "RAM block 'pc.ram': another writer held the write lock for 0.2s"
         block.pwrite_pages(np.array([3], dtype=np.int64), memoryview(b"\x07" * PAGE))
         assert int(block.pages[3].min()) == 7 and int(block.pages[2].max()) == 0
+
+
+def test_the_resource_tracker_runs_before_the_first_segment_exists() -> None:
+    """The tracker is the backstop that unlinks an owner's segments after a SIGKILL; if it were
+    started only when the first segment registers, a kill in that window leaked the segment
+    (seen once in the soak)."""
+    code = """
+import sys
+from multiprocessing import resource_tracker, shared_memory
+from engine.ram import BlockSpec, GuestRam
+seen = []
+real = shared_memory.SharedMemory.__init__
+def spy(self, *a, **k):
+    seen.append(resource_tracker._resource_tracker._fd is not None)
+    real(self, *a, **k)
+shared_memory.SharedMemory.__init__ = spy
+with GuestRam.create([BlockSpec("a", 4096), BlockSpec("b", 4096)]):
+    pass
+print(seen)
+"""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                         cwd=Path(__file__).resolve().parent.parent)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[True, True]"

@@ -49,7 +49,7 @@ from .errors import (
     TruncatedError,
 )
 from .params import MigrationParams
-from .ram import BlockSpec, GuestRam, prefault
+from .ram import BlockSpec, GuestRam, page_runs, prefault
 from .recv_channels import RecvChannels
 from .stats import MigrationStats
 from .stream import (
@@ -69,7 +69,7 @@ from .stream import (
 from .vmstate import parse_device_state
 from .trace import BARRIER, Trace, now_ns, write_trace
 from .transport import Deadline, UnixAddress, bound_uri, ensure_fd_budget, listen, parse_uri
-from .wire import INIT_SIZE, MULTIFD_MAGIC, TARGET_PAGE_SIZE, MultiFDInit, validate_init
+from .wire import INIT_SIZE, MULTIFD_MAGIC, TARGET_PAGE_BITS, TARGET_PAGE_SIZE, MultiFDInit, validate_init
 
 QEVM = b"QEVM"
 MULTIFD_MAGIC_BYTES = MULTIFD_MAGIC.to_bytes(4, "big")
@@ -367,23 +367,18 @@ class Loader:
 
     def _zero(self, ev: RamZeroPages) -> None:
         assert self.ram is not None and self.channels is not None
-        idx = ev.offsets >> 12
-        written = self.channels.written.maps[ev.block]
-        pages = self.ram[ev.block].pages
-        if ev.fill == 0:
-            idx = idx[written[idx] != 0]  # untouched pages of fresh memory are zero already
-            if len(idx):
-                pages[idx] = 0
-        else:
-            pages[idx] = ev.fill
-            written[idx] = 1
+        block = self.ram[ev.block]
+        idx = ev.offsets >> TARGET_PAGE_BITS
+        if ev.fill:
+            block.pages[idx] = ev.fill
+        elif self.channels.held[ev.block]:  # else the block is all holes still: zero already
+            block.zero_runs(page_runs(idx))
         self.main_zero += len(ev.offsets)
 
     def _page(self, ev: RamPage) -> None:
         assert self.ram is not None and self.channels is not None
         i = ev.offset >> 12
         self.ram[ev.block].pages[i] = np.frombuffer(ev.data, dtype=np.uint8)
-        self.channels.written.maps[ev.block][i] = 1
         self.main_normal += 1
 
     def refresh(self, *, live: bool = True) -> MigrationStats:
@@ -465,7 +460,9 @@ def run_incoming(
         declared_ram = GuestRam.create(declared)
         if prealloc:
             for block in declared_ram:
-                prefault(block)
+                # allocated, not mapped: the channels write with pwrite (nothing to fault in), and
+                # reserved pages still read as holes (HeldData: zero pages need no write)
+                prefault(block, populate=False)
     elif prealloc:
         declared_ram = None
         raise ConfigError("--prealloc needs the destination's RAM blocks declared with --ram [NAME=]SIZE")

@@ -23,6 +23,7 @@ pre-allocated (see README, Performance).
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 import re
@@ -38,6 +39,7 @@ from .procs import _CTX
 from .wire import MAX_RAMBLOCK_NAME, TARGET_PAGE_SIZE, consecutive_runs
 
 SEGMENT_PREFIX = "mfd"
+_ZERO_CHUNK = memoryview(bytes(128 * TARGET_PAGE_SIZE))  # source of zero-fills (read only)
 #: A writer holds a block's write lock for one packet (well under a second); waiting longer
 #: means the holder died with it held, and the parent is already tearing the migration down.
 WRITE_LOCK_TIMEOUT = 30.0
@@ -99,10 +101,7 @@ class RamBlock:
         """Write ``data`` (contiguous) to the runs of pages ``[(start, stop), ...]`` in order,
         one positioned write per run, holding the block's write lock (see the module docstring)."""
         fd, pwrite, page = self.fd, os.pwrite, TARGET_PAGE_SIZE
-        if not self.write_lock.acquire(timeout=WRITE_LOCK_TIMEOUT):
-            raise ChannelError(
-                f"RAM block {self.name!r}: another writer held the write lock for {WRITE_LOCK_TIMEOUT:g}s"
-            )
+        self._acquire()  # not a context manager: this runs for every packet
         try:
             pos = 0
             for a, b in runs:
@@ -113,6 +112,71 @@ class RamBlock:
                 pos = end
         finally:
             self.write_lock.release()
+
+    def holds_data(self) -> bool:
+        """Whether any page of the segment holds data. A tmpfs page that was never written is
+        a hole, which reads as zero and takes no memory (``SEEK_DATA`` finds none); so is a
+        page that ``posix_fallocate`` reserved but nothing wrote. True when the segment cannot
+        be asked (no file descriptor)."""
+        fd = self.fd
+        if fd < 0:
+            return True
+        try:
+            os.lseek(fd, 0, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # no data at or after offset 0
+                return False
+            raise
+        return True
+
+    def zero_runs(self, runs: Iterable[tuple[int, int]]) -> int:
+        """Make the pages of each run ``[start, stop)`` read as zero, writing zeros only over
+        pages the segment holds (``SEEK_DATA`` / ``SEEK_HOLE``): holes read as zero already
+        and stay unallocated. Returns the number of pages written.
+
+        A hole seen once stays a hole for the caller's pages: nobody else writes them in the
+        same section (a ZERO record and a packet never carry the same page in one section), so
+        a run inside the last hole found needs no second question."""
+        fd, page = self.fd, TARGET_PAGE_SIZE
+        if fd < 0:
+            count = 0
+            for a, b in runs:
+                self.pages[a:b] = 0
+                count += b - a
+            return count
+        written = 0
+        hole_from = hole_to = 0  # the last hole found, in bytes
+        for a, b in runs:
+            pos, end = a * page, b * page
+            while pos < end:
+                if hole_from <= pos and end <= hole_to:
+                    break
+                try:
+                    data = os.lseek(fd, pos, os.SEEK_DATA)
+                except OSError as exc:
+                    if exc.errno != errno.ENXIO:
+                        raise
+                    data = self.size  # no data at or after pos
+                hole_from, hole_to = pos, data
+                if data >= end:
+                    break
+                stop = min(os.lseek(fd, data, os.SEEK_HOLE), end)
+                self._acquire()
+                try:
+                    for off in range(data, stop, len(_ZERO_CHUNK)):
+                        pwrite_all(fd, _ZERO_CHUNK[: min(len(_ZERO_CHUNK), stop - off)], off)
+                finally:
+                    self.write_lock.release()
+                written += (stop - data) // page
+                pos = stop
+        return written
+
+    def _acquire(self) -> None:
+        """Take the block's write lock (the caller releases it)."""
+        if not self.write_lock.acquire(timeout=WRITE_LOCK_TIMEOUT):
+            raise ChannelError(
+                f"RAM block {self.name!r}: another writer held the write lock for {WRITE_LOCK_TIMEOUT:g}s"
+            )
 
     def unmap_pages(self, start: int, stop: int) -> None:
         """Drop this process's page-table entries for pages ``[start, stop)``

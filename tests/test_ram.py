@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import multiprocessing
+import os
 
 import numpy as np
 import pytest
@@ -110,3 +111,52 @@ print(seen)
                          cwd=Path(__file__).resolve().parent.parent)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[True, True]"
+
+
+def _allocated_pages(block: ram_mod.RamBlock) -> int:
+    return os.fstat(block.fd).st_blocks * 512 // PAGE
+
+
+def _write(block: ram_mod.RamBlock, pages: list[int], value: int) -> None:
+    data = np.full((len(pages), PAGE), value, dtype=np.uint8)
+    block.pwrite_pages(np.array(pages, dtype=np.int64), memoryview(data).cast("B"))
+
+
+def test_holds_data_tells_fresh_and_reserved_blocks_from_written_ones() -> None:
+    with GuestRam.create([BlockSpec("fresh", 64 * PAGE), BlockSpec("reserved", 64 * PAGE)]) as ram:
+        fresh, reserved = ram.blocks
+        assert ram_mod.prefault(reserved, populate=False)
+        assert _allocated_pages(reserved) == 64  # allocated, yet nothing written
+        assert not fresh.holds_data() and not reserved.holds_data()
+        _write(fresh, [40], 7)
+        _write(reserved, [0], 7)
+        assert fresh.holds_data() and reserved.holds_data()
+
+
+def test_zero_runs_writes_only_over_data_and_leaves_holes_unallocated() -> None:
+    with GuestRam.create([BlockSpec("pc.ram", 256 * PAGE)]) as ram:
+        block = ram.blocks[0]
+        data_pages = [3, 4, 5, 20, 100, 101, 200]
+        _write(block, data_pages, 0x5A)
+        before = _allocated_pages(block)
+        assert before == len(data_pages)
+        # runs cover some data pages and many holes, out of order, one inside a hole seen before
+        runs = [(100, 150), (0, 10), (11, 19), (21, 40), (150, 256), (30, 35)]
+        written = block.zero_runs(runs)
+        assert written == 6  # 3, 4, 5, 100, 101, 200; page 20 is outside every run
+        assert _allocated_pages(block) == before  # no hole was filled
+        expect = np.zeros((256, PAGE), dtype=np.uint8)
+        expect[20] = 0x5A
+        assert np.array_equal(block.pages, expect)
+
+
+def test_zero_runs_on_a_block_without_a_file_descriptor_zeroes_through_the_mapping(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    with GuestRam.create([BlockSpec("pc.ram", 16 * PAGE)]) as ram:
+        block = ram.blocks[0]
+        block.pages[:] = 9
+        monkeypatch.setattr(ram_mod.RamBlock, "fd", property(lambda self: -1))
+        assert block.holds_data()
+        assert block.zero_runs([(2, 5), (10, 11)]) == 4
+        assert not block.pages[2:5].any() and not block.pages[10].any()
+        assert (block.pages[[0, 1, 5, 9, 11, 15]] == 9).all()

@@ -48,7 +48,7 @@ from .send_channels import (
     C_ANON_RSS, C_BYTES, C_CPU_US, C_NCOUNTERS, C_PACKETS, C_PAGES, C_PEAK_RSS, C_ZERO, ChannelStats,
 )
 from .trace import BARRIER, DECOMPRESS, RECV_HEADER, RECV_PAYLOAD, WRITE, Trace, now_ns
-from .transport import recv_exact_into, recv_exact_into_many
+from .transport import recv_at_least_into, recv_exact_into, recv_exact_into_many
 from .wire import (
     MAX_PACKET_PAYLOAD, MULTIFD_FLAG_NOCOMP, PACKET_HEADER_SIZE, TARGET_PAGE_BITS, TARGET_PAGE_SIZE,
     decode_packet_header, plain_packet,
@@ -85,7 +85,7 @@ class _Sink:
         self.sock = sock
         self.what = what
         self.payload_what = f"{what} payload"
-        self.payload = bytearray(MAX_PACKET_PAYLOAD)
+        self.payload = bytearray(MAX_PACKET_PAYLOAD + PACKET_HEADER_SIZE)  # + the next header, read ahead
         self.payload_view = memoryview(self.payload)
         self.block: RamBlock | None = None
         self.idx: npt.NDArray[np.int64] = np.zeros(0, dtype=np.int64)
@@ -123,17 +123,27 @@ class _Sink:
         if self.trace is not None:
             self.trace.span(RECV_PAYLOAD, t0)
 
-    def recv_and_pwrite(self, block: RamBlock, runs: list[tuple[int, int]], pages: int) -> None:
+    def recv_and_pwrite(self, block: RamBlock, runs: list[tuple[int, int]], pages: int,
+                        read_ahead: bool = False) -> int:
         """Raw pages: receive them into the (cache-hot) packet buffer, then one ``pwrite`` per
-        run of pages into the segment."""
-        view = self.payload_view[: pages * TARGET_PAGE_SIZE]
+        run of pages into the segment. With ``read_ahead`` the same receive also takes up to a
+        header's worth of what follows (the next packet, usually there already: one receive
+        per packet instead of two); returns how many bytes of it came, at
+        ``payload_view[pages * 4096:]``."""
+        size = pages * TARGET_PAGE_SIZE
         t0 = now_ns() if self.trace is not None else 0
-        recv_exact_into(self.sock, view, self.payload_what)
+        if read_ahead:
+            got = recv_at_least_into(self.sock, self.payload_view[: size + PACKET_HEADER_SIZE], size,
+                                     self.payload_what)
+        else:
+            recv_exact_into(self.sock, self.payload_view[:size], self.payload_what)
+            got = size
         t1 = now_ns() if self.trace is not None else 0
-        block.pwrite_runs(runs, view)
+        block.pwrite_runs(runs, self.payload_view)
         if self.trace is not None:
             self.trace.span(RECV_PAYLOAD, t0, t1)
             self.trace.span(WRITE, t1)
+        return got - size
 
     def scatter(self, data: Buffer) -> None:
         assert self.block is not None
@@ -184,20 +194,26 @@ def _channel_loop(
     # plain packets skip the method's contract: raw pages written with pwrite
     plain_path = method.flag == MULTIFD_FLAG_NOCOMP and all(b.fd >= 0 for b in ram)
     header_what = f"{what} packet header"
+    ahead = 0  # bytes of the next header already received with the last payload
+    payload = sink.payload_view
     try:
         while True:
             t0 = now_ns() if tr is not None else 0
-            if not recv_exact_into(sock, hview, header_what, eof_ok=True):
+            if not recv_exact_into(sock, hview, header_what, eof_ok=True, start=ahead):
                 if tr is not None:
                     events.send(("trace", channel, tr.name, os.getpid(), tr.to_bytes()))
                 events.send(("eof", channel))
                 return
             if tr is not None:
                 tr.span(RECV_HEADER, t0)
+            ahead = 0
             plain = plain_packet(header, lengths) if plain_path else None
             if plain is not None:
                 pages = len(plain.offsets)
-                sink.recv_and_pwrite(ram[plain.ramblock], plain.runs, pages)
+                ahead = sink.recv_and_pwrite(ram[plain.ramblock], plain.runs, pages, read_ahead=True)
+                if ahead:
+                    end = pages * TARGET_PAGE_SIZE
+                    hview[:ahead] = payload[end:end + ahead]
                 mine[C_PACKETS] += 1
                 mine[C_PAGES] += pages
                 mine[C_BYTES] += PACKET_HEADER_SIZE + pages * TARGET_PAGE_SIZE

@@ -173,14 +173,16 @@ def send_all(sock: socket.socket, buffers: Sequence[object], what: str, total: i
     return total
 
 
-def recv_exact_into(sock: socket.socket, view: memoryview, what: str, *, eof_ok: bool = False) -> bool:
-    """Fill ``view`` completely. Returns False on EOF before the first byte when ``eof_ok``."""
-    got = 0
+def recv_exact_into(sock: socket.socket, view: memoryview, what: str, *, eof_ok: bool = False,
+                    start: int = 0) -> bool:
+    """Fill ``view`` completely; its first ``start`` bytes are already there. Returns False on
+    EOF before the first byte when ``eof_ok``."""
+    got = start
     n = len(view)
-    if not n:
+    if got >= n:
         return True
     try:
-        r = sock.recv_into(view)  # usually all of it: no sliced view to make
+        r = sock.recv_into(view[got:] if got else view)  # usually all of it: no sliced view to make
         while True:
             if r == 0:
                 if got == 0 and eof_ok:
@@ -199,6 +201,26 @@ def recv_exact_into(sock: socket.socket, view: memoryview, what: str, *, eof_ok:
             raise
         raise ChannelError(f"{what}: receive failed: {exc.strerror or exc}") from exc
     return True
+
+
+def recv_at_least_into(sock: socket.socket, view: memoryview, need: int, what: str) -> int:
+    """Receive at least ``need`` bytes into ``view`` and at most ``len(view)``: whatever more
+    is already there (the start of the next packet) comes in the same call instead of the
+    next. Never waits for more than ``need``. Returns the bytes received."""
+    got = 0
+    try:
+        while got < need:
+            r = sock.recv_into(view[got:] if got else view)
+            if r == 0:
+                raise TruncatedError(f"{what}: connection closed after {got} of {need} bytes")
+            got += r
+    except socket.timeout as exc:
+        raise MigrationTimeout(f"{what}: nothing received for {sock.gettimeout():g}s") from exc
+    except (ConnectionError, OSError) as exc:
+        if isinstance(exc, ChannelError):
+            raise
+        raise ChannelError(f"{what}: receive failed: {exc.strerror or exc}") from exc
+    return got
 
 
 def recv_exact_into_many(sock: socket.socket, views: list[memoryview], what: str) -> None:

@@ -161,6 +161,24 @@ def test_socket_closed_mid_packet() -> None:
     assert "multifd channel 0 payload: connection closed after 5000 of 8192 bytes" in dst.stderr
 
 
+def test_socket_closed_inside_the_header_after_a_whole_packet() -> None:
+    """The payload's receive also takes what follows it (the start of the next header): an
+    EOF there is still an EOF inside a packet, reported as such."""
+    with Incoming("tcp:127.0.0.1:0", "--channels", "1", "--stall-timeout", "10") as dst:
+        port = int(dst.uri.rsplit(":", 1)[1])
+        main, (ch,) = _fake_source(port)
+        np = __import__("numpy")
+        first = encode_packet_header(flags=0, packet_num=1, ramblock=b"pc.ram", offsets=np.array([0, 4096]),
+                                     next_packet_size=8192)
+        second = encode_packet_header(flags=0, packet_num=2, ramblock=b"pc.ram", offsets=np.array([8192]),
+                                      next_packet_size=4096)
+        ch.sendall(first + b"\x01" * 8192 + second[:100])
+        ch.close()
+        assert dst.wait(30) == 1
+        main.close()
+    assert "multifd channel 0 packet header: connection closed after 100 of 1344 bytes" in dst.stderr
+
+
 def test_stalled_source_mid_stream_times_out() -> None:
     with Incoming("tcp:127.0.0.1:0", "--channels", "1", "--stall-timeout", "2") as dst:
         port = int(dst.uri.rsplit(":", 1)[1])

@@ -10,8 +10,8 @@ import threading
 import numpy as np
 import pytest
 
-from engine.errors import MigrationTimeout
-from engine.transport import send_all
+from engine.errors import MigrationTimeout, TruncatedError
+from engine.transport import recv_at_least_into, recv_exact_into, send_all
 
 
 def _parts() -> list[object]:
@@ -59,3 +59,31 @@ def test_a_peer_that_stops_reading_is_a_timeout_naming_the_channel() -> None:
             "multifd channel 5: sending stalled for 0.2s (the peer is not reading)"
         )):
             send_all(a, [bytes(8 << 20)], "multifd channel 5", 8 << 20)
+
+
+def test_recv_at_least_into_takes_what_is_there_and_never_waits_for_more() -> None:
+    a, b = socket.socketpair()
+    with a, b:
+        b.settimeout(5)
+        a.sendall(b"x" * 100 + b"y" * 30)
+        buf = bytearray(200)
+        got = recv_at_least_into(b, memoryview(buf), 100, "test payload")
+        assert 100 <= got <= 130 and buf[:100] == b"x" * 100  # the read-ahead never blocks past 100
+        a.sendall(b"z" * 10)
+        a.close()
+        with pytest.raises(TruncatedError, match=r"^test payload: connection closed after \d+ of 500 bytes$"):
+            recv_at_least_into(b, memoryview(bytearray(600)), 500, "test payload")
+
+
+def test_recv_exact_into_completes_a_partly_received_buffer() -> None:
+    a, b = socket.socketpair()
+    with a, b:
+        b.settimeout(5)
+        buf = bytearray(b"head" + bytes(6))
+        a.sendall(b"123456")
+        assert recv_exact_into(b, memoryview(buf), "header", start=4)
+        assert bytes(buf) == b"head123456"
+        assert recv_exact_into(b, memoryview(buf), "header", start=10)  # already whole: no receive
+        a.close()
+        with pytest.raises(TruncatedError, match=r"^header: connection closed after 4 of 10 bytes$"):
+            recv_exact_into(b, memoryview(buf), "header", eof_ok=True, start=4)  # EOF inside a header

@@ -64,12 +64,11 @@ from .stream import (
     SectionBegin,
     StreamReader,
     StreamTail,
-    SECTION_NAMES,
 )
 from .vmstate import parse_device_state
 from .trace import BARRIER, Trace, now_ns, write_trace
 from .transport import Deadline, UnixAddress, bound_uri, ensure_fd_budget, listen, parse_uri
-from .wire import INIT_SIZE, MULTIFD_MAGIC, TARGET_PAGE_BITS, TARGET_PAGE_SIZE, MultiFDInit, validate_init
+from .wire import INIT_SIZE, MULTIFD_MAGIC, TARGET_PAGE_BITS, MultiFDInit, validate_init
 
 QEVM = b"QEVM"
 MULTIFD_MAGIC_BYTES = MULTIFD_MAGIC.to_bytes(4, "big")

@@ -113,22 +113,19 @@ class RamBlock:
         finally:
             self.write_lock.release()
 
-    def holds_data(self) -> bool:
-        """Whether any page of the segment holds data. A tmpfs page that was never written is
-        a hole, which reads as zero and takes no memory (``SEEK_DATA`` finds none); so is a
-        page that ``posix_fallocate`` reserved but nothing wrote. True when the segment cannot
-        be asked (no file descriptor)."""
+    def holds_data(self, start: int = 0, stop: int | None = None) -> bool:
+        """Whether any page in bytes ``[start, stop)`` of the segment (default: all of it)
+        holds data. A tmpfs page that was never written is a hole, which reads as zero and
+        takes no memory (``SEEK_DATA`` finds none, without reading anything); so is a page
+        that ``posix_fallocate`` reserved but nothing wrote. True when the segment cannot be
+        asked (no file descriptor, or an unexpected error)."""
         fd = self.fd
         if fd < 0:
             return True
         try:
-            os.lseek(fd, 0, os.SEEK_DATA)
+            return os.lseek(fd, start, os.SEEK_DATA) < (self.size if stop is None else stop)
         except OSError as exc:
-            if exc.errno == errno.ENXIO:  # no data at or after offset 0
-                return False
-            raise
-        return True
-
+            return exc.errno != errno.ENXIO  # ENXIO: no data at or after start
     def zero_runs(self, runs: Iterable[tuple[int, int]]) -> int:
         """Make the pages of each run ``[start, stop)`` read as zero, writing zeros only over
         pages the segment holds (``SEEK_DATA`` / ``SEEK_HOLE``): holes read as zero already

@@ -39,7 +39,6 @@ A bad region is reported as data, ``("failed", channel, message)``, and becomes 
 
 from __future__ import annotations
 
-import errno
 import mmap
 import os
 import struct
@@ -189,15 +188,6 @@ def _read_exact(fd: int, view: memoryview, off: int, path: str, where: str) -> N
                                    f" the file ends at {off + got:#x}")
 
 
-def _is_hole(fd: int, start: int, stop: int) -> bool:
-    """True if bytes [start, stop) of a segment were never allocated (they read as zeros):
-    ``SEEK_DATA`` answers without reading, so untouched guest memory costs nothing to save."""
-    try:
-        return os.lseek(fd, start, os.SEEK_DATA) >= stop
-    except OSError as exc:
-        return exc.errno == errno.ENXIO  # no data after start; other errors: read it
-
-
 def _run_rounds(events: Connection, ch: int, cmds: Connection, state: SharedState, timeout: float,
                 work: Callable[[int], None]) -> None:
     """The channel loop: wait for ``go``, claim and process items until none is left, ``done``."""
@@ -235,7 +225,7 @@ def save_channel(events: Connection, ch: int, cmds: Connection, fd: int, ram: Gu
         pages = buf[:n]
         hole = False
         if block.fd >= 0:
-            hole = _is_hole(block.fd, p0 * PAGE, p1 * PAGE)
+            hole = not block.holds_data(p0 * PAGE, p1 * PAGE)  # untouched memory costs nothing to save
             got = n * PAGE if hole else os.preadv(block.fd, [flat[:n * PAGE]], p0 * PAGE)
             if got != n * PAGE:
                 raise ChannelError(f"short read of RAM block {block.name!r}: {got} of {n * PAGE} bytes")

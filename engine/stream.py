@@ -28,12 +28,12 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Mapping, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 import numpy.typing as npt
 
-from .errors import LocalProtocolError, RemoteProtocolError, TruncatedError
+from .errors import LocalProtocolError, RemoteProtocolError
 from .wire import MAX_RAMBLOCK_NAME, TARGET_PAGE_BITS, TARGET_PAGE_SIZE
 
 QEMU_VM_FILE_MAGIC = 0x5145564D  # "QEVM"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -63,19 +64,24 @@ def child_pids() -> set[int]:
 
 @pytest.fixture(autouse=True)
 def no_leaks():
-    """Fail a test that leaves a /dev/shm segment or a child process behind."""
+    """Fail a test that leaves a /dev/shm segment, a child process or a thread behind (a
+    thread still running after its test could write into the next test's guest RAM)."""
     before_shm = shm_segments()
     before_kids = child_pids()
+    before_threads = set(threading.enumerate())
     yield
     deadline = time.monotonic() + 5.0
     while True:
         leaked_shm = shm_segments() - before_shm
         leaked_kids = child_pids() - before_kids
-        if not leaked_shm and not leaked_kids:
+        leaked_threads = [t for t in threading.enumerate() if t not in before_threads and t.is_alive()]
+        if not leaked_shm and not leaked_kids and not leaked_threads:
             return
         if time.monotonic() > deadline:
             break
         time.sleep(0.05)
+    if leaked_threads and not leaked_shm and not leaked_kids:
+        pytest.fail(f"test left threads running: {sorted(t.name for t in leaked_threads)}")
     for pid in leaked_kids:
         try:
             os.kill(pid, 9)

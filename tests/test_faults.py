@@ -244,8 +244,6 @@ def test_guest_larger_than_dev_shm_is_refused_up_front() -> None:
 
 
 def test_fd_limit_is_checked_before_connecting() -> None:
-    import resource
-
     p = subprocess.run(
         ["bash", "-c", 'ulimit -n 64 && exec "$@"', "x", *engine_cmd("migrate", "tcp:127.0.0.1:1", "--ram-size", "1M",
                                                                    "--channels", "100")],

@@ -8,8 +8,9 @@ against the RAM block table *before* touching memory, then receives the payload 
 buffer and writes it into the segment (``none``: one ``pwrite`` per run of pages) or through
 its decompressor. Pages are always written before the packet's SYNC flag is acted on (a merged
 data+SYNC packet, doc 2.4). For ``none``, almost every packet is plain (raw pages of a known
-block, no flags): :func:`wire.plain_packet` validates its offsets and finds the runs in one
-pass, and only the other packets go through the general decoder and the method's contract.
+block, no flags): :func:`wire.plain_packet` validates its offsets in C (no Python loop), the
+pages are written as their runs are found (one pass over the offsets), and only the other
+packets go through the general decoder and the method's contract.
 
 On a SYNC packet the channel reports ``synced`` to the parent and blocks until released. The
 parent's main-stream loader releases all channels only when it has reached the matching EOS
@@ -114,7 +115,7 @@ class _Sink:
     def recv_into_pages(self) -> None:
         assert self.block is not None
         if self._by_fd():
-            self.recv_and_pwrite(self.block, page_runs(self.idx), len(self.idx))
+            self.recv_and_pwrite(self.block, (self.idx << TARGET_PAGE_BITS).tolist())
             return
         buf = self.block.buf
         views = [buf[a * TARGET_PAGE_SIZE:b * TARGET_PAGE_SIZE] for a, b in page_runs(self.idx)]
@@ -123,14 +124,13 @@ class _Sink:
         if self.trace is not None:
             self.trace.span(RECV_PAYLOAD, t0)
 
-    def recv_and_pwrite(self, block: RamBlock, runs: list[tuple[int, int]], pages: int,
-                        read_ahead: bool = False) -> int:
-        """Raw pages: receive them into the (cache-hot) packet buffer, then one ``pwrite`` per
-        run of pages into the segment. With ``read_ahead`` the same receive also takes up to a
-        header's worth of what follows (the next packet, usually there already: one receive
-        per packet instead of two); returns how many bytes of it came, at
-        ``payload_view[pages * 4096:]``."""
-        size = pages * TARGET_PAGE_SIZE
+    def recv_and_pwrite(self, block: RamBlock, offsets: Sequence[int], read_ahead: bool = False) -> int:
+        """Raw pages (at byte ``offsets``): receive them into the (cache-hot) packet buffer,
+        then one ``pwrite`` per run of pages into the segment. With ``read_ahead`` the same
+        receive also takes up to a header's worth of what follows (the next packet, usually
+        there already: one receive per packet instead of two); returns how many bytes of it
+        came, at ``payload_view[len(offsets) * 4096:]``."""
+        size = len(offsets) * TARGET_PAGE_SIZE
         t0 = now_ns() if self.trace is not None else 0
         if read_ahead:
             got = recv_at_least_into(self.sock, self.payload_view[: size + PACKET_HEADER_SIZE], size,
@@ -139,7 +139,7 @@ class _Sink:
             recv_exact_into(self.sock, self.payload_view[:size], self.payload_what)
             got = size
         t1 = now_ns() if self.trace is not None else 0
-        block.pwrite_runs(runs, self.payload_view)
+        block.pwrite_offsets(offsets, self.payload_view)
         if self.trace is not None:
             self.trace.span(RECV_PAYLOAD, t0, t1)
             self.trace.span(WRITE, t1)
@@ -209,8 +209,8 @@ def _channel_loop(
             ahead = 0
             plain = plain_packet(header, lengths) if plain_path else None
             if plain is not None:
-                pages = len(plain.offsets)
-                ahead = sink.recv_and_pwrite(ram[plain.ramblock], plain.runs, pages, read_ahead=True)
+                pages = len(plain.listed)
+                ahead = sink.recv_and_pwrite(ram[plain.ramblock], plain.listed, read_ahead=True)
                 if ahead:
                     end = pages * TARGET_PAGE_SIZE
                     hview[:ahead] = payload[end:end + ahead]

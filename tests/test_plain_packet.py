@@ -1,4 +1,4 @@
-"""Pure tests of ``wire.plain_packet``, the destination's one-pass reading of a plain packet.
+"""Pure tests of ``wire.plain_packet``, the destination's loop-free reading of a plain packet.
 
 It may only say "plain" (and give the same block, offsets and runs) where the general
 ``decode_packet_header`` accepts the header as a data packet of ``none``; everything else,
@@ -71,6 +71,24 @@ NOT_PLAIN = {
     "unaligned-offset": _header([1])[:PACKET_FIXED_SIZE] + struct.pack(">Q", PAGE + 8) + bytes(8 * 127),
     "wrong-size": _header([1, 2], size=PAGE),
 }
+
+
+@pytest.mark.parametrize("low", [1, 8, 0x80, 0x100, 0x400, 0x800, 0xFFF])
+@pytest.mark.parametrize("where", [0, 5, 127])
+def test_every_low_bit_of_every_offset_is_checked(low: int, where: int) -> None:
+    """Alignment is read from two strided byte slices (an offset's last byte and the low half of
+    the one before): any of the low 12 bits set, in any slot, makes the header not plain."""
+    pages = list(range(1, 1 + PAGES_PER_PACKET))
+    raw = bytearray(encode_packet_header(flags=0, packet_num=7, ramblock=b"pc.ram",
+                                         offsets=np.array(pages, dtype=np.int64) * PAGE,
+                                         next_packet_size=len(pages) * PAGE))
+    blocks = {"pc.ram": 256 * PAGE}
+    assert plain_packet(raw, blocks) is not None
+    struct.pack_into(">Q", raw, PACKET_FIXED_SIZE + 8 * where, pages[where] * PAGE + low)
+    assert plain_packet(raw, blocks) is None
+    assert plain_packet(memoryview(raw), blocks) is None
+    struct.pack_into(">Q", raw, PACKET_FIXED_SIZE + 8 * where, (pages[where] + 0x10) * PAGE)  # bit 12 and up: fine
+    assert plain_packet(memoryview(raw), blocks) is not None
 
 
 @pytest.mark.parametrize("raw", NOT_PLAIN.values(), ids=NOT_PLAIN.keys())

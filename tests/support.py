@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 import subprocess
 import sys
 import time
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+from hypothesis import strategies as st
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGE = 4096
@@ -128,3 +130,33 @@ def image_args(images: Sequence[tuple[str, Path]]) -> list[str]:
     for name, path in images:
         out += ["--ram-image", f"{name}={path}"]
     return out
+
+
+# ------------------------------------------------------------ damaged inputs
+
+
+@st.composite
+def damaged(draw: st.DrawFn, base: st.SearchStrategy[bytes], min_ops: int = 0) -> bytes:
+    """``base`` with up to four random edits: a bit flipped, a byte set, a cut, bytes inserted
+    or deleted, a big-endian 32/64-bit field overwritten with a boundary value."""
+    data = bytearray(draw(base))
+    for _ in range(draw(st.integers(min_ops, 4))):
+        op = draw(st.sampled_from(["flip", "set", "truncate", "insert", "delete", "be32", "be64"]))
+        if not data:
+            break
+        pos = draw(st.integers(0, len(data) - 1))
+        if op == "flip":
+            data[pos] ^= 1 << draw(st.integers(0, 7))
+        elif op == "set":
+            data[pos] = draw(st.integers(0, 255))
+        elif op == "truncate":
+            del data[pos:]
+        elif op == "insert":
+            data[pos:pos] = draw(st.binary(min_size=1, max_size=16))
+        elif op == "delete":
+            del data[pos:pos + draw(st.integers(1, 16))]
+        elif op == "be32" and pos + 4 <= len(data):
+            data[pos:pos + 4] = struct.pack(">I", draw(st.sampled_from([0, 1, 255, 256, 2**31, 2**32 - 1])))
+        elif op == "be64" and pos + 8 <= len(data):
+            data[pos:pos + 8] = struct.pack(">Q", draw(st.sampled_from([0, 0x10, 0x22, 2**40 | 4, 2**63, 2**64 - 1])))
+    return bytes(data)

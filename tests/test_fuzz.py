@@ -36,6 +36,7 @@ from engine.wire import (
     encode_packet_header,
     validate_init,
 )
+from support import damaged
 
 FUZZ_CASES = int(os.environ.get("FUZZ_CASES", "400"))
 fuzz = settings(max_examples=FUZZ_CASES, deadline=None, suppress_health_check=list(HealthCheck))
@@ -73,31 +74,6 @@ def ram_streams(draw: st.DrawFn) -> bytes:
         enc.footer(4)
     enc.eof()
     return bytes(enc.out)
-
-
-@st.composite
-def damaged(draw: st.DrawFn, base: st.SearchStrategy[bytes]) -> bytes:
-    data = bytearray(draw(base))
-    for _ in range(draw(st.integers(0, 4))):
-        op = draw(st.sampled_from(["flip", "set", "truncate", "insert", "delete", "be32", "be64"]))
-        if not data:
-            break
-        pos = draw(st.integers(0, len(data) - 1))
-        if op == "flip":
-            data[pos] ^= 1 << draw(st.integers(0, 7))
-        elif op == "set":
-            data[pos] = draw(st.integers(0, 255))
-        elif op == "truncate":
-            del data[pos:]
-        elif op == "insert":
-            data[pos:pos] = draw(st.binary(min_size=1, max_size=16))
-        elif op == "delete":
-            del data[pos:pos + draw(st.integers(1, 16))]
-        elif op == "be32" and pos + 4 <= len(data):
-            data[pos:pos + 4] = struct.pack(">I", draw(st.sampled_from([0, 1, 255, 256, 2**31, 2**32 - 1])))
-        elif op == "be64" and pos + 8 <= len(data):
-            data[pos:pos + 8] = struct.pack(">Q", draw(st.sampled_from([0, 0x10, 0x22, 2**40 | 4, 2**63, 2**64 - 1])))
-    return bytes(data)
 
 
 def apply_stream(data: bytes, chunk: int) -> None:

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from engine.errors import MigrationError, RemoteProtocolError, TruncatedError
 from engine.stream import MainStreamParser, StreamReader
+from support import damaged
 from stream_support import (
     PAGE, MIB64, ZERO, MEM_SIZE, PAGE_FLAG, EOS, CONT, h, be32, be64, short, word, flat, parse, drain,
     G_HEADER, G_CONFIG, G_START, G_PART, G_END, G_TAIL, page_data,
@@ -266,26 +267,8 @@ def _valid_stream() -> bytes:
 VALID = _valid_stream()
 
 
-@st.composite
-def mutated_streams(draw: st.DrawFn) -> bytes:
-    base = draw(st.sampled_from([VALID, G_HEADER + G_CONFIG + G_START + G_PART + G_END + G_TAIL]))
-    data = bytearray(base)
-    for _ in range(draw(st.integers(1, 4))):
-        op = draw(st.sampled_from(["flip", "byte", "delete", "insert", "truncate"]))
-        if not data:
-            break
-        i = draw(st.integers(0, len(data) - 1))
-        if op == "flip":
-            data[i] ^= 1 << draw(st.integers(0, 7))
-        elif op == "byte":
-            data[i] = draw(st.integers(0, 255))
-        elif op == "delete":
-            del data[i:i + draw(st.integers(1, 16))]
-        elif op == "insert":
-            data[i:i] = draw(st.binary(min_size=1, max_size=16))
-        else:
-            del data[i:]
-    return bytes(data)
+def mutated_streams() -> st.SearchStrategy[bytes]:
+    return damaged(st.sampled_from([VALID, G_HEADER + G_CONFIG + G_START + G_PART + G_END + G_TAIL]), min_ops=1)
 
 
 _prefixes = st.sampled_from([b"", G_HEADER, G_HEADER + G_CONFIG, PRO, PRO + PART, PRO + PART + NAMED0])

@@ -135,6 +135,7 @@ class RamBlock:
             return os.lseek(fd, start, os.SEEK_DATA) < (self.size if stop is None else stop)
         except OSError as exc:
             return exc.errno != errno.ENXIO  # ENXIO: no data at or after start
+
     def zero_runs(self, runs: Iterable[tuple[int, int]]) -> int:
         """Make the pages of each run ``[start, stop)`` read as zero, writing zeros only over
         pages the segment holds (``SEEK_DATA`` / ``SEEK_HOLE``): holes read as zero already

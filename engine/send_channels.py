@@ -3,15 +3,17 @@
 Theory of operation
 -------------------
 The migration thread (the source's main process) batches non-zero pages of one RAM block into
-packets of at most 128 pages and hands each packet to an idle channel, like QEMU's
-``multifd_send_pages``: it takes a token from the ``channels_ready`` semaphore (a channel
-posts one whenever it becomes idle), then scans round-robin from the channel after the last
-one used for one with room in its queue (``issued - done < QUEUE_DEPTH``; QEMU's
-``pending_job``), and writes the job into that channel's pipe. A job carries only the block
-index, the page indices, the packet_num and the flags: never page bytes. Every job is one
-fixed-size record (:data:`JOB_SIZE`, below the pipe's atomic-write size), so each ``write`` lands
-whole and each ``read`` of one record's size returns exactly one job. The pipe is ordered, so
-a SYNC job written after data jobs is handled after them.
+packets of at most 128 pages and hands them to an idle channel, like QEMU's
+``multifd_send_pages``, two packets to a job (half the hand-offs, wake-ups and pipe calls; a
+lone packet waits in the job for the next one, or for the sync round, which hands it off
+first): it takes a token from the ``channels_ready`` semaphore (a channel posts one whenever
+it finishes a job), then scans round-robin from the channel after the last one used for one
+with room in its queue (``issued - done < QUEUE_DEPTH``; QEMU's ``pending_job``), and writes
+the job into that channel's pipe. A job carries, per packet, only the block index, the page
+offsets, the packet_num and the flags: never page bytes. Every job has one fixed size
+(:data:`JOB_SIZE`, below the pipe's atomic-write size), so each ``write`` lands whole and each
+``read`` of that size returns exactly one job. The pipe is ordered, so a SYNC job written
+after data jobs is handled after them.
 
 A channel process owns one socket and one compression context for the whole migration. For a
 data job it builds the header in its reused 1344-byte buffer, gets the payload buffers from the
@@ -68,7 +70,12 @@ JOB_DATA = 1
 JOB_SYNC = 2
 JOB_QUIT = 3
 _JOB = struct.Struct("<BxHIQI")  # kind, page count, block index, packet_num, flags; then the offsets
-JOB_SIZE = _JOB.size + 8 * PAGES_PER_PACKET  # 1044 bytes, < PIPE_BUF: written and read whole
+RECORD_SIZE = _JOB.size + 8 * PAGES_PER_PACKET  # one packet's record: 1044 bytes
+#: A job carries up to two packets (half the hand-offs, wake-ups and pipe calls of one each);
+#: 2088 bytes, < PIPE_BUF: written and read whole. An unused second record has kind 0.
+PACKETS_PER_JOB = 2
+JOB_SIZE = PACKETS_PER_JOB * RECORD_SIZE
+_RECORDS = tuple(range(0, JOB_SIZE, RECORD_SIZE))
 #: a job's page offsets are packed as the packet header wants them: byte offsets, 8-byte big-endian
 _PACKED = [struct.Struct(f">{n}q") for n in range(PAGES_PER_PACKET + 1)]
 
@@ -209,6 +216,7 @@ def _channel_loop(
     done_v = done.data
     raw = method.flag == MULTIFD_FLAG_NOCOMP
     lean = raw and not detect_zero  # the numpy-free path below
+    quitting = False
     try:
         while True:
             t0 = now_ns() if tr is not None else 0
@@ -217,59 +225,66 @@ def _channel_loop(
                 if not msg:  # the parent closed the pipe: it is tearing the migration down
                     break
                 raise ChannelError(f"{what}: a job of {len(msg)} bytes, expected {JOB_SIZE}")
-            kind, npages, block_idx, packet_num, flags = _JOB.unpack_from(msg)
             if tr is not None:
                 t0 = tr.span(WAIT, t0)
-            if kind == JOB_DATA:
-                packed = msg[_JOB.size:_JOB.size + 8 * npages]  # the header's offsets, as they go out
-                zeros = _NO_PAGES
-                payload: Sequence[Any]
-                if lean:  # 'none' from views, runs straight from the job: no numpy call per packet
-                    payload = batch.views_at(blocks[block_idx], _PACKED[npages].unpack_from(msg, _JOB.size))
-                else:
-                    offsets = np.frombuffer(packed, dtype=">i8")
-                    batch.start(blocks[block_idx], offsets >> TARGET_PAGE_BITS)
-                    if detect_zero:
-                        zeros = batch.drop_zero_pages()
-                        if tr is not None:
-                            t0 = tr.span(ZERO_SCAN, t0)
-                    payload = ctx.send_prepare(batch) if len(batch.idx) else ()
-                normal = npages - len(zeros)
-                if raw:  # 'none': the payload is the pages themselves
-                    size = normal * TARGET_PAGE_SIZE
-                else:
-                    size = sum(memoryview(p).nbytes for p in payload)  # type: ignore[arg-type,misc]
-                if len(zeros):  # normal pages first, then the zero pages the channel found
-                    header = enc.encode(
-                        flags=flags | method.flag, packet_num=packet_num, ramblock=names[block_idx],
-                        offsets=np.concatenate((batch.idx, zeros)) * TARGET_PAGE_SIZE, next_packet_size=size,
-                        zero_pages=len(zeros),
-                    )
-                else:
-                    header = enc.encode_packed(
-                        flags=flags | method.flag, packet_num=packet_num, ramblock=names[block_idx],
-                        packed_offsets=packed, next_packet_size=size,
-                    )
-                if tr is not None:
-                    t0 = tr.span(GATHER if method.flag == 0 else COMPRESS, t0)
-                sent = send_all(sock, [header, *payload], what, PACKET_HEADER_SIZE + size)
-                batch.done()
-                if tr is not None:
-                    tr.span(SEND, t0)
-                mine[C_PACKETS] += 1
-                mine[C_PAGES] += normal
-                mine[C_ZERO] += len(zeros)
-                mine[C_BYTES] += sent
+            data_job = False
+            for rec in _RECORDS:
+                kind, npages, block_idx, packet_num, flags = _JOB.unpack_from(msg, rec)
+                if kind == JOB_DATA:
+                    data_job = True
+                    first = rec + _JOB.size
+                    packed = msg[first:first + 8 * npages]  # the header's offsets, as they go out
+                    zeros = _NO_PAGES
+                    payload: Sequence[Any]
+                    if lean:  # 'none' from views, runs straight from the job: no numpy call per packet
+                        payload = batch.views_at(blocks[block_idx], _PACKED[npages].unpack_from(msg, first))
+                    else:
+                        offsets = np.frombuffer(packed, dtype=">i8")
+                        batch.start(blocks[block_idx], offsets >> TARGET_PAGE_BITS)
+                        if detect_zero:
+                            zeros = batch.drop_zero_pages()
+                            if tr is not None:
+                                t0 = tr.span(ZERO_SCAN, t0)
+                        payload = ctx.send_prepare(batch) if len(batch.idx) else ()
+                    normal = npages - len(zeros)
+                    if raw:  # 'none': the payload is the pages themselves
+                        size = normal * TARGET_PAGE_SIZE
+                    else:
+                        size = sum(memoryview(p).nbytes for p in payload)  # type: ignore[arg-type,misc]
+                    if len(zeros):  # normal pages first, then the zero pages the channel found
+                        header = enc.encode(
+                            flags=flags | method.flag, packet_num=packet_num, ramblock=names[block_idx],
+                            offsets=np.concatenate((batch.idx, zeros)) * TARGET_PAGE_SIZE, next_packet_size=size,
+                            zero_pages=len(zeros),
+                        )
+                    else:
+                        header = enc.encode_packed(
+                            flags=flags | method.flag, packet_num=packet_num, ramblock=names[block_idx],
+                            packed_offsets=packed, next_packet_size=size,
+                        )
+                    if tr is not None:
+                        t0 = tr.span(GATHER if method.flag == 0 else COMPRESS, t0)
+                    sent = send_all(sock, [header, *payload], what, PACKET_HEADER_SIZE + size)
+                    batch.done()
+                    if tr is not None:
+                        t0 = tr.span(SEND, t0)
+                    mine[C_PACKETS] += 1
+                    mine[C_PAGES] += normal
+                    mine[C_ZERO] += len(zeros)
+                    mine[C_BYTES] += sent
+                elif kind == JOB_SYNC:
+                    header = enc.encode(flags=MULTIFD_FLAG_SYNC, packet_num=packet_num)
+                    mine[C_BYTES] += send_all(sock, [header], what)
+                    mine[C_PACKETS] += 1
+                    if tr is not None:
+                        tr.span(SEND, t0)
+                    events.send(("synced", channel, packet_num))
+                elif kind:  # JOB_QUIT
+                    quitting = True
+            if data_job:
                 done_v[channel] += 1  # only this process writes done[channel]
                 ready.release()  # type: ignore[attr-defined]
-            elif kind == JOB_SYNC:
-                header = enc.encode(flags=MULTIFD_FLAG_SYNC, packet_num=packet_num)
-                mine[C_BYTES] += send_all(sock, [header], what)
-                mine[C_PACKETS] += 1
-                if tr is not None:
-                    tr.span(SEND, t0)
-                events.send(("synced", channel, packet_num))
-            else:
+            if quitting:
                 break
     finally:
         ctx.send_cleanup()
@@ -336,8 +351,10 @@ class SendChannels:
         self._done_v = self._done.data  # read per packet (plain ints, cheaper than numpy scalars)
         self._issued = [0] * n
         self._jobs: list[int] = []  # write ends of the job pipes
-        self._job = bytearray(JOB_SIZE)  # the record being written (reused)
-        self._job_offsets = np.frombuffer(self._job, dtype=">i8", offset=_JOB.size)
+        self._job = bytearray(JOB_SIZE)  # the job being written (reused)
+        self._job_offsets = [np.frombuffer(self._job, dtype=">i8", count=PAGES_PER_PACKET, offset=rec + _JOB.size)
+                             for rec in _RECORDS]
+        self._held = 0  # data records already written into the job, waiting for the next packet
         self.group = ChildGroup("source")
         self._closed = False
         self.sync_wait = 0.0  # seconds spent waiting for SYNC rounds
@@ -367,14 +384,17 @@ class SendChannels:
         self.packet_num += 1
         return num
 
-    def _send_job(
-        self, ch: int, kind: int, block_idx: int, flags: int, idx: npt.NDArray[np.int64] = _NO_PAGES
-    ) -> None:
-        """One job record into channel ``ch``'s pipe (the next packet_num goes with it)."""
-        job = self._job
-        _JOB.pack_into(job, 0, kind, len(idx), block_idx, self._next_packet_num(), flags)
+    def _record(self, rec: int, kind: int, block_idx: int, flags: int, idx: npt.NDArray[np.int64] = _NO_PAGES) -> None:
+        """Write packet record ``rec`` of the job (the next packet_num goes with it)."""
+        _JOB.pack_into(self._job, _RECORDS[rec], kind, len(idx), block_idx, self._next_packet_num(), flags)
         if len(idx):  # byte offsets, big-endian: the channel copies them into the header as they are
-            np.left_shift(idx, TARGET_PAGE_BITS, out=self._job_offsets[: len(idx)])
+            np.left_shift(idx, TARGET_PAGE_BITS, out=self._job_offsets[rec][: len(idx)])
+
+    def _send_job(self, ch: int, used: int) -> None:
+        """The job's first ``used`` records into channel ``ch``'s pipe (the rest marked unused)."""
+        job = self._job
+        for rec in _RECORDS[used:]:
+            job[rec] = 0
         try:
             os.write(self._jobs[ch], job)
         except OSError as exc:  # the channel process is gone: say why, if it told us
@@ -395,7 +415,19 @@ class SendChannels:
         raise ChannelError(f"multifd channel {msg[1]} (source): unexpected message {msg[0]!r}")
 
     def send_pages(self, block_idx: int, idx: npt.NDArray[np.int64]) -> None:
-        """Hand one packet (at most 128 page indices of one block) to the next idle channel."""
+        """Queue one packet (at most 128 page indices of one block). Packets go to the channels
+        two to a job: the first waits in the job until the second comes, or until
+        :meth:`flush` (which every sync round calls first)."""
+        self.bytes_committed += PACKET_HEADER_SIZE + len(idx) * TARGET_PAGE_SIZE
+        self._record(self._held, JOB_DATA, block_idx, 0, idx)
+        self._held += 1
+        if self._held == PACKETS_PER_JOB:
+            self.flush()
+
+    def flush(self) -> None:
+        """Hand the packets held in the job to the next idle channel."""
+        if not self._held:
+            return
         waited = 0.0
         while not self._ready.acquire(timeout=0.05):
             self._check()  # a dead or failed channel would never post channels_ready
@@ -415,15 +447,17 @@ class SendChannels:
             raise ChannelError("channels_ready was posted but no channel is idle")
         self._next = (ch + 1) % n
         issued[ch] += 1
-        self.bytes_committed += PACKET_HEADER_SIZE + len(idx) * TARGET_PAGE_SIZE
-        self._send_job(ch, JOB_DATA, block_idx, 0, idx)
+        used, self._held = self._held, 0
+        self._send_job(ch, used)
 
     def sync(self) -> None:
         """``multifd_send_sync_main``: a SYNC packet on every channel, all of them written."""
         t0 = time.perf_counter()
+        self.flush()
         self.bytes_committed += self.n * PACKET_HEADER_SIZE
         for ch in range(self.n):
-            self._send_job(ch, JOB_SYNC, 0, MULTIFD_FLAG_SYNC)
+            self._record(0, JOB_SYNC, 0, MULTIFD_FLAG_SYNC)
+            self._send_job(ch, 1)
         synced: set[int] = set()
         deadline = time.monotonic() + self.stall_timeout
         while len(synced) < self.n:
@@ -443,8 +477,10 @@ class SendChannels:
 
     def quit(self, timeout: float = 10.0) -> None:
         """Graceful end: every channel finishes its queue, closes its socket and exits 0."""
+        self.flush()
         for ch in range(self.n):
-            self._send_job(ch, JOB_QUIT, 0, 0)
+            self._record(0, JOB_QUIT, 0, 0)
+            self._send_job(ch, 1)
         deadline = time.monotonic() + timeout
         procs = self.group.procs
         while any(p.exitcode is None for p in procs):

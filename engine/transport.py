@@ -177,41 +177,26 @@ def recv_exact_into(sock: socket.socket, view: memoryview, what: str, *, eof_ok:
                     start: int = 0) -> bool:
     """Fill ``view`` completely; its first ``start`` bytes are already there. Returns False on
     EOF before the first byte when ``eof_ok``."""
-    got = start
     n = len(view)
-    if got >= n:
-        return True
-    try:
-        r = sock.recv_into(view[got:] if got else view)  # usually all of it: no sliced view to make
-        while True:
-            if r == 0:
-                if got == 0 and eof_ok:
-                    return False
-                if got == 0:
-                    raise ChannelClosed(f"{what}: connection closed by the peer")
-                raise TruncatedError(f"{what}: connection closed after {got} of {n} bytes")
-            got += r
-            if got == n:
-                break
-            r = sock.recv_into(view[got:])
-    except socket.timeout as exc:
-        raise MigrationTimeout(f"{what}: nothing received for {sock.gettimeout():g}s") from exc
-    except (ConnectionError, OSError) as exc:
-        if isinstance(exc, (ChannelError,)):
-            raise
-        raise ChannelError(f"{what}: receive failed: {exc.strerror or exc}") from exc
-    return True
+    return start >= n or recv_at_least_into(sock, view, n, what, start=start, eof_ok=eof_ok) > 0
 
 
-def recv_at_least_into(sock: socket.socket, view: memoryview, need: int, what: str) -> int:
-    """Receive at least ``need`` bytes into ``view`` and at most ``len(view)``: whatever more
-    is already there (the start of the next packet) comes in the same call instead of the
-    next. Never waits for more than ``need``. Returns the bytes received."""
-    got = 0
+def recv_at_least_into(sock: socket.socket, view: memoryview, need: int, what: str, *, start: int = 0,
+                       eof_ok: bool = False) -> int:
+    """Receive into ``view`` until at least ``need`` bytes are there, and at most ``len(view)``
+    (its first ``start`` bytes are already there): whatever more is already in the socket, the
+    start of the next packet, comes in the same call instead of the next. Never waits for more
+    than ``need``. Returns the bytes in ``view``; 0 only on EOF before the first byte, when
+    ``eof_ok``."""
+    got = start
     try:
         while got < need:
-            r = sock.recv_into(view[got:] if got else view)
+            r = sock.recv_into(view[got:] if got else view)  # usually all of it: no sliced view to make
             if r == 0:
+                if got == 0 and eof_ok:
+                    return 0
+                if got == 0:
+                    raise ChannelClosed(f"{what}: connection closed by the peer")
                 raise TruncatedError(f"{what}: connection closed after {got} of {need} bytes")
             got += r
     except socket.timeout as exc:

@@ -53,7 +53,7 @@ from .trace import COMPRESS, GATHER, SEND, WAIT, ZERO_SCAN, Trace, now_ns
 from .transport import send_all
 from .wire import (
     MULTIFD_FLAG_NOCOMP, MULTIFD_FLAG_SYNC, PACKET_HEADER_SIZE, PAGES_PER_PACKET, TARGET_PAGE_BITS, TARGET_PAGE_SIZE,
-    PacketEncoder, consecutive_runs,
+    PACKED_OFFSETS, PacketEncoder, consecutive_runs,
 )
 
 #: Jobs a channel may have queued in its pipe. QEMU 7.2 uses 1 (one ``pages`` buffer per
@@ -76,8 +76,6 @@ RECORD_SIZE = _JOB.size + 8 * PAGES_PER_PACKET  # one packet's record: 1044 byte
 PACKETS_PER_JOB = 2
 JOB_SIZE = PACKETS_PER_JOB * RECORD_SIZE
 _RECORDS = tuple(range(0, JOB_SIZE, RECORD_SIZE))
-#: a job's page offsets are packed as the packet header wants them: byte offsets, 8-byte big-endian
-_PACKED = [struct.Struct(f">{n}q") for n in range(PAGES_PER_PACKET + 1)]
 
 # counters per channel, in the shared mapping (resource usage is written when the channel ends)
 C_PACKETS, C_PAGES, C_BYTES, C_CPU_US, C_PEAK_RSS, C_ANON_RSS, C_ZERO, C_NCOUNTERS = range(8)
@@ -237,7 +235,7 @@ def _channel_loop(
                     zeros = _NO_PAGES
                     payload: Sequence[Any]
                     if lean:  # 'none' from views, runs straight from the job: no numpy call per packet
-                        payload = batch.views_at(blocks[block_idx], _PACKED[npages].unpack_from(msg, first))
+                        payload = batch.views_at(blocks[block_idx], PACKED_OFFSETS[npages].unpack_from(msg, first))
                     else:
                         offsets = np.frombuffer(packed, dtype=">i8")
                         batch.start(blocks[block_idx], offsets >> TARGET_PAGE_BITS)

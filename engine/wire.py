@@ -325,18 +325,10 @@ class PlainPacket(NamedTuple):
     ramblock: str
     listed: tuple[int, ...]
 
-    @property
-    def offsets(self) -> npt.NDArray[np.uint64]:
-        return np.array(self.listed, dtype=np.uint64)
 
-    @property
-    def runs(self) -> list[tuple[int, int]]:
-        """The runs of consecutive pages, ``[(start, stop), ...]`` in page numbers."""
-        bits = TARGET_PAGE_BITS
-        return [(a >> bits, b >> bits) for a, b in consecutive_runs(self.listed, TARGET_PAGE_SIZE)]
-
-
-_OFFSET_LISTS = [struct.Struct(f">{n}Q") for n in range(PAGES_PER_PACKET + 1)]
+#: ``PACKED_OFFSETS[n]`` reads or writes ``n`` page offsets as a packet header lists them
+#: (8-byte big-endian): the destination's plain packets, the source's jobs
+PACKED_OFFSETS = [struct.Struct(f">{n}Q") for n in range(PAGES_PER_PACKET + 1)]
 _LOW_NIBBLE = bytes(b & 0x0F for b in range(256))
 
 
@@ -362,7 +354,7 @@ def plain_packet(data: bytes | bytearray | memoryview, blocks: Mapping[str, int]
     length = blocks.get(name)
     if length is None:
         return None
-    listed = _OFFSET_LISTS[normal].unpack_from(data, PACKET_FIXED_SIZE)
+    listed = PACKED_OFFSETS[normal].unpack_from(data, PACKET_FIXED_SIZE)
     if max(listed) > length - TARGET_PAGE_SIZE:
         return None
     raw = data.tobytes() if isinstance(data, memoryview) else data

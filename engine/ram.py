@@ -24,6 +24,7 @@ pre-allocated (see README, Performance).
 from __future__ import annotations
 
 import errno
+import itertools
 import mmap
 import os
 import re
@@ -40,6 +41,7 @@ from .wire import MAX_RAMBLOCK_NAME, TARGET_PAGE_BITS, TARGET_PAGE_SIZE, consecu
 
 SEGMENT_PREFIX = "mfd"
 _ZERO_CHUNK = memoryview(bytes(128 * TARGET_PAGE_SIZE))  # source of zero-fills (read only)
+_END = (-1,)  # no page offset: ends the last run in RamBlock.pwrite_offsets
 #: A writer holds a block's write lock for one packet (well under a second); waiting longer
 #: means the holder died with it held, and the parent is already tearing the migration down.
 WRITE_LOCK_TIMEOUT = 30.0
@@ -106,7 +108,7 @@ class RamBlock:
         try:
             pos = 0
             start = stop = offsets[0]
-            for off in offsets:
+            for off in itertools.chain(offsets, _END):  # the end marker closes the last run
                 if off != stop:  # a run ends: write it
                     n = stop - start
                     done = pwrite(fd, data[pos:pos + n], start)
@@ -115,10 +117,6 @@ class RamBlock:
                     pos += n
                     start = off
                 stop = off + page
-            n = stop - start
-            done = pwrite(fd, data[pos:pos + n], start)
-            if done != n:
-                pwrite_all(fd, data[pos + done:pos + n], start + done)
         finally:
             self.write_lock.release()
 

@@ -49,7 +49,7 @@ from .errors import (
     TruncatedError,
 )
 from .params import MigrationParams
-from .ram import BlockSpec, GuestRam, page_runs, prefault
+from .ram import BlockSpec, GuestRam, prefault
 from .recv_channels import RecvChannels
 from .stats import MigrationStats
 from .stream import (
@@ -366,12 +366,11 @@ class Loader:
 
     def _zero(self, ev: RamZeroPages) -> None:
         assert self.ram is not None and self.channels is not None
-        block = self.ram[ev.block]
         idx = ev.offsets >> TARGET_PAGE_BITS
         if ev.fill:
-            block.pages[idx] = ev.fill
-        elif self.channels.held[ev.block]:  # else the block is all holes still: zero already
-            block.zero_runs(page_runs(idx))
+            self.ram[ev.block].pages[idx] = ev.fill
+        else:
+            self.channels.held.zero_pages(ev.block, idx)
         self.main_zero += len(ev.offsets)
 
     def _page(self, ev: RamPage) -> None:

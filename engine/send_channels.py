@@ -214,7 +214,51 @@ def _channel_loop(
     done_v = done.data
     raw = method.flag == MULTIFD_FLAG_NOCOMP
     lean = raw and not detect_zero  # the numpy-free path below
-    quitting = False
+
+    def send_packet(msg: bytes, rec: int, t0: int) -> int:
+        """Send the data packet of the job's record at ``rec``; returns the trace clock."""
+        _, npages, block_idx, packet_num, flags = _JOB.unpack_from(msg, rec)
+        first = rec + _JOB.size
+        packed = msg[first:first + 8 * npages]  # the header's offsets, as they go out
+        zeros = _NO_PAGES
+        payload: Sequence[Any]
+        if lean:  # 'none' from views, runs straight from the job: no numpy call per packet
+            payload = batch.views_at(blocks[block_idx], PACKED_OFFSETS[npages].unpack_from(msg, first))
+        else:
+            batch.start(blocks[block_idx], np.frombuffer(packed, dtype=">i8") >> TARGET_PAGE_BITS)
+            if detect_zero:
+                zeros = batch.drop_zero_pages()
+                if tr is not None:
+                    t0 = tr.span(ZERO_SCAN, t0)
+            payload = ctx.send_prepare(batch) if len(batch.idx) else ()
+        normal = npages - len(zeros)
+        if raw:  # 'none': the payload is the pages themselves
+            size = normal * TARGET_PAGE_SIZE
+        else:
+            size = sum(memoryview(p).nbytes for p in payload)  # type: ignore[arg-type,misc]
+        if len(zeros):  # normal pages first, then the zero pages the channel found
+            header = enc.encode(
+                flags=flags | method.flag, packet_num=packet_num, ramblock=names[block_idx],
+                offsets=np.concatenate((batch.idx, zeros)) * TARGET_PAGE_SIZE, next_packet_size=size,
+                zero_pages=len(zeros),
+            )
+        else:
+            header = enc.encode_packed(
+                flags=flags | method.flag, packet_num=packet_num, ramblock=names[block_idx],
+                packed_offsets=packed, next_packet_size=size,
+            )
+        if tr is not None:
+            t0 = tr.span(GATHER if method.flag == 0 else COMPRESS, t0)
+        sent = send_all(sock, [header, *payload], what, PACKET_HEADER_SIZE + size)
+        batch.done()
+        if tr is not None:
+            t0 = tr.span(SEND, t0)
+        mine[C_PACKETS] += 1
+        mine[C_PAGES] += normal
+        mine[C_ZERO] += len(zeros)
+        mine[C_BYTES] += sent
+        return t0
+
     try:
         while True:
             t0 = now_ns() if tr is not None else 0
@@ -225,64 +269,21 @@ def _channel_loop(
                 raise ChannelError(f"{what}: a job of {len(msg)} bytes, expected {JOB_SIZE}")
             if tr is not None:
                 t0 = tr.span(WAIT, t0)
-            data_job = False
-            for rec in _RECORDS:
-                kind, npages, block_idx, packet_num, flags = _JOB.unpack_from(msg, rec)
-                if kind == JOB_DATA:
-                    data_job = True
-                    first = rec + _JOB.size
-                    packed = msg[first:first + 8 * npages]  # the header's offsets, as they go out
-                    zeros = _NO_PAGES
-                    payload: Sequence[Any]
-                    if lean:  # 'none' from views, runs straight from the job: no numpy call per packet
-                        payload = batch.views_at(blocks[block_idx], PACKED_OFFSETS[npages].unpack_from(msg, first))
-                    else:
-                        offsets = np.frombuffer(packed, dtype=">i8")
-                        batch.start(blocks[block_idx], offsets >> TARGET_PAGE_BITS)
-                        if detect_zero:
-                            zeros = batch.drop_zero_pages()
-                            if tr is not None:
-                                t0 = tr.span(ZERO_SCAN, t0)
-                        payload = ctx.send_prepare(batch) if len(batch.idx) else ()
-                    normal = npages - len(zeros)
-                    if raw:  # 'none': the payload is the pages themselves
-                        size = normal * TARGET_PAGE_SIZE
-                    else:
-                        size = sum(memoryview(p).nbytes for p in payload)  # type: ignore[arg-type,misc]
-                    if len(zeros):  # normal pages first, then the zero pages the channel found
-                        header = enc.encode(
-                            flags=flags | method.flag, packet_num=packet_num, ramblock=names[block_idx],
-                            offsets=np.concatenate((batch.idx, zeros)) * TARGET_PAGE_SIZE, next_packet_size=size,
-                            zero_pages=len(zeros),
-                        )
-                    else:
-                        header = enc.encode_packed(
-                            flags=flags | method.flag, packet_num=packet_num, ramblock=names[block_idx],
-                            packed_offsets=packed, next_packet_size=size,
-                        )
-                    if tr is not None:
-                        t0 = tr.span(GATHER if method.flag == 0 else COMPRESS, t0)
-                    sent = send_all(sock, [header, *payload], what, PACKET_HEADER_SIZE + size)
-                    batch.done()
-                    if tr is not None:
-                        t0 = tr.span(SEND, t0)
-                    mine[C_PACKETS] += 1
-                    mine[C_PAGES] += normal
-                    mine[C_ZERO] += len(zeros)
-                    mine[C_BYTES] += sent
-                elif kind == JOB_SYNC:
-                    header = enc.encode(flags=MULTIFD_FLAG_SYNC, packet_num=packet_num)
-                    mine[C_BYTES] += send_all(sock, [header], what)
-                    mine[C_PACKETS] += 1
-                    if tr is not None:
-                        tr.span(SEND, t0)
-                    events.send(("synced", channel, packet_num))
-                elif kind:  # JOB_QUIT
-                    quitting = True
-            if data_job:
+            kind = msg[0]  # a SYNC or QUIT job is one record; a data job's records are data or unused
+            if kind == JOB_DATA:
+                for rec in _RECORDS:
+                    if msg[rec] == JOB_DATA:
+                        t0 = send_packet(msg, rec, t0)
                 done_v[channel] += 1  # only this process writes done[channel]
                 ready.release()  # type: ignore[attr-defined]
-            if quitting:
+            elif kind == JOB_SYNC:
+                packet_num = _JOB.unpack_from(msg)[3]
+                mine[C_BYTES] += send_all(sock, [enc.encode(flags=MULTIFD_FLAG_SYNC, packet_num=packet_num)], what)
+                mine[C_PACKETS] += 1
+                if tr is not None:
+                    tr.span(SEND, t0)
+                events.send(("synced", channel, packet_num))
+            else:  # JOB_QUIT
                 break
     finally:
         ctx.send_cleanup()

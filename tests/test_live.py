@@ -109,7 +109,7 @@ def test_auto_converge_throttles_the_guest() -> None:
             wait_for(lambda: guest.pages_written() > 1000, 10, "the writers to start")
             # never converges without auto-converge (see test_fails_when_not_converging)
             params = MigrationParams(downtime_limit=0, max_iterations=40, auto_converge=True,
-                                     cpu_throttle_initial=30, cpu_throttle_increment=20, max_bandwidth=64 << 20)
+                                     cpu_throttle_initial=30, cpu_throttle_increment=20, max_bandwidth=16 << 20)
             with Migration(dst.uri, ram, params, tracker=log, guest=guest) as mig:
                 mig.wait(60)
                 throttles = [it.throttle for it in mig.iterations]

@@ -24,7 +24,6 @@ pre-allocated (see README, Performance).
 from __future__ import annotations
 
 import errno
-import itertools
 import mmap
 import os
 import re
@@ -97,9 +96,9 @@ class RamBlock:
 
     def pwrite_pages(self, idx: npt.NDArray[np.int64], data: memoryview) -> None:
         """Write ``len(idx)`` pages of ``data`` (contiguous) to pages ``idx``."""
-        self.pwrite_offsets((idx << TARGET_PAGE_BITS).tolist(), data)
+        self.pwrite_offsets(tuple((idx << TARGET_PAGE_BITS).tolist()), data)
 
-    def pwrite_offsets(self, offsets: Sequence[int], data: memoryview) -> None:
+    def pwrite_offsets(self, offsets: tuple[int, ...], data: memoryview) -> None:
         """Write ``data`` (contiguous pages) to the pages at byte ``offsets`` (at least one,
         in any order), one positioned write per run of consecutive pages, found in the same
         pass; holding the block's write lock (see the module docstring)."""
@@ -108,7 +107,7 @@ class RamBlock:
         try:
             pos = 0
             start = stop = offsets[0]
-            for off in itertools.chain(offsets, _END):  # the end marker closes the last run
+            for off in offsets + _END:  # the end marker closes the last run (a chain() costs 2 us more)
                 if off != stop:  # a run ends: write it
                     n = stop - start
                     done = pwrite(fd, data[pos:pos + n], start)

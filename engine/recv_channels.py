@@ -119,7 +119,7 @@ class _Sink:
     def recv_into_pages(self) -> None:
         assert self.block is not None
         if self._by_fd():
-            self.recv_and_pwrite(self.block, (self.idx << TARGET_PAGE_BITS).tolist())
+            self.recv_and_pwrite(self.block, tuple((self.idx << TARGET_PAGE_BITS).tolist()))
             return
         buf = self.block.buf
         views = [buf[a * TARGET_PAGE_SIZE:b * TARGET_PAGE_SIZE] for a, b in page_runs(self.idx)]
@@ -128,7 +128,7 @@ class _Sink:
         if self.trace is not None:
             self.trace.span(RECV_PAYLOAD, t0)
 
-    def recv_and_pwrite(self, block: RamBlock, offsets: Sequence[int], read_ahead: bool = False) -> int:
+    def recv_and_pwrite(self, block: RamBlock, offsets: tuple[int, ...], read_ahead: bool = False) -> int:
         """Raw pages (at byte ``offsets``): receive them into the (cache-hot) packet buffer,
         then one ``pwrite`` per run of pages into the segment. With ``read_ahead`` the same
         receive also takes up to a header's worth of what follows (the next packet, usually

@@ -169,7 +169,7 @@ def test_pwrite_offsets_writes_runs_in_any_order_byte_exact() -> None:
     with GuestRam.create([BlockSpec("pc.ram", 128 * PAGE)]) as ram:
         block = ram.blocks[0]
         data = np.repeat(np.arange(1, len(pages) + 1, dtype=np.uint8), PAGE)
-        block.pwrite_offsets([p * PAGE for p in pages], memoryview(data))
+        block.pwrite_offsets(tuple(p * PAGE for p in pages), memoryview(data))
         expect = np.zeros((128, PAGE), dtype=np.uint8)
         for k, p in enumerate(pages):
             expect[p] = k + 1

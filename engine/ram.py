@@ -182,6 +182,16 @@ class RamBlock:
                 f"RAM block {self.name!r}: another writer held the write lock for {WRITE_LOCK_TIMEOUT:g}s"
             )
 
+    def read_once(self) -> None:
+        """This process reads the block's pages through its mapping once each and then drops
+        their page-table entries (a source channel). ``MADV_SEQUENTIAL`` on the mapping tells
+        the kernel so: dropping an entry then does not also mark its page recently used, which
+        on a page not yet active meant moving it between LRU lists under an interrupt-disabled
+        lock, per page. Only this process's mapping changes; the guest's accesses still count."""
+        mm = getattr(self._closer, "_mmap", None)
+        if mm is not None:
+            mm.madvise(mmap.MADV_SEQUENTIAL)
+
     def unmap_pages(self, start: int, stop: int) -> None:
         """Drop this process's page-table entries for pages ``[start, stop)``
         (``MADV_DONTNEED`` on the shared mapping). The pages stay in the segment as they are

@@ -18,7 +18,8 @@ after data jobs is handled after them.
 A channel process owns one socket and one compression context for the whole migration. For a
 data job it builds the header in its reused 1344-byte buffer, gets the payload buffers from the
 method (for ``none``: views of the pages in guest RAM, whose page-table entries it drops again
-every few packets so its RSS does not grow) and writes header + payload with one ``sendmsg``.
+every few packets so its RSS does not grow; its mapping is advised ``MADV_SEQUENTIAL``, so a
+drop does not also mark the pages recently used) and writes header + payload with one ``sendmsg``.
 With ``zero-page-detection=multifd`` (QEMU 9.0) the main process does not scan for zero pages:
 each channel scans the pages it read, sends only the non-zero ones and lists the zero ones in
 the header's ``zero_pages`` slots, so the scan runs in parallel. Then it counts the job done
@@ -207,6 +208,8 @@ def _channel_loop(
     enc = PacketEncoder()
     batch = _Batch()
     blocks = ram.blocks
+    for block in blocks:
+        block.read_once()
     names = [b.name.encode() for b in blocks]
     what = f"multifd channel {channel}"
     # item updates through memoryviews cost half of numpy scalar ones, every packet

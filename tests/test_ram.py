@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+from typing import Any
 
 import numpy as np
 import pytest
@@ -174,3 +175,42 @@ def test_pwrite_offsets_writes_runs_in_any_order_byte_exact() -> None:
         for k, p in enumerate(pages):
             expect[p] = k + 1
         assert np.array_equal(block.pages, expect)
+
+
+def _vm_flags(segment: str) -> set[str]:
+    """This process's VmFlags for its mapping of ``segment`` (/proc/self/smaps)."""
+    with open("/proc/self/smaps") as f:
+        lines = f.read().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.endswith(f"/dev/shm/{segment}"))
+    flags = next(line for line in lines[start + 1:] if line.startswith("VmFlags:"))
+    return set(flags.split()[1:])
+
+
+def _read_once_in_child(block: ram_mod.RamBlock, conn: Any) -> None:
+    block.read_once()
+    conn.send(sorted(_vm_flags(block.segment)))
+
+
+def test_read_once_advises_sequential_reads_on_this_mapping_only() -> None:
+    """A source channel's mapping says its pages are read once, so dropping its page-table
+    entries does not mark the pages recently used (smaps: ``sr``, VM_SEQ_READ). The parent's
+    mapping (the guest's) keeps its default, and the data is unchanged."""
+    ctx = multiprocessing.get_context("fork")
+    with GuestRam.create([BlockSpec("pc.ram", 64 * PAGE)]) as ram:
+        block = ram.blocks[0]
+        block.pages[5] = 3
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(target=_read_once_in_child, args=(block, child))
+        proc.start()
+        try:
+            assert parent.poll(30)
+            assert "sr" in parent.recv()
+        finally:
+            proc.join(30)
+            parent.close()
+            child.close()
+        assert proc.exitcode == 0
+        assert "sr" not in _vm_flags(block.segment)
+        block.read_once()
+        block.unmap_pages(0, 64)
+        assert (block.pages[5] == 3).all() and not block.pages[6].any()

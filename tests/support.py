@@ -84,6 +84,30 @@ def wait_for(pred: Any, timeout: float, what: str) -> None:
         time.sleep(0.01)
 
 
+def children(pid: int) -> list[int]:
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if fields[1] == str(pid) and fields[0] != "Z":
+                out.append(int(d.name))
+    return sorted(out)
+
+
+def channel_pids(pid: int, n: int, timeout: float = 10.0) -> list[int]:
+    """The channel processes of an engine process (its children other than the resource tracker)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        kids = [k for k in children(pid) if b"resource_tracker" not in Path(f"/proc/{k}/cmdline").read_bytes()]
+        if len(kids) >= n:
+            return kids
+        time.sleep(0.05)
+    raise AssertionError(f"process {pid} did not start {n} channel processes")
+
+
 def run_engine(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
     return subprocess.run(engine_cmd(*args), capture_output=True, text=True, timeout=timeout, env=_env(), cwd=ROOT)
 

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from engine.compression import method_names
-from support import Incoming, assert_same_ram, image_args, make_image, read_dump, run_engine
+from support import (
+    ROOT, Incoming, _env, assert_same_ram, channel_pids, engine_cmd, image_args, make_image, read_dump, run_engine,
+    wait_for,
+)
 
 
 @pytest.fixture(scope="module")
@@ -192,3 +196,38 @@ def test_source_channel_rss_does_not_grow_with_the_guest() -> None:
             assert dst.wait(120) == 0, dst.stderr
         peaks[size] = max(c["peak-rss-kib"] for c in json.loads(src.stdout)["channels"])
     assert peaks["512M"] - peaks["64M"] < 32 * 1024, peaks
+
+
+def _guest_ram_flags(pid: int) -> set[str]:
+    """VmFlags of a process's mapping of an engine segment (empty if none, or if it exited)."""
+    try:
+        lines = Path(f"/proc/{pid}/smaps").read_text().splitlines()
+    except OSError:
+        return set()
+    for i, line in enumerate(lines):
+        if "/dev/shm/mfd_" in line:
+            flags = next(entry for entry in lines[i + 1:] if entry.startswith("VmFlags:"))
+            return set(flags.split()[1:])
+    return set()
+
+
+def test_source_channels_map_guest_ram_for_sequential_reads() -> None:
+    """Every source channel advises its mapping of guest RAM ``MADV_SEQUENTIAL`` (VmFlags
+    ``sr``): dropping the page-table entries of the pages it sent then leaves the LRU alone.
+    The source's own mapping (the guest's) keeps its default."""
+    with Incoming("tcp:127.0.0.1:0", "--channels", "2", "--listen-timeout", "30") as dst:
+        src = subprocess.Popen(
+            engine_cmd("migrate", dst.uri, "--ram-size", "64M", "--max-bandwidth", "16M", "--channels", "2"),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), cwd=ROOT,
+        )
+        try:
+            kids = channel_pids(src.pid, 2)
+            wait_for(lambda: all("sr" in _guest_ram_flags(k) for k in kids), 10, "sequential-read advice")
+            assert "sr" not in _guest_ram_flags(src.pid)
+            _, err = src.communicate(timeout=60)
+            assert src.returncode == 0, err
+        finally:
+            if src.poll() is None:
+                src.kill()
+                src.communicate(timeout=10)
+        assert dst.wait(60) == 0, dst.stderr

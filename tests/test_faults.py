@@ -15,35 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from support import ROOT, Incoming, _env, engine_cmd, run_engine
+from support import ROOT, Incoming, _env, channel_pids, engine_cmd, run_engine
 from engine.wire import MultiFDInit, encode_packet_header, MULTIFD_FLAG_SYNC
 from engine.stream import StreamEncoder
 
 SLOW = ["--ram-size", "64M", "--max-bandwidth", "16M"]  # about 3 s: time to strike mid-way
-
-
-def children(pid: int) -> list[int]:
-    out = []
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if fields[1] == str(pid) and fields[0] != "Z":
-                out.append(int(d.name))
-    return sorted(out)
-
-
-def channel_pids(pid: int, n: int, timeout: float = 10.0) -> list[int]:
-    """The channel processes of an engine process (its children other than the resource tracker)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        kids = [k for k in children(pid) if b"resource_tracker" not in Path(f"/proc/{k}/cmdline").read_bytes()]
-        if len(kids) >= n:
-            return kids
-        time.sleep(0.05)
-    raise AssertionError(f"process {pid} did not start {n} channel processes")
 
 
 def start_source(uri: str, *args: str) -> subprocess.Popen[str]:

@@ -155,7 +155,9 @@ def test_live_save_matches_ram_at_stop_and_copy(tmp_path: Path, method: str) -> 
             with restore(path, channels=2) as back:
                 _explain_difference(ram, back)  # names the first differing page and word, if any
                 assert digests(back) == frozen
-    assert describe_snapshot(path)["iterations"] >= 4
+    # the header counts the precopy iterations, plus the stop-and-copy round when it had pages
+    # to write: the writers may dirty none between the last sync and the pause
+    assert describe_snapshot(path)["iterations"] - len(q["iterations"]) in (0, 1)
 
 
 def _explain_difference(ram: GuestRam, back: GuestRam) -> None:

@@ -84,6 +84,7 @@ class BackgroundJob:
         self._done = threading.Event()
         self._thread: threading.Thread | None = None
         self._guest_paused = False
+        self._completed_at: float | None = None  # see _complete
         self._remaining_pages = ram.total_size // TARGET_PAGE_SIZE
         self._high = 0  # iterations in a row that dirtied fast (auto-converge)
         self.trace: Trace | None = None  # this thread's track (--trace)
@@ -276,8 +277,17 @@ class BackgroundJob:
             self.error = error.with_traceback(None) if isinstance(error, MigrationError) else MigrationError(
                 f"internal error {type(error).__name__}: {error}")
             st.error = str(self.error)
-        st.end = time.monotonic()
+        st.end = self._completed_at if error is None and self._completed_at is not None else time.monotonic()
         self._done.set()
+
+    def _complete(self, down: float) -> None:
+        """The last byte is written (every channel past its last SYNC, the stream's tail out):
+        ``downtime`` ends here, and so does ``total-time`` if the teardown that follows (channel
+        processes finishing and being reaped) succeeds, as in QEMU, whose clock stops before it
+        joins its multifd threads."""
+        now = time.monotonic()
+        self.stats.downtime = now - down
+        self._completed_at = now
 
     def _check(self) -> None:
         if self._cancel.is_set():

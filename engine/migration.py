@@ -236,7 +236,7 @@ class Migration(BackgroundJob):
         self._main_send(data)
         st.ram.main_bytes += len(data)
         # every data packet was written before the END section's EOS; the rest is teardown
-        st.downtime = time.monotonic() - down
+        self._complete(down)
         self._remaining_pages = 0
         if self.trace is not None:
             self.trace.span(STOP_COPY, self._down_ns)

@@ -146,12 +146,11 @@ class SnapshotSave(BackgroundJob):
             return pages, zero, written, dt, pages * TARGET_PAGE_SIZE
 
         dirty = self._precopy(None, one_round)
-        st = self.stats
         down = time.monotonic()
         dirty = self._stop_guest(dirty)
         pages = self._round(dirty, final=True)[0]
         self._commit(len(self.iterations) + (pages > 0))
-        st.downtime = time.monotonic() - down
+        self._complete(down)
         self._remaining_pages = 0
         assert self._channels is not None
         self._channels.quit(timeout=self.params.stall_timeout)

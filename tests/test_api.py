@@ -63,3 +63,42 @@ def test_bad_uri_raises_at_start() -> None:
 
     with pytest.raises(ConfigError, match="unsupported migration URI scheme 'ftp'"):
         IncomingMigration("ftp:x:1", MigrationParams()).start()
+
+
+@pytest.mark.parametrize("teardown_fails", [False, True])
+def test_total_time_ends_when_the_last_byte_is_written(monkeypatch: pytest.MonkeyPatch, teardown_fails: bool) -> None:
+    """As in QEMU, ``total-time`` stops when the last byte is written: the channel processes
+    finishing and being reaped afterwards (here made 0.5 s slower) are not in it, and
+    ``downtime`` ends at the same moment. A teardown that fails still fails the migration,
+    and then the clock runs to the end."""
+    from engine.errors import ChannelError
+    from engine.send_channels import SendChannels
+
+    real_quit = SendChannels.quit
+
+    def slow_quit(self: SendChannels, timeout: float = 10.0) -> None:
+        real_quit(self, timeout)
+        time.sleep(0.5)
+        if teardown_fails:
+            raise ChannelError("multifd channel 0 (source): exited with status 1")
+
+    monkeypatch.setattr(SendChannels, "quit", slow_quit)
+    params = MigrationParams(channels=2)
+    with GuestRam.create([BlockSpec("pc.ram", 8 << 20)]) as ram, \
+            IncomingMigration("tcp:127.0.0.1:0", params) as dst:
+        fill_pages(ram.blocks[0], "mixed")
+        t0 = time.monotonic()
+        with Migration(dst.uri, ram, params) as mig:
+            if teardown_fails:
+                with pytest.raises(MigrationError, match="exited with status 1"):
+                    mig.wait(60)
+            else:
+                mig.wait(60)
+            stats = mig.stats
+        wall = time.monotonic() - t0
+        assert dst.wait(60).ram is not None
+    assert 0 < stats.downtime <= stats.total_time
+    if teardown_fails:
+        assert stats.status == "failed" and stats.total_time >= 0.5
+    else:
+        assert stats.status == "completed" and wall - stats.total_time >= 0.5

@@ -88,14 +88,14 @@ def one_run(rng: random.Random) -> tuple[str, str]:
             time.sleep(rng.uniform(0.3, 1.0))
             if fault == "cancel":
                 src.send_signal(signal.SIGINT)
-            elif fault == "kill-src-channel":
-                kids = [k for k in descendants(src.pid) if b"resource_tracker" not in _cmdline(k)]
+            elif fault in ("kill-src-channel", "kill-dst-channel"):
+                parent = src.pid if fault == "kill-src-channel" else dst.pid
+                kids = [k for k in descendants(parent) if b"resource_tracker" not in _cmdline(k)]
                 if kids:
-                    os.kill(rng.choice(kids), signal.SIGKILL)
-            elif fault == "kill-dst-channel":
-                kids = [k for k in descendants(dst.pid) if b"resource_tracker" not in _cmdline(k)]
-                if kids:
-                    os.kill(rng.choice(kids), signal.SIGKILL)
+                    try:
+                        os.kill(rng.choice(kids), signal.SIGKILL)
+                    except ProcessLookupError:  # it finished first: the run has no fault
+                        pass
             elif fault == "kill-dst":
                 dst.kill()
         _, serr = src.communicate(timeout=120)

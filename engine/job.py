@@ -84,7 +84,6 @@ class BackgroundJob:
         self._done = threading.Event()
         self._thread: threading.Thread | None = None
         self._guest_paused = False
-        self._completed_at: float | None = None  # see _complete
         self._remaining_pages = ram.total_size // TARGET_PAGE_SIZE
         self._high = 0  # iterations in a row that dirtied fast (auto-converge)
         self.trace: Trace | None = None  # this thread's track (--trace)
@@ -277,7 +276,8 @@ class BackgroundJob:
             self.error = error.with_traceback(None) if isinstance(error, MigrationError) else MigrationError(
                 f"internal error {type(error).__name__}: {error}")
             st.error = str(self.error)
-        st.end = self._completed_at if error is None and self._completed_at is not None else time.monotonic()
+        if error is not None or st.end is None:  # a failed teardown: the clock runs to here
+            st.end = time.monotonic()
         self._done.set()
 
     def _complete(self, down: float) -> None:
@@ -287,7 +287,7 @@ class BackgroundJob:
         joins its multifd threads."""
         now = time.monotonic()
         self.stats.downtime = now - down
-        self._completed_at = now
+        self.stats.end = now  # query() during the teardown already shows the final total-time
 
     def _check(self) -> None:
         if self._cancel.is_set():

@@ -44,8 +44,7 @@ from .compression import MultiFDMethod
 from .compression.base import Buffer
 from .errors import ChannelError, MigrationTimeout
 from .procs import ChildGroup, Connection, _CTX, self_usage
-from .ram import GuestRam, RamBlock
-from .ram import page_runs
+from .ram import GuestRam, RamBlock, byte_offsets, page_runs
 from .send_channels import (
     C_ANON_RSS, C_BYTES, C_CPU_US, C_NCOUNTERS, C_PACKETS, C_PAGES, C_PEAK_RSS, C_ZERO, ChannelStats,
 )
@@ -119,7 +118,7 @@ class _Sink:
     def recv_into_pages(self) -> None:
         assert self.block is not None
         if self._by_fd():
-            self.recv_and_pwrite(self.block, tuple((self.idx << TARGET_PAGE_BITS).tolist()))
+            self.recv_and_pwrite(self.block, byte_offsets(self.idx))
             return
         buf = self.block.buf
         views = [buf[a * TARGET_PAGE_SIZE:b * TARGET_PAGE_SIZE] for a, b in page_runs(self.idx)]

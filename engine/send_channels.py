@@ -208,8 +208,6 @@ def _channel_loop(
     enc = PacketEncoder()
     batch = _Batch()
     blocks = ram.blocks
-    for block in blocks:
-        block.read_once()
     names = [b.name.encode() for b in blocks]
     what = f"multifd channel {channel}"
     # item updates through memoryviews cost half of numpy scalar ones, every packet
@@ -217,6 +215,9 @@ def _channel_loop(
     done_v = done.data
     raw = method.flag == MULTIFD_FLAG_NOCOMP
     lean = raw and not detect_zero  # the numpy-free path below
+    if lean:  # the only path that reads guest pages through the mapping (the others use preadv)
+        for block in blocks:
+            block.read_once()
 
     def send_packet(msg: bytes, rec: int, t0: int) -> int:
         """Send the data packet of the job's record at ``rec``; returns the trace clock."""
@@ -452,14 +453,19 @@ class SendChannels:
         used, self._held = self._held, 0
         self._send_job(ch, used)
 
+    def _to_every_channel(self, kind: int, flags: int) -> None:
+        """A one-record SYNC or QUIT job into every channel's pipe, after the packets held in
+        the job (which go first, so every data packet precedes it on its channel)."""
+        self.flush()
+        for ch in range(self.n):
+            self._record(0, kind, 0, flags)
+            self._send_job(ch, 1)
+
     def sync(self) -> None:
         """``multifd_send_sync_main``: a SYNC packet on every channel, all of them written."""
         t0 = time.perf_counter()
-        self.flush()
         self.bytes_committed += self.n * PACKET_HEADER_SIZE
-        for ch in range(self.n):
-            self._record(0, JOB_SYNC, 0, MULTIFD_FLAG_SYNC)
-            self._send_job(ch, 1)
+        self._to_every_channel(JOB_SYNC, MULTIFD_FLAG_SYNC)
         synced: set[int] = set()
         deadline = time.monotonic() + self.stall_timeout
         while len(synced) < self.n:
@@ -479,10 +485,7 @@ class SendChannels:
 
     def quit(self, timeout: float = 10.0) -> None:
         """Graceful end: every channel finishes its queue, closes its socket and exits 0."""
-        self.flush()
-        for ch in range(self.n):
-            self._record(0, JOB_QUIT, 0, 0)
-            self._send_job(ch, 1)
+        self._to_every_channel(JOB_QUIT, 0)
         deadline = time.monotonic() + timeout
         procs = self.group.procs
         while any(p.exitcode is None for p in procs):

@@ -108,6 +108,21 @@ def channel_pids(pid: int, n: int, timeout: float = 10.0) -> list[int]:
     raise AssertionError(f"process {pid} did not start {n} channel processes")
 
 
+def mapping_flags(pid: int | str, segment: str = "") -> set[str]:
+    """The VmFlags (smaps) of a process's first mapping of an engine segment (``segment``: a
+    given one; default any); empty when it has none or has exited. ``pid`` may be "self"."""
+    try:
+        lines = Path(f"/proc/{pid}/smaps").read_text().splitlines()
+    except OSError:
+        return set()
+    path = f"/dev/shm/{segment}" if segment else "/dev/shm/mfd_"
+    for i, line in enumerate(lines):
+        if path in line:
+            flags = next(entry for entry in lines[i + 1:] if entry.startswith("VmFlags:"))
+            return set(flags.split()[1:])
+    return set()
+
+
 def run_engine(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
     return subprocess.run(engine_cmd(*args), capture_output=True, text=True, timeout=timeout, env=_env(), cwd=ROOT)
 

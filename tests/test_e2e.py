@@ -9,8 +9,8 @@ import pytest
 
 from engine.compression import method_names
 from support import (
-    ROOT, Incoming, _env, assert_same_ram, channel_pids, engine_cmd, image_args, make_image, read_dump, run_engine,
-    wait_for,
+    ROOT, Incoming, _env, assert_same_ram, channel_pids, engine_cmd, image_args, make_image, mapping_flags, read_dump,
+    run_engine, wait_for,
 )
 
 
@@ -198,19 +198,6 @@ def test_source_channel_rss_does_not_grow_with_the_guest() -> None:
     assert peaks["512M"] - peaks["64M"] < 32 * 1024, peaks
 
 
-def _guest_ram_flags(pid: int) -> set[str]:
-    """VmFlags of a process's mapping of an engine segment (empty if none, or if it exited)."""
-    try:
-        lines = Path(f"/proc/{pid}/smaps").read_text().splitlines()
-    except OSError:
-        return set()
-    for i, line in enumerate(lines):
-        if "/dev/shm/mfd_" in line:
-            flags = next(entry for entry in lines[i + 1:] if entry.startswith("VmFlags:"))
-            return set(flags.split()[1:])
-    return set()
-
-
 def test_source_channels_map_guest_ram_for_sequential_reads() -> None:
     """Every source channel advises its mapping of guest RAM ``MADV_SEQUENTIAL`` (VmFlags
     ``sr``): dropping the page-table entries of the pages it sent then leaves the LRU alone.
@@ -222,8 +209,8 @@ def test_source_channels_map_guest_ram_for_sequential_reads() -> None:
         )
         try:
             kids = channel_pids(src.pid, 2)
-            wait_for(lambda: all("sr" in _guest_ram_flags(k) for k in kids), 10, "sequential-read advice")
-            assert "sr" not in _guest_ram_flags(src.pid)
+            wait_for(lambda: all("sr" in mapping_flags(k) for k in kids), 10, "sequential-read advice")
+            assert "sr" not in mapping_flags(src.pid)
             _, err = src.communicate(timeout=60)
             assert src.returncode == 0, err
         finally:

@@ -15,6 +15,7 @@ import engine.ram as ram_mod
 from engine.errors import ChannelError
 from engine.ram import BlockSpec, GuestRam, page_runs
 from engine.wire import TARGET_PAGE_SIZE
+from support import mapping_flags
 
 PAGE = TARGET_PAGE_SIZE
 
@@ -177,18 +178,9 @@ def test_pwrite_offsets_writes_runs_in_any_order_byte_exact() -> None:
         assert np.array_equal(block.pages, expect)
 
 
-def _vm_flags(segment: str) -> set[str]:
-    """This process's VmFlags for its mapping of ``segment`` (/proc/self/smaps)."""
-    with open("/proc/self/smaps") as f:
-        lines = f.read().splitlines()
-    start = next(i for i, line in enumerate(lines) if line.endswith(f"/dev/shm/{segment}"))
-    flags = next(line for line in lines[start + 1:] if line.startswith("VmFlags:"))
-    return set(flags.split()[1:])
-
-
 def _read_once_in_child(block: ram_mod.RamBlock, conn: Any) -> None:
     block.read_once()
-    conn.send(sorted(_vm_flags(block.segment)))
+    conn.send(sorted(mapping_flags("self", block.segment)))
 
 
 def test_read_once_advises_sequential_reads_on_this_mapping_only() -> None:
@@ -210,7 +202,7 @@ def test_read_once_advises_sequential_reads_on_this_mapping_only() -> None:
             parent.close()
             child.close()
         assert proc.exitcode == 0
-        assert "sr" not in _vm_flags(block.segment)
+        assert "sr" not in mapping_flags("self", block.segment)
         block.read_once()
         block.unmap_pages(0, 64)
         assert (block.pages[5] == 3).all() and not block.pages[6].any()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
@@ -196,6 +197,29 @@ def test_source_channel_rss_does_not_grow_with_the_guest() -> None:
             assert dst.wait(120) == 0, dst.stderr
         peaks[size] = max(c["peak-rss-kib"] for c in json.loads(src.stdout)["channels"])
     assert peaks["512M"] - peaks["64M"] < 32 * 1024, peaks
+
+
+def test_channel_processes_run_as_sched_batch() -> None:
+    """Both sides' multifd channel processes run as ``SCHED_BATCH`` (throughput workers that do
+    not preempt the running task when they wake); the engine processes that own them keep the
+    normal policy."""
+    with Incoming("tcp:127.0.0.1:0", "--channels", "2", "--listen-timeout", "30") as dst:
+        src = subprocess.Popen(
+            engine_cmd("migrate", dst.uri, "--ram-size", "64M", "--max-bandwidth", "16M", "--channels", "2"),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), cwd=ROOT,
+        )
+        try:
+            for owner in (src.pid, dst.proc.pid):
+                kids = channel_pids(owner, 2)
+                wait_for(lambda: [os.sched_getscheduler(k) for k in kids] == [os.SCHED_BATCH] * 2, 10, "SCHED_BATCH")
+                assert os.sched_getscheduler(owner) == os.SCHED_OTHER
+            _, err = src.communicate(timeout=60)
+            assert src.returncode == 0, err
+        finally:
+            if src.poll() is None:
+                src.kill()
+                src.communicate(timeout=10)
+        assert dst.wait(60) == 0, dst.stderr
 
 
 def test_source_channels_map_guest_ram_for_sequential_reads() -> None:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -199,20 +201,17 @@ def test_source_channel_rss_does_not_grow_with_the_guest() -> None:
     assert peaks["512M"] - peaks["64M"] < 32 * 1024, peaks
 
 
-def test_channel_processes_run_as_sched_batch() -> None:
-    """Both sides' multifd channel processes run as ``SCHED_BATCH`` (throughput workers that do
-    not preempt the running task when they wake); the engine processes that own them keep the
-    normal policy."""
+@contextlib.contextmanager
+def _slow_migration() -> Iterator[tuple[subprocess.Popen[str], Incoming]]:
+    """A 64 MiB guest migrating at 16 MiB/s over 2 channels (about 4 s: time to look at the
+    processes of both sides); on a clean exit, both sides must have succeeded."""
     with Incoming("tcp:127.0.0.1:0", "--channels", "2", "--listen-timeout", "30") as dst:
         src = subprocess.Popen(
             engine_cmd("migrate", dst.uri, "--ram-size", "64M", "--max-bandwidth", "16M", "--channels", "2"),
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), cwd=ROOT,
         )
         try:
-            for owner in (src.pid, dst.proc.pid):
-                kids = channel_pids(owner, 2)
-                wait_for(lambda: [os.sched_getscheduler(k) for k in kids] == [os.SCHED_BATCH] * 2, 10, "SCHED_BATCH")
-                assert os.sched_getscheduler(owner) == os.SCHED_OTHER
+            yield src, dst
             _, err = src.communicate(timeout=60)
             assert src.returncode == 0, err
         finally:
@@ -220,25 +219,24 @@ def test_channel_processes_run_as_sched_batch() -> None:
                 src.kill()
                 src.communicate(timeout=10)
         assert dst.wait(60) == 0, dst.stderr
+
+
+def test_channel_processes_run_as_sched_batch() -> None:
+    """Both sides' multifd channel processes run as ``SCHED_BATCH`` (throughput workers that do
+    not preempt the running task when they wake); the engine processes that own them keep the
+    normal policy."""
+    with _slow_migration() as (src, dst):
+        for owner in (src.pid, dst.proc.pid):
+            kids = channel_pids(owner, 2)
+            wait_for(lambda: [os.sched_getscheduler(k) for k in kids] == [os.SCHED_BATCH] * 2, 10, "SCHED_BATCH")
+            assert os.sched_getscheduler(owner) == os.SCHED_OTHER
 
 
 def test_source_channels_map_guest_ram_for_sequential_reads() -> None:
     """Every source channel advises its mapping of guest RAM ``MADV_SEQUENTIAL`` (VmFlags
     ``sr``): dropping the page-table entries of the pages it sent then leaves the LRU alone.
     The source's own mapping (the guest's) keeps its default."""
-    with Incoming("tcp:127.0.0.1:0", "--channels", "2", "--listen-timeout", "30") as dst:
-        src = subprocess.Popen(
-            engine_cmd("migrate", dst.uri, "--ram-size", "64M", "--max-bandwidth", "16M", "--channels", "2"),
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), cwd=ROOT,
-        )
-        try:
-            kids = channel_pids(src.pid, 2)
-            wait_for(lambda: all("sr" in mapping_flags(k) for k in kids), 10, "sequential-read advice")
-            assert "sr" not in mapping_flags(src.pid)
-            _, err = src.communicate(timeout=60)
-            assert src.returncode == 0, err
-        finally:
-            if src.poll() is None:
-                src.kill()
-                src.communicate(timeout=10)
-        assert dst.wait(60) == 0, dst.stderr
+    with _slow_migration() as (src, _):
+        kids = channel_pids(src.pid, 2)
+        wait_for(lambda: all("sr" in mapping_flags(k) for k in kids), 10, "sequential-read advice")
+        assert "sr" not in mapping_flags(src.pid)

@@ -46,6 +46,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import numpy.typing as npt
 
+from .buffers import aligned_pages
 from .compression import MultiFDMethod
 from .errors import ChannelError, MigrationTimeout
 from .procs import ChildGroup, Connection, _CTX, self_usage
@@ -87,7 +88,7 @@ class _Batch:
     """The pages of the packet being sent (implements ``compression.PageBatch``)."""
 
     def __init__(self) -> None:
-        self.scratch = np.empty((PAGES_PER_PACKET, TARGET_PAGE_SIZE), dtype=np.uint8)
+        self.scratch = aligned_pages(PAGES_PER_PACKET)  # preadv's copies from the page cache at full speed
         self.block: RamBlock | None = None
         self.idx: npt.NDArray[np.int64] = np.zeros(0, dtype=np.int64)
         self.gathered: npt.NDArray[np.uint8] | None = None  # this job's pages, already read

@@ -11,12 +11,7 @@ socket without attaching anything by name. Right after the fork a child:
 * ignores SIGINT: Ctrl-C reaches the whole process group, and only the parent decides how the
   migration ends;
 * closes every inherited socket that is not its own, so a peer sees EOF exactly when the owner
-  closes;
-* multifd and snapshot channels (not the guest's writers) switch to ``SCHED_BATCH``: they are
-  throughput workers, and a batch task that wakes up does not preempt the one running. A
-  channel woken by its socket or its block's write lock then waits for the running task to
-  block or use up its slice instead of cutting in, so the destination's write-lock holder
-  (which every other channel of that block waits for) is preempted less often.
+  closes.
 
 A child never raises into the void: :func:`child_main` catches everything and sends
 ``("error", channel, message)`` on its event pipe, then exits 1. The parent watches event pipes
@@ -84,15 +79,6 @@ def _keep_packet_buffers(libc: Any) -> None:
         pass
 
 
-def _sched_batch() -> None:
-    """``SCHED_BATCH`` for this process (unprivileged; nice value unchanged). Where the
-    policy is unavailable the channel runs as it is: it is a scheduling hint, not a need."""
-    try:
-        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
-    except (AttributeError, OSError):
-        pass
-
-
 def child_main(
     channel: int,
     parent_pid: int,
@@ -100,7 +86,6 @@ def child_main(
     close: Sequence[Any],
     target: Callable[..., None],
     args: tuple[Any, ...],
-    batch: bool = False,
 ) -> None:
     """Entry point of every channel process (runs in the child)."""
     libc = _libc()
@@ -120,8 +105,6 @@ def child_main(
     # allocations (about 2% of a destination channel's CPU in a perf profile).
     gc.disable()
     _keep_packet_buffers(libc)
-    if batch:
-        _sched_batch()
     for obj in close:  # inherited sockets and fds that belong to others
         try:
             os.close(obj) if isinstance(obj, int) else obj.close()
@@ -171,10 +154,9 @@ def _report(events: Connection, channel: int, message: str) -> None:
 class ChildGroup:
     """The channel processes of one side of a migration, and their event pipes."""
 
-    def __init__(self, role: str, noun: str = "multifd channel", *, batch: bool = True) -> None:
+    def __init__(self, role: str, noun: str = "multifd channel") -> None:
         self.role = role  # "source", "destination", "guest", for messages
         self.noun = noun
-        self.batch = batch  # run the children as SCHED_BATCH (see the module docstring)
         self.procs: list[multiprocessing.process.BaseProcess] = []
         self.events: list[Connection] = []  # parent's read ends, index = channel id
         self._pids: list[int] = []
@@ -197,7 +179,7 @@ class ChildGroup:
         close = [s for s in others if s is not own]
         proc = _CTX.Process(
             target=child_main,
-            args=(channel, os.getpid(), ev_write, close, target, args, self.batch),
+            args=(channel, os.getpid(), ev_write, close, target, args),
             name=f"{self.noun.replace(' ', '-')}-{self.role}-{channel}",
             daemon=True,
         )

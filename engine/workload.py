@@ -127,7 +127,7 @@ class Workload:
         self.log = log
         self._mm = mmap.mmap(-1, 8 * (_C_HEADER + 2 * spec.writers))
         self.ctl: npt.NDArray[np.int64] = np.frombuffer(self._mm, dtype=np.int64)
-        self.group = ChildGroup("guest", noun="writer", batch=False)  # vCPUs: the guest keeps its normal policy
+        self.group = ChildGroup("guest", noun="writer")
         self._started = False
         self._closed = False
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import subprocess
 from pathlib import Path
 from typing import Iterator
@@ -219,17 +218,6 @@ def _slow_migration() -> Iterator[tuple[subprocess.Popen[str], Incoming]]:
                 src.kill()
                 src.communicate(timeout=10)
         assert dst.wait(60) == 0, dst.stderr
-
-
-def test_channel_processes_run_as_sched_batch() -> None:
-    """Both sides' multifd channel processes run as ``SCHED_BATCH`` (throughput workers that do
-    not preempt the running task when they wake); the engine processes that own them keep the
-    normal policy."""
-    with _slow_migration() as (src, dst):
-        for owner in (src.pid, dst.proc.pid):
-            kids = channel_pids(owner, 2)
-            wait_for(lambda: [os.sched_getscheduler(k) for k in kids] == [os.SCHED_BATCH] * 2, 10, "SCHED_BATCH")
-            assert os.sched_getscheduler(owner) == os.SCHED_OTHER
 
 
 def test_source_channels_map_guest_ram_for_sequential_reads() -> None:

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, settings
 
+from support import children
+
 settings.register_profile("ci", max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile("dev", max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile("deep", max_examples=5000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -52,21 +54,9 @@ def _tracker_pid() -> int | None:
 
 
 def child_pids() -> set[int]:
-    me = str(os.getpid())
-    out = set()
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            stat = (d / "stat").read_text()
-        except OSError:
-            continue
-        fields = stat.rsplit(")", 1)[1].split()
-        if fields[1] == me:  # ppid
-            out.add(int(d.name))
-    tracker = _tracker_pid()
-    out.discard(tracker or -1)
-    return out
+    """This session's child processes, zombies included (an unreaped child is a leak too),
+    other than multiprocessing's resource tracker."""
+    return set(children(os.getpid(), zombies=True)) - {_tracker_pid() or -1}
 
 
 @pytest.fixture(autouse=True)

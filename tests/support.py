@@ -84,7 +84,8 @@ def wait_for(pred: Any, timeout: float, what: str) -> None:
         time.sleep(0.01)
 
 
-def children(pid: int) -> list[int]:
+def children(pid: int, *, zombies: bool = False) -> list[int]:
+    """The child processes of ``pid`` (/proc), without zombies unless ``zombies``."""
     out = []
     for d in Path("/proc").iterdir():
         if d.name.isdigit():
@@ -92,16 +93,23 @@ def children(pid: int) -> list[int]:
                 fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
             except OSError:
                 continue
-            if fields[1] == str(pid) and fields[0] != "Z":
+            if fields[1] == str(pid) and (zombies or fields[0] != "Z"):
                 out.append(int(d.name))
     return sorted(out)
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:  # it has exited
+        return b""
 
 
 def channel_pids(pid: int, n: int, timeout: float = 10.0) -> list[int]:
     """The channel processes of an engine process (its children other than the resource tracker)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        kids = [k for k in children(pid) if b"resource_tracker" not in Path(f"/proc/{k}/cmdline").read_bytes()]
+        kids = [k for k in children(pid) if b"resource_tracker" not in _cmdline(k)]
         if len(kids) >= n:
             return kids
         time.sleep(0.05)
@@ -121,6 +129,16 @@ def mapping_flags(pid: int | str, segment: str = "") -> set[str]:
             flags = next(entry for entry in lines[i + 1:] if entry.startswith("VmFlags:"))
             return set(flags.split()[1:])
     return set()
+
+
+#: a source that takes about 3-4 s (64 MiB at 16 MiB/s): time to look at or strike its processes
+SLOW = ["--ram-size", "64M", "--max-bandwidth", "16M"]
+
+
+def start_source(uri: str, *args: str) -> subprocess.Popen[str]:
+    """``python -m engine migrate URI ...`` in a child process (text pipes)."""
+    return subprocess.Popen(engine_cmd("migrate", uri, *args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=_env(), cwd=ROOT)
 
 
 def run_engine(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:

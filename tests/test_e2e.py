@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import contextlib
-import subprocess
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
 from engine.compression import method_names
 from support import (
-    ROOT, Incoming, _env, assert_same_ram, channel_pids, engine_cmd, image_args, make_image, mapping_flags, read_dump,
-    run_engine, wait_for,
+    SLOW, Incoming, assert_same_ram, channel_pids, image_args, make_image, mapping_flags, read_dump, run_engine,
+    start_source, wait_for,
 )
 
 
@@ -200,17 +197,16 @@ def test_source_channel_rss_does_not_grow_with_the_guest() -> None:
     assert peaks["512M"] - peaks["64M"] < 32 * 1024, peaks
 
 
-@contextlib.contextmanager
-def _slow_migration() -> Iterator[tuple[subprocess.Popen[str], Incoming]]:
-    """A 64 MiB guest migrating at 16 MiB/s over 2 channels (about 4 s: time to look at the
-    processes of both sides); on a clean exit, both sides must have succeeded."""
+def test_source_channels_map_guest_ram_for_sequential_reads() -> None:
+    """Every source channel advises its mapping of guest RAM ``MADV_SEQUENTIAL`` (VmFlags
+    ``sr``): dropping the page-table entries of the pages it sent then leaves the LRU alone.
+    The source's own mapping (the guest's) keeps its default."""
     with Incoming("tcp:127.0.0.1:0", "--channels", "2", "--listen-timeout", "30") as dst:
-        src = subprocess.Popen(
-            engine_cmd("migrate", dst.uri, "--ram-size", "64M", "--max-bandwidth", "16M", "--channels", "2"),
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), cwd=ROOT,
-        )
+        src = start_source(dst.uri, *SLOW, "--channels", "2")
         try:
-            yield src, dst
+            kids = channel_pids(src.pid, 2)
+            wait_for(lambda: all("sr" in mapping_flags(k) for k in kids), 10, "sequential-read advice")
+            assert "sr" not in mapping_flags(src.pid)
             _, err = src.communicate(timeout=60)
             assert src.returncode == 0, err
         finally:
@@ -218,13 +214,3 @@ def _slow_migration() -> Iterator[tuple[subprocess.Popen[str], Incoming]]:
                 src.kill()
                 src.communicate(timeout=10)
         assert dst.wait(60) == 0, dst.stderr
-
-
-def test_source_channels_map_guest_ram_for_sequential_reads() -> None:
-    """Every source channel advises its mapping of guest RAM ``MADV_SEQUENTIAL`` (VmFlags
-    ``sr``): dropping the page-table entries of the pages it sent then leaves the LRU alone.
-    The source's own mapping (the guest's) keeps its default."""
-    with _slow_migration() as (src, _):
-        kids = channel_pids(src.pid, 2)
-        wait_for(lambda: all("sr" in mapping_flags(k) for k in kids), 10, "sequential-read advice")
-        assert "sr" not in mapping_flags(src.pid)

@@ -15,17 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from support import ROOT, Incoming, _env, channel_pids, engine_cmd, run_engine
+from support import ROOT, SLOW, Incoming, _env, channel_pids, engine_cmd, run_engine, start_source
 from engine.wire import MultiFDInit, encode_packet_header, MULTIFD_FLAG_SYNC
 from engine.stream import StreamEncoder
-
-SLOW = ["--ram-size", "64M", "--max-bandwidth", "16M"]  # about 3 s: time to strike mid-way
-
-
-def start_source(uri: str, *args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(engine_cmd("migrate", uri, *args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=_env(), cwd=ROOT)
-
 
 def gone(pids: list[int], timeout: float = 10.0) -> bool:
     deadline = time.monotonic() + timeout

@@ -15,7 +15,7 @@ from engine.errors import MigrationCancelled, MigrationError
 from engine.migration import Migration
 from engine.ram import block_digest, fill_pages
 from engine.workload import Workload, WorkloadSpec
-from support import Incoming, engine_cmd, _env, ROOT, wait_for
+from support import ROOT, Incoming, _env, engine_cmd, start_source, wait_for
 
 
 def _guest(size: int = 16 << 20, blocks: int = 2) -> GuestRam:
@@ -161,10 +161,7 @@ def test_static_cancel_leaves_source_ram_untouched() -> None:
 @pytest.mark.parametrize("sig, code, word", [(signal.SIGINT, 130, "SIGINT"), (signal.SIGTERM, 143, "SIGTERM")])
 def test_cli_signal_cancels(tmp_path: Path, sig: int, code: int, word: str) -> None:
     with Incoming("tcp:127.0.0.1:0", "--stall-timeout", "20") as dst:
-        src = subprocess.Popen(
-            engine_cmd("migrate", dst.uri, "--ram-size", "32M", "--max-bandwidth", "4M", "--dirty-rate", "1M"),
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(), cwd=ROOT, text=True,
-        )
+        src = start_source(dst.uri, "--ram-size", "32M", "--max-bandwidth", "4M", "--dirty-rate", "1M")
         time.sleep(2.0)
         src.send_signal(sig)
         out, err = src.communicate(timeout=30)

@@ -28,10 +28,10 @@ from .wire import TARGET_PAGE_SIZE
 
 
 def aligned_bytes(nbytes: int) -> memoryview:
-    """A writable, zero-filled, page-aligned byte buffer of ``nbytes`` (the view keeps its
+    """A writable, zero-filled, page-aligned byte buffer of ``nbytes`` > 0 (the view keeps its
     mapping alive; the mapping goes when the last view does)."""
     private = mmap.MAP_PRIVATE  # plain anonymous memory: not shared with processes forked later
-    return memoryview(mmap.mmap(-1, max(nbytes, 1), flags=private))[:nbytes]
+    return memoryview(mmap.mmap(-1, nbytes, flags=private))
 
 
 def aligned_pages(npages: int) -> npt.NDArray[np.uint8]:

@@ -115,6 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="legacy: the migration thread finds zero pages and sends ZERO records (QEMU 7.2);"
                           " multifd: the channels find them and list them in packets (QEMU 9.0; engine"
                           " destinations only); none: send every page whole (default legacy)")
+    mig.add_argument("--tcp-congestion", default="auto", metavar="auto|NAME",
+                     help="TCP congestion control of the source's sockets: auto uses cubic towards a destination"
+                          " on this host (a pacing default such as bbr slows loopback) and the system's default"
+                          " otherwise; NAME (cubic, reno, bbr, ...) for every connection (default auto)")
     add_precopy_args(mig.add_argument_group("live guest (precopy)"),
                      "max-bandwidth, headers included (K/M/G suffixes; default 0 = unlimited; QEMU's is 128M)")
 

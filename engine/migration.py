@@ -157,7 +157,7 @@ class Migration(BackgroundJob):
         ensure_fd_budget(p.channels, "source")
         enc = StreamEncoder()
         self._enc = enc
-        self._main = connect(self.addr, p.handshake_timeout)
+        self._main = connect(self.addr, p.handshake_timeout, p.tcp_congestion)
         self._main.settimeout(p.stall_timeout)
         enc.header()
         enc.configuration(p.machine)
@@ -168,7 +168,7 @@ class Migration(BackgroundJob):
         deadline = Deadline(p.handshake_timeout)
         try:
             for i in range(p.channels):
-                sock = connect(self.addr, max(deadline.remaining(), 0.001))
+                sock = connect(self.addr, max(deadline.remaining(), 0.001), p.tcp_congestion)
                 socks.append(sock)
                 sock.settimeout(p.stall_timeout)
                 send_all(sock, [MultiFDInit(i, p.uuid).pack()], f"multifd channel {i} handshake")

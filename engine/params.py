@@ -8,6 +8,7 @@
 | uuid             | -uuid (channel handshake) | all zeros               |
 | machine          | -machine (configuration section) | none             |
 | zero_page_detection | zero-page-detection (QEMU 9.0): legacy, multifd or none | legacy (QEMU 9.0: multifd) |
+| tcp_congestion   | (engine) the source's TCP congestion control: auto or an algorithm | auto |
 
 ``zero-page-detection``: ``legacy`` (QEMU 7.2's only behaviour) scans pages in the migration
 thread and sends zero pages as ZERO records on the main channel; ``multifd`` scans them in the
@@ -15,6 +16,11 @@ channel processes and lists them in the packets' ``zero_pages`` field, which a Q
 destination ignores, so use it only towards this engine (whose destination always accepts
 it); ``none`` sends every page whole. The default stays ``legacy`` so that a migration into a
 QEMU 7.2 destination is correct without extra settings.
+
+``tcp-congestion``: ``auto`` uses ``cubic`` (else ``reno``) towards a destination on this host
+and the system's default towards any other; a name (``cubic``, ``bbr``, ...) is used for every
+TCP connection of the migration. QEMU leaves the system's default everywhere; on a host whose
+default is BBR, its pacing slows a same-host migration (see ``transport``).
 
 Precopy (QEMU names and defaults, except where noted):
 
@@ -47,6 +53,7 @@ DEFAULT_CHANNELS = 2
 DEFAULT_HANDSHAKE_TIMEOUT = 15.0
 DEFAULT_STALL_TIMEOUT = 60.0
 ZERO_PAGE_DETECTION = ("legacy", "multifd", "none")
+_CONGESTION_NAME = re.compile(r"^[A-Za-z0-9_-]{1,15}$")  # TCP_CA_NAME_MAX is 16 with the NUL
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([bBkKmMgGtTpPeE]?)(?:i?[bB])?\s*$")
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50, "e": 1 << 60}
@@ -71,6 +78,7 @@ class MigrationParams:
     uuid: bytes = bytes(16)
     machine: str = "none"
     zero_page_detection: str = "legacy"
+    tcp_congestion: str = "auto"
     handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT
     stall_timeout: float = DEFAULT_STALL_TIMEOUT
     max_bandwidth: int = 0
@@ -97,6 +105,11 @@ class MigrationParams:
             raise ConfigError(
                 f"zero-page-detection {self.zero_page_detection!r} is not supported, expected one of"
                 f" {', '.join(ZERO_PAGE_DETECTION)}"
+            )
+        if not _CONGESTION_NAME.match(self.tcp_congestion):
+            raise ConfigError(
+                f"tcp-congestion {self.tcp_congestion!r} is not a congestion control name: expected auto or"
+                " an algorithm such as cubic, reno or bbr"
             )
         if len(self.uuid) != 16:
             raise ConfigError(f"uuid is {len(self.uuid)} bytes, expected 16")

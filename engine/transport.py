@@ -3,19 +3,34 @@ vectored send and exact receives into caller memory.
 
 Every blocking call here has a deadline: sockets carry a timeout, and a timeout becomes
 :class:`MigrationTimeout` naming what we were waiting for.
+
+A source's TCP sockets get their congestion control before they connect (``tcp-congestion``).
+With ``auto``, a destination on this host gets :data:`LOCAL_CONGESTION`: the host's default may
+be a pacing algorithm (BBR, as on this project's VM), which on loopback throttles the sender
+with timers and costs CPU for nothing (there is no queue to protect), and the choice has to be
+made before ``connect``, since BBR marks the socket as paced when it starts and switching away
+later keeps the pacing. Towards another host the system's default stays.
 """
 
 from __future__ import annotations
 
+import errno
+import ipaddress
 import os
 import socket
 import time
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 from .errors import ChannelClosed, ChannelError, ConfigError, MigrationTimeout, TruncatedError
 
 SOCKET_BUFFER = 4 << 20
+#: tcp-congestion=auto towards this host: the first one the kernel lets this user set
+LOCAL_CONGESTION = ("cubic", "reno")
+_CONGESTION_LISTS = {  # what the kernel offers, and what it lets an unprivileged user set
+    "available": "/proc/sys/net/ipv4/tcp_available_congestion_control",
+    "allowed": "/proc/sys/net/ipv4/tcp_allowed_congestion_control",
+}
 
 
 @dataclass(frozen=True)
@@ -118,8 +133,10 @@ def bound_uri(sock: socket.socket, addr: Address) -> str:
     return TcpAddress(host, port).uri
 
 
-def connect(addr: Address, timeout: float) -> socket.socket:
-    """Connect with a deadline; the socket keeps ``timeout`` for later blocking calls."""
+def connect(addr: Address, timeout: float, congestion: str | None = None) -> socket.socket:
+    """Connect with a deadline; the socket keeps ``timeout`` for later blocking calls.
+    ``congestion``: the TCP congestion control (``auto``: see the module docstring; None: the
+    system's default); ignored for UNIX sockets."""
     try:
         if isinstance(addr, UnixAddress):
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -130,7 +147,7 @@ def connect(addr: Address, timeout: float) -> socket.socket:
                 sock.close()
                 raise
         else:
-            sock = socket.create_connection((addr.host, addr.port), timeout=timeout)
+            sock = _connect_tcp(addr, timeout, congestion)
         _tune(sock)
         return sock
     except socket.timeout as exc:
@@ -139,6 +156,68 @@ def connect(addr: Address, timeout: float) -> socket.socket:
         raise ConfigError(f"cannot resolve {addr.uri}: {exc.strerror}") from exc
     except OSError as exc:
         raise ChannelError(f"cannot connect to {addr.uri}: {exc.strerror or exc}") from exc
+
+
+def _connect_tcp(addr: TcpAddress, timeout: float, congestion: str | None) -> socket.socket:
+    """``socket.create_connection``, with the congestion control set before each attempt."""
+    error: OSError | None = None
+    for family, kind, proto, _, sockaddr in socket.getaddrinfo(addr.host, addr.port, type=socket.SOCK_STREAM):
+        sock = socket.socket(family, kind, proto)
+        try:
+            if congestion is not None:
+                set_congestion(sock, congestion, on_this_host(family, sockaddr))
+            sock.settimeout(timeout)
+            sock.connect(sockaddr)
+            return sock
+        except OSError as exc:  # the next address, as create_connection does
+            sock.close()
+            error = exc
+        except BaseException:
+            sock.close()
+            raise
+    raise error or OSError(f"no address for {addr.host!r}")
+
+
+def on_this_host(family: int, sockaddr: tuple[Any, ...]) -> bool:
+    """Whether a connection to ``sockaddr`` stays on this host: a loopback or unspecified
+    address, or one the kernel routes locally (it then picks the address itself as the source;
+    a UDP ``connect`` is only that route lookup and sends nothing)."""
+    ip = ipaddress.ip_address(str(sockaddr[0]).partition("%")[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    if ip.is_loopback or ip.is_unspecified:
+        return True
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as probe:
+            probe.connect(sockaddr)
+            return bool(probe.getsockname()[0] == sockaddr[0])
+    except OSError:  # no route: not here
+        return False
+
+
+def set_congestion(sock: socket.socket, congestion: str, local_peer: bool) -> None:
+    """Set ``sock``'s TCP congestion control before it connects: ``auto`` takes the first of
+    :data:`LOCAL_CONGESTION` the kernel allows when the peer is on this host and leaves the
+    system's default otherwise; a name is that algorithm, or a :class:`ConfigError`."""
+    names = (LOCAL_CONGESTION if local_peer else ()) if congestion == "auto" else (congestion,)
+    for name in names:
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, name.encode())
+            return
+        except OSError as exc:
+            if congestion == "auto":
+                continue
+            kind = "allowed" if exc.errno == errno.EPERM else "available"
+            why = "not allowed for this user" if kind == "allowed" else "not available on this host"
+            raise ConfigError(f"tcp-congestion {name!r}: {why} ({kind}: {_congestion_list(kind)})") from None
+
+
+def _congestion_list(kind: str) -> str:
+    try:
+        with open(_CONGESTION_LISTS[kind]) as f:
+            return f.read().strip() or "none"
+    except OSError:
+        return "unknown"
 
 
 def send_all(sock: socket.socket, buffers: Sequence[object], what: str, total: int | None = None) -> int:

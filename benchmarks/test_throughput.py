@@ -10,6 +10,7 @@ as in QEMU's default case. extra_info carries MiB/s (guest size / time) for the 
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 
 import pytest
 
@@ -64,3 +65,20 @@ def test_zero_page_detection(benchmark, make_guest, detection: str, method: str,
     params = MigrationParams(channels=4, compression=method, zero_page_detection=detection)
     extra = ["--ram", f"pc.ram={ram.total_size}", "--prealloc"] if dest == "prealloc" else []
     _bench(benchmark, ram, params, "tcp:127.0.0.1:0", *extra, rounds=5)
+
+
+def _system_congestion() -> str:
+    try:
+        return Path("/proc/sys/net/ipv4/tcp_congestion_control").read_text().strip()
+    except OSError:
+        return "cubic"
+
+
+@pytest.mark.parametrize("congestion", ["auto", _system_congestion()])
+def test_tcp_congestion(benchmark, make_guest, congestion: str) -> None:
+    """tcp-congestion auto (cubic towards this host) vs the system's default on every socket
+    (what QEMU uses), 4 channels, none, mixed guest, fresh destination.
+    Run: ./scripts/bench -k tcp_congestion"""
+    ram = make_guest("mixed")
+    params = MigrationParams(channels=4, compression="none", tcp_congestion=congestion)
+    _bench(benchmark, ram, params, "tcp:127.0.0.1:0", rounds=5)

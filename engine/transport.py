@@ -165,7 +165,7 @@ def _connect_tcp(addr: TcpAddress, timeout: float, congestion: str | None) -> so
         sock = socket.socket(family, kind, proto)
         try:
             if congestion is not None:
-                set_congestion(sock, congestion, on_this_host(family, sockaddr))
+                set_congestion(sock, congestion, congestion == "auto" and on_this_host(family, sockaddr))
             sock.settimeout(timeout)
             sock.connect(sockaddr)
             return sock

@@ -257,6 +257,14 @@ def plan(cases: Sequence[str], modes: Sequence[str]) -> list[tuple[Job, ...]]:
     return pairs
 
 
+def system_congestion() -> str:
+    """The host's default TCP congestion control (what QEMU's sockets get)."""
+    try:
+        return Path("/proc/sys/net/ipv4/tcp_congestion_control").read_text().strip()
+    except OSError:
+        return "unknown"
+
+
 def reference(case: str, mode: str) -> Job:
     """The QEMU run an engine case is compared with."""
     return Job("qemu", "none", "fresh") if case in ENGINE_ONLY else Job("qemu", case, mode)
@@ -527,12 +535,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if loads:
         print(f"\nnoise: 1-min load average {min(loads):.2f}-{max(loads):.2f} during the runs; CPU used by other"
               f" processes during a run: median {statistics.median(others):.2f} s, max {max(others):.2f} s")
+    system_cc = system_congestion()
+    print(f"TCP congestion control: QEMU's senders use the system's default ({system_cc}); the engine's use"
+          " tcp-congestion auto (cubic, else reno, towards this host)")
     out = {
         "title": title,
         "started": started,
         "config": {"size": args.size_bytes, "rounds": args.rounds, "cases": args.cases, "modes": args.modes,
                    "channels": args.channels, "level": args.level, "transport": "tcp:127.0.0.1",
-                   "qemu-max-bandwidth": QEMU_MAX_BANDWIDTH, "cpus": os.cpu_count()},
+                   "qemu-max-bandwidth": QEMU_MAX_BANDWIDTH, "cpus": os.cpu_count(),
+                   "tcp-congestion": {"qemu": system_cc, "engine": "auto"}},
         "qemu-version": subprocess.run([qemu_peer.QEMU_BINARY, "--version"], capture_output=True, text=True,
                                        timeout=30).stdout.splitlines()[0],
         "engine-revision": revision,

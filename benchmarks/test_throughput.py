@@ -10,12 +10,12 @@ as in QEMU's default case. extra_info carries MiB/s (guest size / time) for the 
 from __future__ import annotations
 
 import contextlib
-from pathlib import Path
 
 import pytest
 
 from engine.params import MigrationParams
 from engine.migration import migrate
+from engine.transport import congestion_setting
 from support import Incoming
 
 METHODS = ["none", "lz4", "zstd", "zlib"]
@@ -67,14 +67,7 @@ def test_zero_page_detection(benchmark, make_guest, detection: str, method: str,
     _bench(benchmark, ram, params, "tcp:127.0.0.1:0", *extra, rounds=5)
 
 
-def _system_congestion() -> str:
-    try:
-        return Path("/proc/sys/net/ipv4/tcp_congestion_control").read_text().strip()
-    except OSError:
-        return "cubic"
-
-
-@pytest.mark.parametrize("congestion", ["auto", _system_congestion()])
+@pytest.mark.parametrize("congestion", ["auto", congestion_setting("default")])
 def test_tcp_congestion(benchmark, make_guest, congestion: str) -> None:
     """tcp-congestion auto (cubic towards this host) vs the system's default on every socket
     (what QEMU uses), 4 channels, none, mixed guest, fresh destination.

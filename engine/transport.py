@@ -27,10 +27,6 @@ from .errors import ChannelClosed, ChannelError, ConfigError, MigrationTimeout, 
 SOCKET_BUFFER = 4 << 20
 #: tcp-congestion=auto towards this host: the first one the kernel lets this user set
 LOCAL_CONGESTION = ("cubic", "reno")
-_CONGESTION_LISTS = {  # what the kernel offers, and what it lets an unprivileged user set
-    "available": "/proc/sys/net/ipv4/tcp_available_congestion_control",
-    "allowed": "/proc/sys/net/ipv4/tcp_allowed_congestion_control",
-}
 
 
 @dataclass(frozen=True)
@@ -199,22 +195,29 @@ def set_congestion(sock: socket.socket, congestion: str, local_peer: bool) -> No
     """Set ``sock``'s TCP congestion control before it connects: ``auto`` takes the first of
     :data:`LOCAL_CONGESTION` the kernel allows when the peer is on this host and leaves the
     system's default otherwise; a name is that algorithm, or a :class:`ConfigError`."""
-    names = (LOCAL_CONGESTION if local_peer else ()) if congestion == "auto" else (congestion,)
-    for name in names:
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, name.encode())
-            return
-        except OSError as exc:
-            if congestion == "auto":
+    if congestion == "auto":
+        for name in LOCAL_CONGESTION if local_peer else ():
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, name.encode())
+                return
+            except OSError:
                 continue
-            kind = "allowed" if exc.errno == errno.EPERM else "available"
-            why = "not allowed for this user" if kind == "allowed" else "not available on this host"
-            raise ConfigError(f"tcp-congestion {name!r}: {why} ({kind}: {_congestion_list(kind)})") from None
-
-
-def _congestion_list(kind: str) -> str:
+        return
     try:
-        with open(_CONGESTION_LISTS[kind]) as f:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, congestion.encode())
+    except OSError as exc:
+        kind = "allowed" if exc.errno == errno.EPERM else "available"
+        why = "not allowed for this user" if kind == "allowed" else "not available on this host"
+        raise ConfigError(f"tcp-congestion {congestion!r}: {why} ({kind}: {congestion_setting(kind)})") from None
+
+
+def congestion_setting(kind: str) -> str:
+    """The kernel's TCP congestion control ``kind``: ``default`` (what a socket gets),
+    ``available`` (loaded) or ``allowed`` (settable without privileges), as in
+    ``/proc/sys/net/ipv4/tcp_{kind}_congestion_control``; "unknown" if it cannot be read."""
+    name = "tcp_congestion_control" if kind == "default" else f"tcp_{kind}_congestion_control"
+    try:
+        with open(f"/proc/sys/net/ipv4/{name}") as f:
             return f.read().strip() or "none"
     except OSError:
         return "unknown"

@@ -91,6 +91,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 import qemu_peer  # noqa: E402
+from engine.transport import LOCAL_CONGESTION, congestion_setting  # noqa: E402
 from engine_runs import (  # noqa: E402
     CASES, GiB, MiB, RunFailed, add_run_args, check_run_args, loadavg, machine_busy, machine_cpu, make_image,
     exit_status, proc_cpu, proc_huge_kib, proc_memory, proc_minflt, remove_leftover_segments, run_engine, shm_tag,
@@ -255,14 +256,6 @@ def plan(cases: Sequence[str], modes: Sequence[str]) -> list[tuple[Job, ...]]:
             else:
                 add(Job("qemu", case, mode), Job("engine", case, mode))
     return pairs
-
-
-def system_congestion() -> str:
-    """The host's default TCP congestion control (what QEMU's sockets get)."""
-    try:
-        return Path("/proc/sys/net/ipv4/tcp_congestion_control").read_text().strip()
-    except OSError:
-        return "unknown"
 
 
 def reference(case: str, mode: str) -> Job:
@@ -535,9 +528,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if loads:
         print(f"\nnoise: 1-min load average {min(loads):.2f}-{max(loads):.2f} during the runs; CPU used by other"
               f" processes during a run: median {statistics.median(others):.2f} s, max {max(others):.2f} s")
-    system_cc = system_congestion()
+    system_cc = congestion_setting("default")
     print(f"TCP congestion control: QEMU's senders use the system's default ({system_cc}); the engine's use"
-          " tcp-congestion auto (cubic, else reno, towards this host)")
+          f" tcp-congestion auto (the first of {', '.join(LOCAL_CONGESTION)} it may set, towards this host)")
     out = {
         "title": title,
         "started": started,

@@ -14,7 +14,9 @@ import pytest
 
 from engine.errors import ConfigError
 from engine.params import MigrationParams
-from engine.transport import LOCAL_CONGESTION, TcpAddress, connect, on_this_host, set_congestion
+from engine.transport import (
+    LOCAL_CONGESTION, TcpAddress, congestion_setting, connect, on_this_host, set_congestion,
+)
 from support import SLOW, Incoming, run_engine, start_source, wait_for
 
 PROC = Path("/proc/sys/net/ipv4")
@@ -25,7 +27,9 @@ def _congestion(sock: socket.socket) -> str:
 
 
 def _system_default() -> str:
-    return (PROC / "tcp_congestion_control").read_text().strip()
+    """What the kernel gives a new socket."""
+    with socket.socket() as sock:
+        return _congestion(sock)
 
 
 def _local_choice() -> str:
@@ -57,6 +61,13 @@ def test_auto_leaves_the_system_default_towards_another_host() -> None:
         assert _congestion(sock) == _system_default()
         set_congestion(sock, "auto", local_peer=True)
         assert _congestion(sock) == _local_choice()
+
+
+def test_congestion_setting_reads_the_kernel_settings() -> None:
+    assert congestion_setting("default") == _system_default()
+    assert _system_default() in congestion_setting("available").split()
+    assert congestion_setting("allowed") == (PROC / "tcp_allowed_congestion_control").read_text().strip()
+    assert congestion_setting("no_such") == "unknown"
 
 
 def test_which_addresses_are_on_this_host() -> None:

@@ -49,7 +49,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import numpy.typing as npt
 
-from .buffers import aligned_pages
+from .buffers import aligned_bytes, aligned_pages
 from .compression import MultiFDMethod, get_method
 from .compression.base import Buffer
 from .errors import ChannelError, CompressionError, MigrationError, MigrationTimeout
@@ -281,7 +281,7 @@ def restore_channel(events: Connection, ch: int, cmds: Connection, fd: int, path
     method: MultiFDMethod | None = None if method_name == "none" else get_method(method_name)
     buf = aligned_pages(REGION_PAGES)  # page-aligned: full-speed copies to and from the page cache
     flat = buf.data.cast("B")
-    comp = bytearray(0)
+    comp = memoryview(b"")  # a region's stored bytes (compressed), page-aligned once allocated
     mine = state.counters[ch]
 
     def work(gid: int) -> None:
@@ -309,8 +309,8 @@ def restore_channel(events: Connection, ch: int, cmds: Connection, fd: int, path
         else:
             length = int(state.glen[gid])
             if len(comp) < length:
-                comp = bytearray(length)
-            stored = memoryview(comp)[:length]
+                comp = aligned_bytes(length)
+            stored = comp[:length]
             _read_exact(fd, stored, int(state.goff[gid]), path, where)
         got = zlib.crc32(stored)
         if got != expected:

@@ -12,7 +12,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from engine.params import parse_size  # noqa: E402
-from engine.ram import BlockSpec, GuestRam, fill_pages  # noqa: E402
+from engine.memory.ram import BlockSpec, GuestRam
+from engine.memory.workload import fill_pages  # noqa: E402
 
 GUEST = os.environ.get("BENCH_GUEST", "1G")
 

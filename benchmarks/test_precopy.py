@@ -11,10 +11,10 @@ import time
 
 import pytest
 
-from engine.dirty import DirtyLog
-from engine.migration import Migration
+from engine.memory.dirty import DirtyLog
+from engine.source.migration import Migration
 from engine.params import MigrationParams
-from engine.workload import Workload, WorkloadSpec
+from engine.memory.workload import Workload, WorkloadSpec
 from support import Incoming
 
 

@@ -28,7 +28,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 
 import engine_runs  # noqa: E402
-from engine.migration import Migration  # noqa: E402
+from engine.source.migration import Migration  # noqa: E402
 from engine.params import MigrationParams, parse_size  # noqa: E402
 from support import Incoming  # noqa: E402
 

@@ -19,8 +19,8 @@ from typing import Any
 import pytest
 
 from engine.params import MigrationParams
-from engine.ram import GuestRam
-from engine.snapshot import restore, save
+from engine.memory.ram import GuestRam
+from engine.snapshot.jobs import restore, save
 
 CHANNELS = [1, 2, 4]
 pytestmark = pytest.mark.timeout(900)  # 1 GiB rounds with fsync on a shared disk

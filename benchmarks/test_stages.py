@@ -9,12 +9,13 @@ import numpy as np
 import pytest
 
 from engine.compression import get_method, method_names
-from engine.dirty import ChecksumTracker, DirtyLog
-from engine.ram import BlockSpec, GuestRam, fill_pages
-from engine.send_channels import _Batch
-from engine.source import zero_pages
-from engine.stream import StreamEncoder, MainStreamParser, StreamReader
-from engine.wire import PAGES_PER_PACKET, PacketEncoder, decode_packet_header
+from engine.memory.dirty import ChecksumTracker, DirtyLog
+from engine.memory.ram import BlockSpec, GuestRam
+from engine.memory.workload import fill_pages
+from engine.source.channels import _Batch
+from engine.source.ram_saver import zero_pages
+from engine.wire.stream import StreamEncoder, MainStreamParser, StreamReader
+from engine.wire.packet import PAGES_PER_PACKET, PacketEncoder, decode_packet_header
 
 PAGES = 8192  # 32 MiB of mixed pages
 
@@ -140,7 +141,7 @@ def test_stages_checksum_tracker_sync(benchmark, ram) -> None:
 
 def test_stages_queue_cost_per_page(benchmark) -> None:
     """multifd_queue_page for arrays: cutting a pass into packets (channels stubbed by a counter)."""
-    from engine.source import MultiFDQueue
+    from engine.source.ram_saver import MultiFDQueue
 
     class Channels:
         n = 0

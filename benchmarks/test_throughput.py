@@ -14,8 +14,8 @@ import contextlib
 import pytest
 
 from engine.params import MigrationParams
-from engine.migration import migrate
-from engine.transport import congestion_setting
+from engine.source.migration import migrate
+from engine.runtime.transport import congestion_setting
 from support import Incoming
 
 METHODS = ["none", "lz4", "zstd", "zlib"]

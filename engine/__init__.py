@@ -26,11 +26,10 @@ from .errors import (
 )
 
 if TYPE_CHECKING:
-    from .destination import run_incoming
-    from .incoming import IncomingMigration
-    from .migration import Migration, migrate
+    from .destination.incoming import IncomingMigration, run_incoming
+    from .memory.ram import BlockSpec, GuestRam, RamBlock
     from .params import MigrationParams, parse_size
-    from .ram import BlockSpec, GuestRam, RamBlock
+    from .source.migration import Migration, migrate
 
 __all__ = [
     "BlockSpec",
@@ -57,9 +56,9 @@ __all__ = [
 
 _LAZY = {
     "MigrationParams": "params", "parse_size": "params",
-    "BlockSpec": "ram", "GuestRam": "ram", "RamBlock": "ram",
-    "Migration": "migration", "migrate": "migration",
-    "IncomingMigration": "incoming", "run_incoming": "destination",
+    "BlockSpec": "memory.ram", "GuestRam": "memory.ram", "RamBlock": "memory.ram",
+    "Migration": "source.migration", "migrate": "source.migration",
+    "IncomingMigration": "destination.incoming", "run_incoming": "destination.incoming",
 }
 
 

@@ -3,7 +3,7 @@
 import sys
 
 try:
-    from .cli import main
+    from .cli.main import main
 except KeyboardInterrupt:  # Ctrl-C while numpy and friends load: no traceback
     print("engine: error: interrupted by SIGINT while starting", file=sys.stderr)
     sys.exit(130)

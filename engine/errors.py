@@ -13,7 +13,10 @@ carries a one-line message that names what was wrong (received vs expected).
     │   ├── ChannelClosed          the peer closed at a packet boundary (a clean end)
     │   └── TruncatedError         the peer closed in the middle of a message
     ├── MigrationTimeout       a deadline passed (handshake, sync, stall)
-    └── MigrationCancelled     the user cancelled (API cancel(), SIGINT, SIGTERM)
+    ├── MigrationCancelled     the user cancelled (API cancel(), SIGINT, SIGTERM)
+    └── SnapshotError          a snapshot file cannot be saved or restored
+        ├── SnapshotFormatError    not a snapshot, or another format version (also a ConfigError)
+        └── SnapshotCorruptError   truncated, incomplete or failing a checksum: never restored
 """
 
 from __future__ import annotations
@@ -61,3 +64,15 @@ class MigrationTimeout(MigrationError):
 
 class MigrationCancelled(MigrationError):
     """The migration was cancelled by the user."""
+
+
+class SnapshotError(MigrationError):
+    """A snapshot file cannot be saved or restored; the message is one line naming the file."""
+
+
+class SnapshotFormatError(SnapshotError, ConfigError):
+    """Not a snapshot file, or a snapshot of another format version."""
+
+
+class SnapshotCorruptError(SnapshotError):
+    """A snapshot file is truncated, incomplete or fails a checksum: never restored."""

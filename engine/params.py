@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 from .compression import get_method
 from .compression.base import MultiFDMethod
 from .errors import ConfigError
-from .wire import MAX_CHANNELS, parse_uuid
+from .wire.packet import MAX_CHANNELS, parse_uuid
 
 DEFAULT_CHANNELS = 2
 DEFAULT_HANDSHAKE_TIMEOUT = 15.0

@@ -1,17 +1,60 @@
-"""Migration statistics, reported with QEMU ``query-migrate`` names.
+"""Migration states and statistics, reported with QEMU ``query-migrate`` names.
 
-Counters are plain fields updated by the one thread that owns them (the main process of each
-side); per-channel figures come from the channel processes' shared counters at snapshot time.
+:class:`MigrationStatus` is the one list of states every job uses (source, destination,
+snapshot save and restore). Counters are plain fields updated by the one thread that owns
+them (the main process of each side); per-channel figures come from the channel processes'
+shared counters at snapshot time.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
-from .send_channels import ChannelStats
-from .wire import TARGET_PAGE_SIZE
+import numpy as np
+import numpy.typing as npt
+
+from .wire.packet import TARGET_PAGE_SIZE
+
+
+class MigrationStatus(StrEnum):
+    """QEMU's ``MigrationStatus`` values that the engine goes through (a ``str``: JSON as is)."""
+
+    NONE = "none"  # created, not started
+    SETUP = "setup"  # connecting, handshakes, MEM_SIZE
+    ACTIVE = "active"  # pages moving (precopy iterations, a restore's regions)
+    DEVICE = "device"  # the guest is stopped: the stop-and-copy pass
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def ended(self) -> bool:
+        return self in (MigrationStatus.COMPLETED, MigrationStatus.FAILED, MigrationStatus.CANCELLED)
+
+
+# counters per channel, in the shared mapping (resource usage is written when the channel ends)
+C_PACKETS, C_PAGES, C_BYTES, C_CPU_US, C_PEAK_RSS, C_ANON_RSS, C_ZERO, C_NCOUNTERS = range(8)
+
+
+@dataclass
+class ChannelStats:
+    id: int
+    pid: int
+    packets: int
+    normal_pages: int
+    bytes: int
+    cpu_seconds: float = 0.0  # known once the channel ended
+    peak_rss_kib: int = 0  # VmHWM, including guest pages touched through the mapping
+    private_rss_kib: int = 0  # RssAnon at the end
+    zero_pages: int = 0  # listed in packets (zero-page-detection=multifd)
+
+    @classmethod
+    def from_counters(cls, i: int, pid: int, c: npt.NDArray[np.uint64]) -> ChannelStats:
+        return cls(i, pid, int(c[C_PACKETS]), int(c[C_PAGES]), int(c[C_BYTES]), int(c[C_CPU_US]) / 1e6,
+                   int(c[C_PEAK_RSS]), int(c[C_ANON_RSS]), int(c[C_ZERO]))
 
 
 @dataclass
@@ -31,7 +74,7 @@ class RamCounters:
 
 @dataclass
 class MigrationStats:
-    status: str = "setup"
+    status: MigrationStatus = MigrationStatus.SETUP
     start: float = field(default_factory=time.monotonic)
     end: float | None = None
     setup_time: float = 0.0  # seconds

@@ -91,7 +91,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 import qemu_peer  # noqa: E402
-from engine.transport import LOCAL_CONGESTION, congestion_setting  # noqa: E402
+from engine.runtime.transport import LOCAL_CONGESTION, congestion_setting  # noqa: E402
 from engine_runs import (  # noqa: E402
     CASES, GiB, MiB, RunFailed, add_run_args, check_run_args, loadavg, machine_busy, machine_cpu, make_image,
     exit_status, proc_cpu, proc_huge_kib, proc_memory, proc_minflt, remove_leftover_segments, run_engine, shm_tag,

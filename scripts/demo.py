@@ -22,11 +22,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from engine import BlockSpec, GuestRam, MigrationError, MigrationParams, parse_size  # noqa: E402
-from engine.cli import progress_line, wait_for_listening  # noqa: E402
-from engine.dirty import DirtyLog  # noqa: E402
-from engine.migration import Migration  # noqa: E402
-from engine.ram import block_digest, fill_pages  # noqa: E402
-from engine.workload import DIRTY_PATTERNS, Workload, WorkloadSpec  # noqa: E402
+from engine.cli.common import progress_line, wait_for_listening  # noqa: E402
+from engine.memory.dirty import DirtyLog  # noqa: E402
+from engine.source.migration import Migration  # noqa: E402
+from engine.memory.ram import block_digest
+from engine.memory.workload import fill_pages  # noqa: E402
+from engine.memory.workload import DIRTY_PATTERNS, Workload, WorkloadSpec  # noqa: E402
 
 
 def wait_listening(proc: subprocess.Popen[bytes], timeout: float) -> str:

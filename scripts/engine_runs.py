@@ -177,7 +177,8 @@ def loadavg() -> float:
 
 def make_image(path: Path, size: int, seed: int = 0) -> None:
     """``size`` bytes of the engine's ``mixed`` guest (``--ram-size SIZE --fill mixed``) in ``path``."""
-    from engine.ram import BlockSpec, GuestRam, fill_pages
+    from engine.memory.ram import BlockSpec, GuestRam
+    from engine.memory.workload import fill_pages
 
     if size <= 0 or size % PAGE:
         raise SystemExit(f"compare-qemu: error: --size {size} is not a positive multiple of {PAGE}")

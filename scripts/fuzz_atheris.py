@@ -23,8 +23,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 def make_seeds() -> None:
     import numpy as np
 
-    from engine.stream import StreamEncoder
-    from engine.wire import MULTIFD_FLAG_SYNC, MultiFDInit, encode_packet_header
+    from engine.wire.stream import StreamEncoder
+    from engine.wire.packet import MULTIFD_FLAG_SYNC, MultiFDInit, encode_packet_header
 
     corpus = ROOT / "tests" / "fuzz_corpus"
     enc = StreamEncoder()
@@ -66,7 +66,7 @@ def main() -> None:
 
     with atheris.instrument_imports():
         from engine.errors import MigrationError
-        from engine.wire import MultiFDInit, decode_packet_header, validate_init
+        from engine.wire.packet import MultiFDInit, decode_packet_header, validate_init
         from test_fuzz import apply_stream
 
     target = sys.argv.pop(1) if len(sys.argv) > 1 else "stream"

@@ -55,7 +55,7 @@ def descendants(pid: int) -> list[int]:
 
 
 def start_destination(args: list[str]) -> tuple[subprocess.Popen[bytes], str]:
-    from engine.cli import wait_for_listening
+    from engine.cli.common import wait_for_listening
 
     proc = subprocess.Popen(engine("incoming", "tcp:127.0.0.1:0", *args), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, cwd=ROOT)

@@ -13,7 +13,7 @@ import numpy.typing as npt
 from engine.compression import RecvContext, SendContext, get_method, method_names
 from engine.compression.base import Buffer, PacketSink, PageBatch
 from engine.errors import TruncatedError
-from engine.wire import MAX_PACKET_PAYLOAD, MULTIFD_FLAG_NOCOMP, PAGES_PER_PACKET, TARGET_PAGE_SIZE
+from engine.wire.packet import MAX_PACKET_PAYLOAD, MULTIFD_FLAG_NOCOMP, PAGES_PER_PACKET, TARGET_PAGE_SIZE
 
 PAGE = TARGET_PAGE_SIZE
 METHODS = method_names()

@@ -9,7 +9,7 @@ from typing import Any, Iterable, Iterator
 
 import numpy as np
 
-from engine.stream import (
+from engine.wire.stream import (
     Configuration,
     Event,
     MainStreamParser,

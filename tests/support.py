@@ -41,7 +41,7 @@ class Incoming:
         self.stderr = ""
 
     def _wait_listening(self, timeout: float) -> str:
-        from engine.cli import wait_for_listening
+        from engine.cli.common import wait_for_listening
         from engine.errors import MigrationTimeout
 
         try:

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 from engine import BlockSpec, GuestRam, IncomingMigration, Migration, MigrationParams
-from engine.dirty import DirtyLog
+from engine.memory.dirty import DirtyLog
 from engine.errors import MigrationCancelled, MigrationError
-from engine.ram import fill_pages
-from engine.workload import Workload, WorkloadSpec
+from engine.memory.workload import fill_pages
+from engine.memory.workload import Workload, WorkloadSpec
 
 
 def test_both_sides_as_objects_live_byte_exact() -> None:
@@ -72,7 +72,7 @@ def test_total_time_ends_when_the_last_byte_is_written(monkeypatch: pytest.Monke
     ``downtime`` ends at the same moment. A teardown that fails still fails the migration,
     and then the clock runs to the end."""
     from engine.errors import ChannelError
-    from engine.send_channels import SendChannels
+    from engine.source.channels import SendChannels
 
     real_quit = SendChannels.quit
 

@@ -8,10 +8,10 @@ import socket
 
 import numpy as np
 
-from engine.buffers import aligned_bytes, aligned_pages
-from engine.recv_channels import _Sink
-from engine.send_channels import _Batch
-from engine.wire import MAX_PACKET_PAYLOAD, PACKET_HEADER_SIZE
+from engine.runtime.buffers import aligned_bytes, aligned_pages
+from engine.destination.channels import _Sink
+from engine.source.channels import _Batch
+from engine.wire.packet import MAX_PACKET_PAYLOAD, PACKET_HEADER_SIZE
 
 PAGE = 4096
 

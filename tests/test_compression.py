@@ -33,7 +33,7 @@ from engine.compression import (
 from engine.compression import registry
 from engine.compression.base import Buffer, PacketSink, PageBatch
 from engine.errors import CompressionError, ConfigError, MigrationError
-from engine.wire import (
+from engine.wire.packet import (
     MAX_PACKET_PAYLOAD,
     MULTIFD_FLAG_COMPRESSION_MASK,
     MULTIFD_FLAG_NOCOMP,

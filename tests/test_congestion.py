@@ -14,7 +14,7 @@ import pytest
 
 from engine.errors import ConfigError
 from engine.params import MigrationParams
-from engine.transport import (
+from engine.runtime.transport import (
     LOCAL_CONGESTION, TcpAddress, congestion_setting, connect, on_this_host, set_congestion,
 )
 from support import SLOW, Incoming, run_engine, start_source, wait_for

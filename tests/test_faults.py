@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from support import ROOT, SLOW, Incoming, _env, channel_pids, engine_cmd, run_engine, start_source
-from engine.wire import MultiFDInit, encode_packet_header, MULTIFD_FLAG_SYNC
-from engine.stream import StreamEncoder
+from engine.wire.packet import MultiFDInit, encode_packet_header, MULTIFD_FLAG_SYNC
+from engine.wire.stream import StreamEncoder
 
 def gone(pids: list[int], timeout: float = 10.0) -> bool:
     deadline = time.monotonic() + timeout

@@ -20,7 +20,7 @@ import numpy as np
 from hypothesis import given, settings, strategies as st, HealthCheck
 
 from engine.errors import MigrationError
-from engine.stream import (
+from engine.wire.stream import (
     MainStreamParser,
     RamMemSize,
     RamPage,
@@ -28,7 +28,7 @@ from engine.stream import (
     StreamEncoder,
     StreamReader,
 )
-from engine.wire import (
+from engine.wire.packet import (
     INIT_SIZE,
     PACKET_HEADER_SIZE,
     MultiFDInit,

@@ -10,11 +10,12 @@ from pathlib import Path
 import pytest
 
 from engine import BlockSpec, GuestRam, MigrationParams
-from engine.dirty import ChecksumTracker, DirtyLog
+from engine.memory.dirty import ChecksumTracker, DirtyLog
 from engine.errors import MigrationCancelled, MigrationError
-from engine.migration import Migration
-from engine.ram import block_digest, fill_pages
-from engine.workload import Workload, WorkloadSpec
+from engine.source.migration import Migration
+from engine.memory.ram import block_digest
+from engine.memory.workload import fill_pages
+from engine.memory.workload import Workload, WorkloadSpec
 from support import ROOT, Incoming, _env, engine_cmd, start_source, wait_for
 
 

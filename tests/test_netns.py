@@ -11,10 +11,11 @@ import time
 import pytest
 
 from engine import BlockSpec, GuestRam, MigrationParams
-from engine.dirty import DirtyLog
-from engine.migration import Migration
-from engine.ram import block_digest, fill_pages
-from engine.workload import Workload, WorkloadSpec
+from engine.memory.dirty import DirtyLog
+from engine.source.migration import Migration
+from engine.memory.ram import block_digest
+from engine.memory.workload import fill_pages
+from engine.memory.workload import Workload, WorkloadSpec
 from support import Incoming
 
 pytestmark = pytest.mark.skipif(

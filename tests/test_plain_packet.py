@@ -18,8 +18,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from engine.errors import RemoteProtocolError
-from engine.ram import page_runs
-from engine.wire import (
+from engine.memory.ram import page_runs
+from engine.wire.packet import (
     MULTIFD_FLAG_NOCOMP,
     MULTIFD_FLAG_SYNC,
     MULTIFD_FLAG_ZLIB,

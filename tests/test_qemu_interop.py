@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from engine.wire import MultiFDInit, encode_packet_header, MULTIFD_FLAG_SYNC
+from engine.wire.packet import MultiFDInit, encode_packet_header, MULTIFD_FLAG_SYNC
 from qemu_support import (
     NONE_RAM,
     QemuPeer,

@@ -9,10 +9,10 @@ from typing import Any
 
 import pytest
 
-from engine.destination import parse_tail
+from engine.wire.vmstate import parse_tail
 from engine.errors import RemoteProtocolError
-from engine.stream import MainStreamParser, StreamReader, StreamTail
-from engine.vmstate import parse_device_state
+from engine.wire.stream import MainStreamParser, StreamReader, StreamTail
+from engine.wire.vmstate import parse_device_state
 from qemu_support import QemuPeer, needs_qemu
 
 

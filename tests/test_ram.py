@@ -11,10 +11,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import engine.ram as ram_mod
+import engine.memory.ram as ram_mod
 from engine.errors import ChannelError
-from engine.ram import BlockSpec, GuestRam, page_runs
-from engine.wire import TARGET_PAGE_SIZE
+from engine.memory.ram import BlockSpec, GuestRam, page_runs
+from engine.wire.packet import TARGET_PAGE_SIZE
 from support import mapping_flags
 
 PAGE = TARGET_PAGE_SIZE
@@ -94,7 +94,7 @@ def test_the_resource_tracker_runs_before_the_first_segment_exists() -> None:
     code = """
 import sys
 from multiprocessing import resource_tracker, shared_memory
-from engine.ram import BlockSpec, GuestRam
+from engine.memory.ram import BlockSpec, GuestRam
 seen = []
 real = shared_memory.SharedMemory.__init__
 def spy(self, *a, **k):

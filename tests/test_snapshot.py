@@ -16,12 +16,13 @@ import pytest
 
 from engine import BlockSpec, GuestRam, MigrationParams
 from engine.compression import method_names
-from engine.dirty import ChecksumTracker, DirtyLog
+from engine.memory.dirty import ChecksumTracker, DirtyLog
 from engine.errors import ChannelError, MigrationCancelled, MigrationError
-from engine.ram import block_digest, fill_pages
-from engine.snapshot import SnapshotRestore, SnapshotSave, restore, save
-from engine.snapshot_format import HEADER_SIZE, MAGIC, describe_snapshot, open_snapshot, read_snapshot
-from engine.workload import Workload, WorkloadSpec
+from engine.memory.ram import block_digest
+from engine.memory.workload import fill_pages
+from engine.snapshot.jobs import SnapshotRestore, SnapshotSave, restore, save
+from engine.snapshot.format import HEADER_SIZE, MAGIC, describe_snapshot, open_snapshot, read_snapshot
+from engine.memory.workload import Workload, WorkloadSpec
 from support import wait_for
 
 PAGE = 4096

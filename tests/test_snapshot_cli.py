@@ -1,5 +1,5 @@
 """The snapshot command line in real processes: save, restore, inspect, errors; and the routing of
-``migrate file:PATH`` / ``incoming file:PATH`` through :func:`engine.snapshot_cli.dispatch`."""
+``migrate file:PATH`` / ``incoming file:PATH`` through :func:`engine.cli.snapshot.dispatch`."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from engine.cli import build_parser
-from engine.snapshot_cli import dispatch
+from engine.cli.main import build_parser
+from engine.cli.snapshot import dispatch
 from support import ROOT, _env, assert_same_ram, image_args, make_image, read_dump
 
-CODE = "import sys; from engine.snapshot_cli import main; sys.exit(main(sys.argv[1:]))"
+CODE = "import sys; from engine.cli.snapshot import main; sys.exit(main(sys.argv[1:]))"
 
 
 def snap(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:

@@ -18,12 +18,19 @@ import pytest
 
 from engine import BlockSpec, GuestRam, MigrationParams
 from engine.errors import MigrationError
-from engine.ram import fill_pages
-from engine.snapshot import restore, save
-from engine.snapshot_format import (
-    HEADER_SIZE, MAGIC, VERSION, Header, SnapshotCorruptError, SnapshotError, SnapshotFormatError,
-    describe_snapshot, open_snapshot, read_snapshot,
+from engine.memory.workload import fill_pages
+from engine.snapshot.jobs import restore, save
+from engine.snapshot.format import (
+    HEADER_SIZE,
+    MAGIC,
+    VERSION,
+    Header,
+    SnapshotFormatError,
+    describe_snapshot,
+    open_snapshot,
+    read_snapshot,
 )
+from engine.errors import SnapshotCorruptError, SnapshotError
 from support import ROOT, _env
 
 PAGE = 4096
@@ -189,7 +196,7 @@ def test_uncommitted_header(copy) -> None:
 def test_a_save_killed_midway_is_detected_as_incomplete(tmp_path: Path) -> None:
     """SIGKILL a live save (CLI process): channels and writers die with it; the file is torn."""
     path = tmp_path / "torn.snap"
-    code = "import sys; from engine.snapshot_cli import main; sys.exit(main(sys.argv[1:]))"
+    code = "import sys; from engine.cli.snapshot import main; sys.exit(main(sys.argv[1:]))"
     proc = subprocess.Popen(
         [sys.executable, "-c", code, "save", str(path), "--ram-size", "16M", "--dirty-rate", "0",
          "--downtime-limit", "0", "--max-iterations", "1000000", "--channels", "2"],

@@ -23,7 +23,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from engine.errors import LocalProtocolError, MigrationTimeout, RemoteProtocolError, TruncatedError
-from engine.stream import (
+from engine.wire.stream import (
     QEMU_VM_SECTION_END,
     QEMU_VM_SECTION_FULL,
     QEMU_VM_SECTION_PART,

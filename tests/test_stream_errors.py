@@ -14,7 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from engine.errors import MigrationError, RemoteProtocolError, TruncatedError
-from engine.stream import MainStreamParser, StreamReader
+from engine.wire.stream import MainStreamParser, StreamReader
 from support import damaged
 from stream_support import (
     PAGE, MIB64, ZERO, MEM_SIZE, PAGE_FLAG, EOS, CONT, h, be32, be64, short, word, flat, parse, drain,

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from engine.errors import MigrationTimeout, TruncatedError
-from engine.transport import recv_at_least_into, recv_exact_into, send_all
+from engine.runtime.transport import recv_at_least_into, recv_exact_into, send_all
 
 
 def _parts() -> list[object]:

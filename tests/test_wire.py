@@ -18,7 +18,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from engine.errors import LocalProtocolError, MigrationError, RemoteProtocolError
-from engine.wire import (
+from engine.wire.packet import (
     INIT_SIZE,
     MAX_PACKET_PAYLOAD,
     MAX_RAMBLOCK_NAME,
@@ -39,8 +39,8 @@ from engine.wire import (
     PacketHeader,
     decode_packet_header,
     encode_packet_header,
-    method_name_for_flag,
 )
+from engine.compression.registry import method_name_for_flag
 
 PAGE = TARGET_PAGE_SIZE
 MIB64 = 64 * 1024 * 1024
@@ -350,7 +350,8 @@ def _valid(
 
 
 def _decode(raw: bytes, expected: int = MULTIFD_FLAG_ZLIB) -> PacketHeader:
-    return decode_packet_header(raw, channel=3, expected_compression=expected, blocks=BLOCKS)
+    return decode_packet_header(raw, channel=3, expected_compression=expected, blocks=BLOCKS,
+                                expected_name=method_name_for_flag(expected))
 
 
 WHERE = "multifd channel 3, packet_num 7: "

@@ -14,7 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from engine.errors import LocalProtocolError, RemoteProtocolError
-from engine.wire import (
+from engine.wire.packet import (
     INIT_SIZE,
     MULTIFD_MAGIC,
     MULTIFD_VERSION,

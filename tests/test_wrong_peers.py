@@ -8,8 +8,8 @@ import struct
 import numpy as np
 import pytest
 
-from engine.stream import StreamEncoder
-from engine.wire import MULTIFD_FLAG_SYNC, MultiFDInit, encode_packet_header
+from engine.wire.stream import StreamEncoder
+from engine.wire.packet import MULTIFD_FLAG_SYNC, MultiFDInit, encode_packet_header
 from support import Incoming
 
 

@@ -9,7 +9,14 @@ import importlib
 import pkgutil
 
 from .base import MultiFDMethod, PacketSink, PageBatch, RecvContext, SendContext
-from .registry import UnknownMethodError, get_method, method_for_flag, method_names, register_method
+from .registry import (
+    UnknownMethodError,
+    get_method,
+    method_for_flag,
+    method_name_for_flag,
+    method_names,
+    register_method,
+)
 
 _INFRA = {"base", "registry"}
 for _info in sorted(pkgutil.iter_modules(__path__), key=lambda m: (m.name != "none", m.name)):
@@ -24,6 +31,7 @@ __all__ = [
     "SendContext",
     "UnknownMethodError",
     "get_method",
+    "method_name_for_flag",
     "method_for_flag",
     "method_names",
     "register_method",

@@ -12,8 +12,16 @@ from typing import Sequence
 import lz4.block
 
 from ..errors import CompressionError
-from ..wire import MULTIFD_FLAG_LZ4, TARGET_PAGE_SIZE
-from .base import Buffer, MultiFDMethod, PacketSink, PageBatch, RecvContext, SendContext, expect_size
+from ..wire.packet import MULTIFD_FLAG_LZ4, TARGET_PAGE_SIZE
+from .base import (
+    Buffer,
+    MultiFDMethod,
+    PacketSink,
+    PageBatch,
+    RecvContext,
+    SendContext,
+    expect_size,
+)
 from .registry import register_method
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from ..wire import MULTIFD_FLAG_NOCOMP
+from ..wire.packet import MULTIFD_FLAG_NOCOMP
 from .base import Buffer, MultiFDMethod, PacketSink, PageBatch, RecvContext, SendContext
 from .registry import register_method
 

@@ -43,5 +43,11 @@ def method_for_flag(flag: int) -> MultiFDMethod:
         raise UnknownMethodError(f"unknown multifd compression flags {flag:#x}") from None
 
 
+def method_name_for_flag(flag: int) -> str:
+    """The registered name of a compression flag value (for messages and reports)."""
+    method = _BY_FLAG.get(flag)
+    return method.name if method is not None else f"unknown method {flag:#x}"
+
+
 def method_names() -> list[str]:
     return list(_METHODS)

@@ -13,13 +13,23 @@ from typing import Sequence
 import zstandard
 
 if sys.version_info >= (3, 14):
-    from compression.zstd import ZstdDecompressor, ZstdError as _BoundedZstdError
+    from compression.zstd import ZstdDecompressor
+    from compression.zstd import ZstdError as _BoundedZstdError
 else:  # the backport of Python 3.14's compression.zstd: decompress() takes max_length
-    from backports.zstd import ZstdDecompressor, ZstdError as _BoundedZstdError
+    from backports.zstd import ZstdDecompressor
+    from backports.zstd import ZstdError as _BoundedZstdError
 
 from ..errors import CompressionError
-from ..wire import MULTIFD_FLAG_ZSTD, TARGET_PAGE_SIZE
-from .base import Buffer, MultiFDMethod, PacketSink, PageBatch, RecvContext, SendContext, expect_size
+from ..wire.packet import MULTIFD_FLAG_ZSTD, TARGET_PAGE_SIZE
+from .base import (
+    Buffer,
+    MultiFDMethod,
+    PacketSink,
+    PageBatch,
+    RecvContext,
+    SendContext,
+    expect_size,
+)
 from .registry import register_method
 
 

@@ -22,16 +22,16 @@ asked to (a QEMU 7.2 destination would ignore the zero pages).
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 import uuid as uuidlib
-import dataclasses
 from dataclasses import dataclass
 from typing import Mapping, NamedTuple, Sequence
 
 import numpy as np
 import numpy.typing as npt
 
-from .errors import RemoteProtocolError, LocalProtocolError
+from ..errors import LocalProtocolError, RemoteProtocolError
 
 TARGET_PAGE_BITS = 12
 TARGET_PAGE_SIZE = 1 << TARGET_PAGE_BITS  # 4096
@@ -238,6 +238,7 @@ def decode_packet_header(
     expected_compression: int,
     blocks: Mapping[str, int],
     page_size: int = TARGET_PAGE_SIZE,
+    expected_name: str = "",
 ) -> PacketHeader:
     """Decode and validate one 1344-byte header before anything touches memory.
 
@@ -276,7 +277,7 @@ def decode_packet_header(
     elif compression != expected_compression:
         raise RemoteProtocolError(
             f"{where}: received compression flags {compression:#x}, expected {expected_compression:#x}"
-            f" ({method_name_for_flag(expected_compression)})"
+            + (f" ({expected_name})" if expected_name else "")
         )
     if compression == MULTIFD_FLAG_NOCOMP:
         if next_size != normal_pages * page_size and next_size != 0:
@@ -391,13 +392,3 @@ def consecutive_runs(values: Sequence[int], step: int = 1) -> list[tuple[int, in
 _NO_OFFSETS: npt.NDArray[np.int64] = np.zeros(0, dtype=np.int64)
 _NO_OFFSETS.flags.writeable = False
 
-_FLAG_NAMES = {
-    MULTIFD_FLAG_NOCOMP: "none",
-    MULTIFD_FLAG_ZLIB: "zlib",
-    MULTIFD_FLAG_ZSTD: "zstd",
-    MULTIFD_FLAG_LZ4: "lz4",
-}
-
-
-def method_name_for_flag(flag: int) -> str:
-    return _FLAG_NAMES.get(flag, f"unknown method {flag:#x}")

@@ -34,9 +34,14 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 import numpy.typing as npt
 
-from .errors import ChannelError, ConfigError
-from .procs import _CTX
-from .wire import MAX_RAMBLOCK_NAME, TARGET_PAGE_BITS, TARGET_PAGE_SIZE, consecutive_runs
+from ..errors import ChannelError, ConfigError
+from ..runtime.procs import _CTX
+from ..wire.packet import (
+    MAX_RAMBLOCK_NAME,
+    TARGET_PAGE_BITS,
+    TARGET_PAGE_SIZE,
+    consecutive_runs,
+)
 
 SEGMENT_PREFIX = "mfd"
 _ZERO_CHUNK = memoryview(bytes(128 * TARGET_PAGE_SIZE))  # source of zero-fills (read only)
@@ -396,55 +401,6 @@ def attach(specs_and_segments: Sequence[tuple[BlockSpec, str]]) -> GuestRam:
         ram.blocks.append(RamBlock(spec, seg.buf, segment, seg))
         ram._by_name[spec.name] = ram.blocks[-1]
     return ram
-
-
-# ---------------------------------------------------------------- filling a guest
-
-FILLS = ("zero", "random", "mixed")
-
-
-def fill_pages(block: RamBlock, fill: str, seed: int = 0) -> None:
-    """Fill a block: ``zero``, ``random``, or ``mixed`` (25% zero, 25% random, 50% text-like)."""
-    if fill not in FILLS:
-        raise ConfigError(f"unknown fill {fill!r}, expected one of {', '.join(FILLS)}")
-    if fill == "zero":
-        return
-    prefault(block)  # a real guest's zero pages are allocated memory too
-    rng = np.random.default_rng(seed)
-    step = 8192  # pages per chunk (32 MiB), to bound temporaries
-    text = _text_pages(rng, 256)
-    for start in range(0, block.npages, step):
-        stop = min(start + step, block.npages)
-        n = stop - start
-        view = block.words[start:stop]
-        if fill == "random":
-            view[:] = rng.integers(0, 2**64, size=view.shape, dtype=np.uint64)
-            continue
-        kind = rng.integers(0, 4, size=n)  # 0 zero, 1 random, 2-3 text
-        rnd = np.flatnonzero(kind == 1)
-        txt = np.flatnonzero(kind >= 2)
-        if len(rnd):
-            view[rnd] = rng.integers(0, 2**64, size=(len(rnd), PAGE_U64), dtype=np.uint64)
-        if len(txt):
-            view[txt] = text[rng.integers(0, len(text), size=len(txt))]
-            # stamp the page number so no two text pages are identical
-            view[txt, 0] = (start + txt).astype(np.uint64)
-
-
-_WORDS = (
-    b"the quick brown fox jumps over a lazy dog migration page dirty bitmap channel socket "
-    b"packet sync offset block memory guest host qemu multifd zero normal stream section "
-).split()
-
-
-def _text_pages(rng: np.random.Generator, count: int) -> npt.NDArray[np.uint64]:
-    """``count`` distinct pages of compressible, text-like bytes."""
-    words = np.array(_WORDS, dtype=object)
-    out = np.empty((count, TARGET_PAGE_SIZE), dtype=np.uint8)
-    for i in range(count):
-        chunk = b" ".join(words[rng.integers(0, len(words), size=900)])
-        out[i] = np.frombuffer((chunk * 2)[:TARGET_PAGE_SIZE], dtype=np.uint8)
-    return out.view(np.uint64)
 
 
 def block_digest(block: RamBlock) -> str:

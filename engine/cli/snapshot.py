@@ -16,14 +16,21 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from .cli import (
-    _emit, _Parser, add_guest_args, add_precopy_args, dump_ram, params_from_args, run_command, run_live_job,
+from ..compression import method_names
+from ..errors import ConfigError
+from ..memory.ram import block_digest
+from ..params import DEFAULT_CHANNELS, DEFAULT_STALL_TIMEOUT
+from ..snapshot.format import describe_snapshot, is_snapshot_file, render_snapshot
+from .common import (
+    Parser,
+    add_guest_args,
+    add_precopy_args,
+    dump_ram,
+    emit,
+    params_from_args,
+    run_command,
+    run_live_job,
 )
-from .compression import method_names
-from .errors import ConfigError
-from .params import DEFAULT_CHANNELS, DEFAULT_STALL_TIMEOUT
-from .ram import block_digest
-from .snapshot_format import describe_snapshot, is_snapshot_file, render_snapshot
 
 FILE_SCHEME = "file:"
 
@@ -86,7 +93,7 @@ def dispatch(args: argparse.Namespace) -> int | None:
 
 
 def cmd_save(args: argparse.Namespace, path: Path) -> int:
-    from .snapshot import SnapshotSave
+    from ..snapshot.jobs import SnapshotSave
 
     params = params_from_args(args)
     fsync = not getattr(args, "no_fsync", False)
@@ -97,7 +104,7 @@ def cmd_save(args: argparse.Namespace, path: Path) -> int:
 
 
 def cmd_restore(args: argparse.Namespace, path: Path) -> int:
-    from .snapshot import SnapshotRestore
+    from ..snapshot.jobs import SnapshotRestore
 
     job = SnapshotRestore(path, params_from_args(args))
     with job.run() as ram:
@@ -111,7 +118,7 @@ def cmd_restore(args: argparse.Namespace, path: Path) -> int:
 
 
 def _emit_snapshot(out: dict[str, Any], as_json: bool, role: str) -> None:
-    _emit(out, as_json, role)
+    emit(out, as_json, role)
     if as_json:
         return
     for name, digest in out.get("ram-digest", {}).items():
@@ -135,8 +142,8 @@ def inspect_snapshots(files: Sequence[Path], *, as_json: bool) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Stand-alone ``save|restore|inspect``: like ``engine.cli.main``, but ``inspect`` takes
     snapshot files only (anything else gets the snapshot reader's precise error)."""
-    parser = _Parser(prog="python -m engine", description="snapshot files of guest RAM")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    parser = Parser(prog="python -m engine", description="snapshot files of guest RAM")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     add_parsers(sub)
     ins = sub.add_parser("inspect", help="describe snapshot files")
     ins.add_argument("files", nargs="+", type=Path)

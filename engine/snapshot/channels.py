@@ -49,18 +49,31 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import numpy.typing as npt
 
-from .buffers import aligned_bytes, aligned_pages
-from .compression import MultiFDMethod, get_method
-from .compression.base import Buffer
-from .errors import ChannelError, CompressionError, MigrationError, MigrationTimeout
-from .migration import RateLimiter
-from .procs import _CTX, ChildGroup, Connection, self_usage
-from .ram import GuestRam, page_runs, pwrite_all, zero_pages
-from .send_channels import C_ANON_RSS, C_BYTES, C_CPU_US, C_PACKETS, C_PAGES, C_PEAK_RSS, C_ZERO, ChannelStats
-from .snapshot_format import (
-    REGION_PAGES, SLOT_ALIGN, SnapshotCorruptError, crc_mismatch, region_where, stored_crc,
+from ..compression import MultiFDMethod, get_method
+from ..compression.base import Buffer
+from ..errors import (
+    ChannelError,
+    CompressionError,
+    MigrationError,
+    MigrationTimeout,
+    SnapshotCorruptError,
 )
-from .wire import TARGET_PAGE_SIZE
+from ..memory.ram import GuestRam, page_runs, pwrite_all, zero_pages
+from ..precopy import RateLimiter
+from ..runtime.buffers import aligned_bytes, aligned_pages
+from ..runtime.procs import _CTX, ChildGroup, Connection, self_usage
+from ..stats import (
+    C_ANON_RSS,
+    C_BYTES,
+    C_CPU_US,
+    C_PACKETS,
+    C_PAGES,
+    C_PEAK_RSS,
+    C_ZERO,
+    ChannelStats,
+)
+from ..wire.packet import TARGET_PAGE_SIZE
+from .format import REGION_PAGES, SLOT_ALIGN, crc_mismatch, region_where, stored_crc
 
 PAGE = TARGET_PAGE_SIZE
 CLAIM = 2  # regions per claim

@@ -1,8 +1,9 @@
-"""The destination side as an object: listen, receive in the background, query, cancel, wait.
+"""The destination's entry points: :func:`run_incoming` and the :class:`IncomingMigration` object.
 
 Theory of operation
 -------------------
-:class:`IncomingMigration` runs :func:`engine.destination.run_incoming` on a background thread
+:func:`run_incoming` owns the listener, the RAM and the channel processes; its ``finally``
+releases all three on every path. :class:`IncomingMigration` runs it on a background thread
 (the loader thread, which also forks the channel processes: keep the object, and the thread
 that calls ``start()``, alive until the migration ends). ``start()`` returns once the listener is
 bound (or raises what went wrong), so ``.uri`` can be handed to a source at once.
@@ -14,14 +15,110 @@ caller in the result; leaving the ``with`` block closes it.
 
 from __future__ import annotations
 
+import os
 import threading
+import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
-from .destination import IncomingResult, Loader, run_incoming
-from .errors import MigrationError, MigrationTimeout
-from .params import MigrationParams
-from .ram import BlockSpec
+from ..errors import ConfigError, MigrationError, MigrationTimeout
+from ..memory.ram import BlockSpec, GuestRam, prefault
+from ..params import MigrationParams
+from ..runtime.trace import Trace
+from ..runtime.transport import (
+    UnixAddress,
+    bound_uri,
+    ensure_fd_budget,
+    listen,
+    parse_uri,
+)
+from ..stats import MigrationStatus
+from ..wire.vmstate import parse_device_state, parse_tail
+from .accept import Log, accept_migration, stderr_log
+from .loader import IncomingResult, Loader
+
+
+def run_incoming(
+    uri: str,
+    params: MigrationParams,
+    *,
+    listen_timeout: float = 600.0,
+    log: Log = stderr_log,
+    on_listening: Callable[[str], None] | None = None,
+    keep_ram: bool = False,
+    declared: Sequence[BlockSpec] | None = None,
+    prealloc: bool = False,
+    cancel: threading.Event | None = None,
+    trace_file: str | Path | None = None,
+    on_loader: Callable[[Loader], None] | None = None,
+) -> IncomingResult:
+    """Receive one migration on ``uri``. With ``keep_ram`` the caller owns (and must close) ``result.ram``.
+
+    ``declared`` sets the RAM blocks up front (QEMU's ``-m``): the incoming MEM_SIZE list must
+    match it; with ``prealloc`` they are also pre-faulted before listening (QEMU's
+    ``prealloc=on``). ``cancel`` ends the wait or the migration with MigrationCancelled.
+    """
+    addr = parse_uri(uri)
+    ensure_fd_budget(params.channels, "destination")
+    declared_ram = None
+    if declared:
+        declared_ram = GuestRam.create(declared)
+        if prealloc:
+            for block in declared_ram:
+                # allocated, not mapped: the channels write with pwrite (nothing to fault in), and
+                # reserved pages still read as holes (HeldData: zero pages need no write)
+                prefault(block, populate=False)
+    elif prealloc:
+        declared_ram = None
+        raise ConfigError("--prealloc needs the destination's RAM blocks declared with --ram [NAME=]SIZE")
+    try:
+        listener = listen(addr, backlog=params.channels + 1)
+    except BaseException:
+        if declared_ram is not None:
+            declared_ram.close()
+        raise
+    loader: Loader | None = None
+    handed_over = False  # the caller owns loader.ram once the result is returned
+    trace = Trace("destination main") if trace_file else None
+    try:
+        if on_listening:
+            on_listening(bound_uri(listener, addr))
+        acc = accept_migration(listener, params, listen_timeout=listen_timeout, log=log, cancel=cancel)
+        loader = Loader(acc, params, listener, log, declared=declared_ram, cancel=cancel, trace=trace)
+        if on_loader:
+            on_loader(loader)
+        ok = False
+        try:
+            loader.run()
+            ok = True
+        finally:
+            loader.close(ok)
+            if trace is not None and trace_file:
+                loader.write_trace(Path(trace_file))
+        stats = loader.refresh(live=False)
+        stats.end = time.monotonic()
+        state, desc = parse_tail(loader.tail)
+        devices = parse_device_state(state, desc)
+        stats.status = MigrationStatus.COMPLETED
+        result = IncomingResult(stats, loader.ram if keep_ram else None, loader.machine, loader.tail, desc, devices)
+        handed_over = keep_ram
+        return result
+    except MigrationError as exc:
+        if loader is not None:
+            loader.stats.status = MigrationStatus.FAILED
+            loader.stats.error = str(exc)
+        raise
+    finally:
+        listener.close()
+        if isinstance(addr, UnixAddress):
+            try:
+                os.unlink(addr.path)
+            except OSError:
+                pass
+        if loader is not None and loader.ram is not None and not handed_over:
+            loader.ram.close()
+        if declared_ram is not None and not handed_over:
+            declared_ram.close()
 
 
 class IncomingMigration:
@@ -75,12 +172,12 @@ class IncomingMigration:
             self._listening.set()
 
     @property
-    def status(self) -> str:
+    def status(self) -> MigrationStatus:
         if self.result is not None:
-            return "completed"
+            return MigrationStatus.COMPLETED
         if self.error is not None:
-            return "cancelled" if self._cancel.is_set() else "failed"
-        return "active" if self._loader is not None else "setup"
+            return MigrationStatus.CANCELLED if self._cancel.is_set() else MigrationStatus.FAILED
+        return MigrationStatus.ACTIVE if self._loader is not None else MigrationStatus.SETUP
 
     @property
     def log(self) -> list[str]:

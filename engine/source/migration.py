@@ -35,57 +35,21 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
-from .dirty import DirtyTracker, PageSets, count_pages
-from .job import BackgroundJob, Guest
-from .params import MigrationParams
-from .ram import GuestRam
-from .send_channels import SendChannels
-from .source import ZERO_SCAN_CHUNK, RamSaver
-from .stats import MigrationStats
-from .stream import StreamEncoder
-from .trace import STOP_COPY, Trace, now_ns, write_trace
-from .transport import Deadline, connect, ensure_fd_budget, parse_uri, send_all
-from .wire import PAGES_PER_PACKET, TARGET_PAGE_SIZE, MultiFDInit
-
-RATE_WINDOW = 0.1  # seconds; QEMU enforces max-bandwidth per 100 ms too
-
-
-class Throttleable(Protocol):
-    def set_throttle(self, percent: int) -> None: ...
-
-
-class RateLimiter:
-    """``max-bandwidth`` as a token bucket: by any time t, at most ``rate * (t + window)``
-    bytes have been handed out (a burst of one 100 ms window, then the rate). Sleeps the
-    difference, checking for cancellation."""
-
-    def __init__(self, rate: int, check: Any) -> None:
-        self.rate = rate
-        self.check = check
-        self._t0: float | None = None
-        self._b0 = 0
-
-    def __call__(self, committed: int) -> None:
-        if not self.rate:
-            self._t0 = None
-            return
-        now = time.monotonic()
-        if self._t0 is None:
-            self._t0, self._b0 = now, committed
-            return
-        allowed = self.rate * (now - self._t0 + RATE_WINDOW)
-        while committed - self._b0 > allowed:
-            self.check()
-            time.sleep(min((committed - self._b0 - allowed) / self.rate, 0.02))
-            allowed = self.rate * (time.monotonic() - self._t0 + RATE_WINDOW)
-
-    def reset(self, committed: int) -> None:
-        """Start a new bucket (after the rate changed)."""
-        self._t0, self._b0 = time.monotonic(), committed
+from ..memory.dirty import DirtyTracker, PageSets, count_pages
+from ..memory.ram import GuestRam
+from ..params import MigrationParams
+from ..precopy import RATE_WINDOW, BackgroundJob, Guest, RateLimiter
+from ..runtime.trace import STOP_COPY, Trace, now_ns, write_trace
+from ..runtime.transport import Deadline, connect, ensure_fd_budget, parse_uri, send_all
+from ..stats import MigrationStats
+from ..wire.packet import PAGES_PER_PACKET, TARGET_PAGE_SIZE, MultiFDInit
+from ..wire.stream import StreamEncoder
+from .channels import SendChannels
+from .ram_saver import ZERO_SCAN_CHUNK, RamSaver
 
 
 class Migration(BackgroundJob):

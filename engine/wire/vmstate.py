@@ -27,15 +27,18 @@ result is plain JSON data; the CLI writes it to ``devices.json``. Pure code: byt
 
 from __future__ import annotations
 
+import json
 import struct
 from typing import Any, Mapping
 
-from .errors import RemoteProtocolError
-
-QEMU_VM_EOF = 0x00
-QEMU_VM_SECTION_FULL = 0x04
-QEMU_VM_SUBSECTION = 0x05
-QEMU_VM_SECTION_FOOTER = 0x7E
+from ..errors import RemoteProtocolError
+from .stream import (
+    QEMU_VM_EOF,
+    QEMU_VM_SECTION_FOOTER,
+    QEMU_VM_SECTION_FULL,
+    QEMU_VM_SUBSECTION,
+    QEMU_VM_VMDESCRIPTION,
+)
 
 _BE32 = struct.Struct(">I")
 _INT_SIZES = (1, 2, 4, 8)
@@ -243,3 +246,18 @@ def _parse_sections(state: bytes, vmdesc: dict[str, Any]) -> dict[str, Any]:
             f"device state: received {len(state) - cur.pos} bytes after EOF, expected the vmdesc to follow EOF"
         )
     return {"page_size": vmdesc.get("page_size"), "bytes": len(state), "sections": sections}
+
+
+def parse_tail(tail: bytes) -> tuple[bytes, dict[str, Any] | None]:
+    """Split the stream tail into device-state bytes (up to and including EOF) and the vmdesc."""
+    n = len(tail)
+    for pos in range(n - 5, -1, -1):
+        if tail[pos] == QEMU_VM_VMDESCRIPTION and int.from_bytes(tail[pos + 1:pos + 5], "big") == n - pos - 5:
+            if pos == 0 or tail[pos - 1] != QEMU_VM_EOF:
+                continue
+            try:
+                desc = json.loads(tail[pos + 5:])
+            except (ValueError, RecursionError):
+                continue
+            return tail[:pos], desc
+    return tail, None

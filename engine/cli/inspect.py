@@ -39,11 +39,25 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .compression import RecvContext, method_for_flag
-from .compression.base import Buffer
-from .destination import parse_tail
-from .errors import ConfigError, MigrationError, RemoteProtocolError, TruncatedError
-from .stream import (
+from ..compression import RecvContext, method_for_flag
+from ..compression.base import Buffer
+from ..compression.registry import method_name_for_flag
+from ..errors import ConfigError, MigrationError, RemoteProtocolError, TruncatedError
+from ..wire.packet import (
+    INIT_SIZE,
+    MULTIFD_FLAG_COMPRESSION_MASK,
+    MULTIFD_FLAG_SYNC,
+    MULTIFD_MAGIC,
+    MULTIFD_VERSION,
+    PACKET_FIXED,
+    PACKET_FIXED_SIZE,
+    PACKET_HEADER_SIZE,
+    PAGES_PER_PACKET,
+    TARGET_PAGE_SIZE,
+    MultiFDInit,
+    format_uuid,
+)
+from ..wire.stream import (
     QEMU_VM_FILE_MAGIC,
     RAM_SAVE_FLAG_CONTINUE,
     RAM_SAVE_FLAG_EOS,
@@ -59,22 +73,7 @@ from .stream import (
     StreamReader,
     StreamTail,
 )
-from .vmstate import parse_device_state
-from .wire import (
-    INIT_SIZE,
-    MULTIFD_FLAG_COMPRESSION_MASK,
-    MULTIFD_FLAG_SYNC,
-    MULTIFD_MAGIC,
-    MULTIFD_VERSION,
-    PACKET_FIXED,
-    PACKET_FIXED_SIZE,
-    PACKET_HEADER_SIZE,
-    PAGES_PER_PACKET,
-    TARGET_PAGE_SIZE,
-    MultiFDInit,
-    format_uuid,
-    method_name_for_flag,
-)
+from ..wire.vmstate import parse_device_state, parse_tail
 
 MAIN_MAGIC = QEMU_VM_FILE_MAGIC.to_bytes(4, "big")
 CHANNEL_MAGIC = MULTIFD_MAGIC.to_bytes(4, "big")

@@ -24,7 +24,7 @@ import mmap
 import numpy as np
 import numpy.typing as npt
 
-from .wire import TARGET_PAGE_SIZE
+from ..wire.packet import TARGET_PAGE_SIZE
 
 
 def aligned_bytes(nbytes: int) -> memoryview:

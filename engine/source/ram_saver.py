@@ -22,12 +22,12 @@ from typing import Callable, Mapping
 import numpy as np
 import numpy.typing as npt
 
-from .ram import GuestRam, zero_pages
-from .send_channels import SendChannels
-from .stats import MigrationStats
-from .trace import SYNC_WAIT, ZERO_SCAN, Trace, now_ns
-from .stream import RAM_SECTION_IDSTR, RAM_SECTION_VERSION, StreamEncoder
-from .wire import PAGES_PER_PACKET, TARGET_PAGE_SIZE
+from ..memory.ram import GuestRam, zero_pages
+from ..runtime.trace import SYNC_WAIT, ZERO_SCAN, Trace, now_ns
+from ..stats import MigrationStats
+from ..wire.packet import PAGES_PER_PACKET, TARGET_PAGE_SIZE
+from ..wire.stream import RAM_SECTION_IDSTR, RAM_SECTION_VERSION, StreamEncoder
+from .channels import SendChannels
 
 RAM_SECTION_ID = 2
 ZERO_SCAN_CHUNK = 4096  # pages per numpy zero scan (16 MiB)

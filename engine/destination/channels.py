@@ -40,20 +40,45 @@ from typing import Any, Sequence
 import numpy as np
 import numpy.typing as npt
 
-from .buffers import aligned_bytes
-from .compression import MultiFDMethod
-from .compression.base import Buffer
-from .errors import ChannelError, MigrationTimeout
-from .procs import ChildGroup, Connection, _CTX, self_usage
-from .ram import GuestRam, RamBlock, byte_offsets, page_runs
-from .send_channels import (
-    C_ANON_RSS, C_BYTES, C_CPU_US, C_NCOUNTERS, C_PACKETS, C_PAGES, C_PEAK_RSS, C_ZERO, ChannelStats,
+from ..compression import MultiFDMethod
+from ..compression.base import Buffer
+from ..errors import ChannelError, MigrationTimeout
+from ..memory.ram import GuestRam, RamBlock, byte_offsets, page_runs
+from ..runtime.buffers import aligned_bytes
+from ..runtime.procs import _CTX, ChildGroup, Connection, self_usage
+from ..runtime.trace import (
+    BARRIER,
+    DECOMPRESS,
+    RECV_HEADER,
+    RECV_PAYLOAD,
+    WRITE,
+    Trace,
+    now_ns,
 )
-from .trace import BARRIER, DECOMPRESS, RECV_HEADER, RECV_PAYLOAD, WRITE, Trace, now_ns
-from .transport import recv_at_least_into, recv_exact_into, recv_exact_into_many
-from .wire import (
-    MAX_PACKET_PAYLOAD, MULTIFD_FLAG_NOCOMP, PACKET_HEADER_SIZE, TARGET_PAGE_BITS, TARGET_PAGE_SIZE,
-    decode_packet_header, plain_packet,
+from ..runtime.transport import (
+    recv_at_least_into,
+    recv_exact_into,
+    recv_exact_into_many,
+)
+from ..stats import (
+    C_ANON_RSS,
+    C_BYTES,
+    C_CPU_US,
+    C_NCOUNTERS,
+    C_PACKETS,
+    C_PAGES,
+    C_PEAK_RSS,
+    C_ZERO,
+    ChannelStats,
+)
+from ..wire.packet import (
+    MAX_PACKET_PAYLOAD,
+    MULTIFD_FLAG_NOCOMP,
+    PACKET_HEADER_SIZE,
+    TARGET_PAGE_BITS,
+    TARGET_PAGE_SIZE,
+    decode_packet_header,
+    plain_packet,
 )
 
 RELEASE = b"r"
@@ -222,7 +247,8 @@ def _channel_loop(
                 mine[C_PAGES] += pages
                 mine[C_BYTES] += PACKET_HEADER_SIZE + pages * TARGET_PAGE_SIZE
                 continue
-            hdr = decode_packet_header(header, channel=channel, expected_compression=method.flag, blocks=lengths)
+            hdr = decode_packet_header(header, channel=channel, expected_compression=method.flag, blocks=lengths,
+                                       expected_name=method.name)
             mine[C_PACKETS] += 1
             wire_bytes = PACKET_HEADER_SIZE
             if hdr.zero_pages:  # zero-page-detection=multifd: before the data, as QEMU 9.0 does

@@ -22,15 +22,52 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol, Self
 
-from .dirty import DirtyTracker, PageSets, count_pages, merge
 from .errors import MigrationCancelled, MigrationError, MigrationTimeout
+from .memory.dirty import DirtyTracker, PageSets, count_pages, merge
+from .memory.ram import GuestRam
 from .params import MigrationParams
-from .ram import GuestRam
-from .stats import MigrationStats
-from .trace import DIRTY_SYNC, Trace, now_ns
-from .wire import TARGET_PAGE_SIZE
+from .runtime.trace import DIRTY_SYNC, Trace, now_ns
+from .stats import MigrationStats, MigrationStatus
+from .wire.packet import TARGET_PAGE_SIZE
 
 DIRTY_RATE_HIGH = 0.5  # auto-converge trigger: dirtied > 50% of what was sent (throttle-trigger-threshold)
+
+
+RATE_WINDOW = 0.1  # seconds; QEMU enforces max-bandwidth per 100 ms too
+
+
+class Throttleable(Protocol):
+    def set_throttle(self, percent: int) -> None: ...
+
+
+class RateLimiter:
+    """``max-bandwidth`` as a token bucket: by any time t, at most ``rate * (t + window)``
+    bytes have been handed out (a burst of one 100 ms window, then the rate). Sleeps the
+    difference, checking for cancellation."""
+
+    def __init__(self, rate: int, check: Any) -> None:
+        self.rate = rate
+        self.check = check
+        self._t0: float | None = None
+        self._b0 = 0
+
+    def __call__(self, committed: int) -> None:
+        if not self.rate:
+            self._t0 = None
+            return
+        now = time.monotonic()
+        if self._t0 is None:
+            self._t0, self._b0 = now, committed
+            return
+        allowed = self.rate * (now - self._t0 + RATE_WINDOW)
+        while committed - self._b0 > allowed:
+            self.check()
+            time.sleep(min((committed - self._b0 - allowed) / self.rate, 0.02))
+            allowed = self.rate * (time.monotonic() - self._t0 + RATE_WINDOW)
+
+    def reset(self, committed: int) -> None:
+        """Start a new bucket (after the rate changed)."""
+        self._t0, self._b0 = time.monotonic(), committed
 
 
 class Guest(Protocol):
@@ -73,7 +110,7 @@ class BackgroundJob:
         self.params = params
         self.tracker = tracker
         self.guest = guest
-        self.stats = MigrationStats(status="none")
+        self.stats = MigrationStats(status=MigrationStatus.NONE)
         self.stats.ram.total = ram.total_size
         self.iterations: list[IterationStats] = []
         self.throttle = 0
@@ -94,7 +131,7 @@ class BackgroundJob:
         """Set up on this thread (raises on failure), then run in the background."""
         if self._thread is not None:
             return self
-        self.stats = MigrationStats(status="setup")
+        self.stats = MigrationStats(status=MigrationStatus.SETUP)
         self.stats.ram.total = self.ram.total_size
         try:
             self._setup()
@@ -127,7 +164,7 @@ class BackgroundJob:
         return self.stats
 
     @property
-    def status(self) -> str:
+    def status(self) -> MigrationStatus:
         return self.stats.status
 
     @property
@@ -149,7 +186,7 @@ class BackgroundJob:
         out["ram"]["dirty-pages-rate"] = self.dirty_pages_rate
         out["cpu-throttle-percentage"] = self.throttle
         out["iterations"] = [it.to_json() for it in self.iterations]
-        out["iteration"] = len(self.iterations) + (st.status == "active")
+        out["iteration"] = len(self.iterations) + (st.status == MigrationStatus.ACTIVE)
         return out
 
     def __enter__(self) -> Self:
@@ -204,7 +241,7 @@ class BackgroundJob:
         sends the given pages and returns (pages, zero pages, bytes, seconds, bytes moved)."""
         st = self.stats
         st.setup_time = time.monotonic() - st.start
-        st.status = "active"
+        st.status = MigrationStatus.ACTIVE
         iteration = 0
         while True:
             iteration += 1
@@ -216,7 +253,7 @@ class BackgroundJob:
 
     def _stop_guest(self, dirty: PageSets) -> PageSets:
         """Stop-and-copy begins: pause the guest (``vm_stop``) and add what it dirtied last."""
-        self.stats.status = "device"
+        self.stats.status = MigrationStatus.DEVICE
         if self.guest is not None:
             self.guest.pause(timeout=self.params.stall_timeout)
             self._guest_paused = True
@@ -266,13 +303,13 @@ class BackgroundJob:
         if error is not None and self._guest_paused and self.guest is not None:
             self.guest.resume()
         if error is None:
-            st.status = "completed"
+            st.status = MigrationStatus.COMPLETED
         elif isinstance(error, (MigrationCancelled, KeyboardInterrupt)):
-            st.status = "cancelled"
+            st.status = MigrationStatus.CANCELLED
             self.error = (error.with_traceback(None) if isinstance(error, MigrationCancelled)  # frames pin RAM views
                           else MigrationCancelled(f"{self.what} cancelled"))
         else:
-            st.status = "failed"
+            st.status = MigrationStatus.FAILED
             self.error = error.with_traceback(None) if isinstance(error, MigrationError) else MigrationError(
                 f"internal error {type(error).__name__}: {error}")
             st.error = str(self.error)

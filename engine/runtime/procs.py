@@ -36,7 +36,7 @@ import time
 import traceback
 from typing import Any, Callable, Sequence
 
-from .errors import ChannelError, MigrationError
+from ..errors import ChannelError, MigrationError
 
 _CTX = multiprocessing.get_context("fork")
 _PR_SET_PDEATHSIG = 1

@@ -33,8 +33,8 @@ from typing import Iterator, Mapping, Sequence
 import numpy as np
 import numpy.typing as npt
 
-from .errors import LocalProtocolError, RemoteProtocolError
-from .wire import MAX_RAMBLOCK_NAME, TARGET_PAGE_BITS, TARGET_PAGE_SIZE
+from ..errors import LocalProtocolError, RemoteProtocolError
+from .packet import MAX_RAMBLOCK_NAME, TARGET_PAGE_BITS, TARGET_PAGE_SIZE
 
 QEMU_VM_FILE_MAGIC = 0x5145564D  # "QEVM"
 QEMU_VM_FILE_VERSION = 3
@@ -174,8 +174,8 @@ def _block_name(name: str) -> bytes:
     return raw
 
 
-from .stream_reader import FillFn as FillFn, StreamReader as StreamReader  # noqa: E402  (re-exported)
-
+from .reader import FillFn as FillFn  # noqa: E402  (re-exported)
+from .reader import StreamReader as StreamReader
 
 # ------------------------------------------------------------------------- events
 

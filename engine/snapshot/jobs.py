@@ -40,22 +40,36 @@ from pathlib import Path
 
 import numpy as np
 
-from .dirty import DirtyTracker, PageSets, count_pages
-from .errors import ConfigError
-from .job import BackgroundJob, Guest
-from .params import DEFAULT_CHANNELS, DEFAULT_STALL_TIMEOUT, MigrationParams
-from .ram import BlockSpec, GuestRam, pwrite_all
-from .send_channels import C_BYTES, C_PAGES, C_ZERO
-from .snapshot_channels import (
-    C_GARBAGE, N_HEAP, Geometry, SharedState, SnapshotChannels, require_known,
-    restore_channel, save_channel,
+from ..errors import ConfigError, SnapshotError
+from ..memory.dirty import DirtyTracker, PageSets, count_pages
+from ..memory.ram import BlockSpec, GuestRam, pwrite_all
+from ..params import DEFAULT_CHANNELS, DEFAULT_STALL_TIMEOUT, MigrationParams
+from ..precopy import BackgroundJob, Guest
+from ..stats import C_BYTES, C_PAGES, C_ZERO, MigrationStats, MigrationStatus
+from ..wire.packet import MAX_CHANNELS, TARGET_PAGE_SIZE
+from .channels import (
+    C_GARBAGE,
+    N_HEAP,
+    Geometry,
+    SharedState,
+    SnapshotChannels,
+    require_known,
+    restore_channel,
+    save_channel,
 )
-from .snapshot_format import (
-    FLAG_COMMITTED, HEADER_SIZE, INDEX_DTYPE, REGION_PAGES, VERSION, BlockIndex, Header, SnapshotError,
-    encode_index, open_snapshot, raw_layout, read_snapshot,
+from .format import (
+    FLAG_COMMITTED,
+    HEADER_SIZE,
+    INDEX_DTYPE,
+    REGION_PAGES,
+    VERSION,
+    BlockIndex,
+    Header,
+    encode_index,
+    open_snapshot,
+    raw_layout,
+    read_snapshot,
 )
-from .stats import MigrationStats
-from .wire import MAX_CHANNELS, TARGET_PAGE_SIZE
 
 __all__ = ["SnapshotSave", "SnapshotRestore", "save", "restore", "SnapshotError"]
 
@@ -225,7 +239,7 @@ class SnapshotRestore:
             raise ConfigError(f"multifd-channels {self.channels} is out of range, expected 1..{MAX_CHANNELS}")
         self.stall_timeout = params.stall_timeout if params else DEFAULT_STALL_TIMEOUT
         self.into = into
-        self.stats = MigrationStats(status="setup")
+        self.stats = MigrationStats(status=MigrationStatus.SETUP)
 
     def run(self) -> GuestRam:
         st = self.stats
@@ -264,7 +278,7 @@ class SnapshotRestore:
                 items = np.arange(geo.total_regions)
             state.items[:len(items)] = items
             offs = [b.data_offset for b in snap.blocks]
-            st.status = "active"
+            st.status = MigrationStatus.ACTIVE
             st.setup_time = time.monotonic() - st.start
             chans = SnapshotChannels(
                 "restore", self.channels, state, restore_channel,
@@ -286,7 +300,7 @@ class SnapshotRestore:
             os.close(fd)
             if not ok and ram is not None and ram is not self.into:
                 ram.close()
-            st.status = "completed" if ok else "failed"
+            st.status = MigrationStatus.COMPLETED if ok else MigrationStatus.FAILED
             st.end = time.monotonic()
         assert ram is not None
         return ram

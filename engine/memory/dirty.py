@@ -27,11 +27,10 @@ import mmap
 from abc import ABC, abstractmethod
 from typing import Sequence
 
-
 import numpy as np
 import numpy.typing as npt
 
-from .errors import ConfigError
+from ..errors import ConfigError
 from .ram import GuestRam
 
 PageSets = dict[int, npt.NDArray[np.int64]]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import struct
 from typing import Callable
 
-from .errors import RemoteProtocolError, TruncatedError
+from ..errors import RemoteProtocolError, TruncatedError
 
 _BE32 = struct.Struct(">I")
 _BE64 = struct.Struct(">Q")

@@ -26,11 +26,11 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
+from ..errors import ConfigError, MigrationTimeout
+from ..runtime.procs import ChildGroup, Connection
+from ..wire.packet import TARGET_PAGE_SIZE
 from .dirty import DirtyLog
-from .errors import ConfigError, MigrationTimeout
-from .procs import ChildGroup, Connection
-from .ram import GuestRam
-from .wire import TARGET_PAGE_SIZE
+from .ram import PAGE_U64, GuestRam, RamBlock, prefault
 
 DIRTY_PATTERNS = ("uniform", "hotset", "sequential")
 RUN, PAUSE, QUIT = 0, 1, 2
@@ -190,3 +190,52 @@ class Workload:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+# ---------------------------------------------------------------- filling a guest
+
+FILLS = ("zero", "random", "mixed")
+
+
+def fill_pages(block: RamBlock, fill: str, seed: int = 0) -> None:
+    """Fill a block: ``zero``, ``random``, or ``mixed`` (25% zero, 25% random, 50% text-like)."""
+    if fill not in FILLS:
+        raise ConfigError(f"unknown fill {fill!r}, expected one of {', '.join(FILLS)}")
+    if fill == "zero":
+        return
+    prefault(block)  # a real guest's zero pages are allocated memory too
+    rng = np.random.default_rng(seed)
+    step = 8192  # pages per chunk (32 MiB), to bound temporaries
+    text = _text_pages(rng, 256)
+    for start in range(0, block.npages, step):
+        stop = min(start + step, block.npages)
+        n = stop - start
+        view = block.words[start:stop]
+        if fill == "random":
+            view[:] = rng.integers(0, 2**64, size=view.shape, dtype=np.uint64)
+            continue
+        kind = rng.integers(0, 4, size=n)  # 0 zero, 1 random, 2-3 text
+        rnd = np.flatnonzero(kind == 1)
+        txt = np.flatnonzero(kind >= 2)
+        if len(rnd):
+            view[rnd] = rng.integers(0, 2**64, size=(len(rnd), PAGE_U64), dtype=np.uint64)
+        if len(txt):
+            view[txt] = text[rng.integers(0, len(text), size=len(txt))]
+            # stamp the page number so no two text pages are identical
+            view[txt, 0] = (start + txt).astype(np.uint64)
+
+
+_WORDS = (
+    b"the quick brown fox jumps over a lazy dog migration page dirty bitmap channel socket "
+    b"packet sync offset block memory guest host qemu multifd zero normal stream section "
+).split()
+
+
+def _text_pages(rng: np.random.Generator, count: int) -> npt.NDArray[np.uint64]:
+    """``count`` distinct pages of compressible, text-like bytes."""
+    words = np.array(_WORDS, dtype=object)
+    out = np.empty((count, TARGET_PAGE_SIZE), dtype=np.uint8)
+    for i in range(count):
+        chunk = b" ".join(words[rng.integers(0, len(words), size=900)])
+        out[i] = np.frombuffer((chunk * 2)[:TARGET_PAGE_SIZE], dtype=np.uint8)
+    return out.view(np.uint64)

@@ -80,9 +80,14 @@ from typing import Any, Sequence
 import numpy as np
 import numpy.typing as npt
 
-from .errors import ConfigError, MigrationError
-from .ram import check_block, page_runs
-from .wire import MAX_RAMBLOCK_NAME, TARGET_PAGE_SIZE
+from ..errors import (
+    ConfigError,
+    SnapshotCorruptError,
+    SnapshotError,
+    SnapshotFormatError,
+)
+from ..memory.ram import check_block, page_runs
+from ..wire.packet import MAX_RAMBLOCK_NAME, TARGET_PAGE_SIZE
 
 MAGIC = b"MFDSNAP\x00"
 VERSION = 1
@@ -102,18 +107,6 @@ INDEX_DTYPE = np.dtype([("offset", "<u8"), ("length", "<u4"), ("capacity", "<u4"
 
 
 # ------------------------------------------------------------------------------ errors
-
-class SnapshotError(MigrationError):
-    """A snapshot file cannot be saved or restored; the message is one line naming the file."""
-
-
-class SnapshotFormatError(SnapshotError, ConfigError):
-    """Not a snapshot file, or a snapshot of another format version."""
-
-
-class SnapshotCorruptError(SnapshotError):
-    """A snapshot file is truncated, incomplete or fails a checksum: never restored."""
-
 
 def _err(path: str | Path, message: str, cls: type[SnapshotError] = SnapshotCorruptError) -> SnapshotError:
     return cls(f"snapshot {path}: {message}")

@@ -22,7 +22,13 @@ import time
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from .errors import ChannelClosed, ChannelError, ConfigError, MigrationTimeout, TruncatedError
+from ..errors import (
+    ChannelClosed,
+    ChannelError,
+    ConfigError,
+    MigrationTimeout,
+    TruncatedError,
+)
 
 SOCKET_BUFFER = 4 << 20
 #: tcp-congestion=auto towards this host: the first one the kernel lets this user set

@@ -1,9 +1,10 @@
-"""Command line: ``python -m engine incoming|migrate``. Parsing and output only.
+"""What every command line entry point shares: options, guest images, output, signals, exits.
 
 Every failure the engine expects ends as one line on stderr (``engine: error: ...``) and a
 non-zero exit status, never a traceback: 1 for a failed migration, 2 for bad arguments,
-130/143 when cancelled by SIGINT/SIGTERM.
+130/143 when cancelled by SIGINT/SIGTERM (:func:`run_command`).
 """
+
 
 from __future__ import annotations
 
@@ -13,34 +14,38 @@ import json
 import os
 import signal
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-from .compression import method_names
-from .errors import ConfigError, MigrationCancelled, MigrationError
-from .params import (
-    DEFAULT_CHANNELS, DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_STALL_TIMEOUT, ZERO_PAGE_DETECTION, MigrationParams, parse_size,
+from ..compression import method_names
+from ..errors import ConfigError, MigrationCancelled, MigrationError
+from ..memory.ram import BlockSpec, GuestRam, block_digest, safe_file_name
+from ..memory.workload import DIRTY_PATTERNS, FILLS, fill_pages
+from ..params import (
+    DEFAULT_CHANNELS,
+    DEFAULT_HANDSHAKE_TIMEOUT,
+    DEFAULT_STALL_TIMEOUT,
+    MigrationParams,
+    parse_size,
 )
-from .ram import FILLS, BlockSpec, GuestRam, block_digest, fill_pages, safe_file_name
-from .stats import human_summary
-from .wire import TARGET_PAGE_SIZE
-from .workload import DIRTY_PATTERNS
+from ..stats import human_summary
+from ..wire.packet import TARGET_PAGE_SIZE
 
 if TYPE_CHECKING:
-    from .job import BackgroundJob
+    from ..precopy import BackgroundJob
+
 
 DEFAULT_BLOCK = "pc.ram"
 
 
-class _Parser(argparse.ArgumentParser):
+class Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         print(f"engine: error: {message} (see --help)", file=sys.stderr)
         sys.exit(2)
 
 
-def _common(p: argparse.ArgumentParser) -> None:
+def add_channel_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--channels", "--multifd-channels", dest="channels", type=int, default=DEFAULT_CHANNELS,
                    metavar="N", help=f"multifd-channels (default {DEFAULT_CHANNELS})")
     p.add_argument("--compression", "--multifd-compression", dest="compression", default="none",
@@ -88,48 +93,6 @@ def add_precopy_args(live: Any, bandwidth_help: str) -> None:
                       help="fail if not converged after N iterations (default 100)")
     live.add_argument("--max-time", type=float, default=0.0, metavar="SECONDS",
                       help="fail if not completed after this long (default 0 = no limit)")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="python -m engine", description="QEMU 7.2-compatible multifd migration engine")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-
-    inc = sub.add_parser("incoming", help="wait for one migration and receive it")
-    inc.add_argument("uri", help="tcp:HOST:PORT, tcp:[IPV6]:PORT or unix:PATH (port 0 picks a free port)")
-    _common(inc)
-    inc.add_argument("--listen-timeout", type=float, default=600.0, metavar="SECONDS",
-                     help="how long to wait for a source to connect (default 600)")
-    inc.add_argument("--ram", action="append", metavar="[NAME=]SIZE", default=None,
-                     help="declare a RAM block up front (repeat, in order; like QEMU's -m); MEM_SIZE must match")
-    inc.add_argument("--prealloc", action="store_true",
-                     help="pre-fault the declared RAM before listening (QEMU's prealloc=on)")
-
-    mig = sub.add_parser("migrate", help="migrate a guest's RAM to a destination")
-    mig.add_argument("uri", help="tcp:HOST:PORT, tcp:[IPV6]:PORT or unix:PATH")
-    _common(mig)
-    add_guest_args(mig)
-    mig.add_argument("--level", type=int, default=None,
-                     help="multifd-zlib-level / multifd-zstd-level / lz4 acceleration (default 1)")
-    mig.add_argument("--machine", default="none", help="machine name for the configuration section (default none)")
-    mig.add_argument("--zero-page-detection", choices=ZERO_PAGE_DETECTION, default="legacy",
-                     help="legacy: the migration thread finds zero pages and sends ZERO records (QEMU 7.2);"
-                          " multifd: the channels find them and list them in packets (QEMU 9.0; engine"
-                          " destinations only); none: send every page whole (default legacy)")
-    mig.add_argument("--tcp-congestion", default="auto", metavar="auto|NAME",
-                     help="TCP congestion control of the source's sockets: auto uses cubic towards a destination"
-                          " on this host (a pacing default such as bbr slows loopback) and the system's default"
-                          " otherwise; NAME (cubic, reno, bbr, ...) for every connection (default auto)")
-    add_precopy_args(mig.add_argument_group("live guest (precopy)"),
-                     "max-bandwidth, headers included (K/M/G suffixes; default 0 = unlimited; QEMU's is 128M)")
-
-    ins = sub.add_parser("inspect", help="decode captured main-stream and multifd channel bytes")
-    ins.add_argument("files", nargs="+", type=Path, help="captured streams (main channel and/or multifd channels)")
-    ins.add_argument("--json", action="store_true", help="print one JSON object instead of a summary")
-
-    from .snapshot_cli import add_parsers  # here: snapshot_cli imports helpers from this module
-
-    add_parsers(sub)
-    return parser
 
 
 def params_from_args(args: argparse.Namespace) -> MigrationParams:
@@ -227,14 +190,14 @@ def dump_ram(ram: GuestRam, directory: Path, extra: dict[str, Any] | None = None
         raise ConfigError(f"--dump {str(directory)!r}: {exc.strerror or exc}") from None
 
 
-def _emit(stats: dict[str, Any], as_json: bool, role: str) -> None:
+def emit(stats: dict[str, Any], as_json: bool, role: str) -> None:
     if as_json:
         print(json.dumps(stats), flush=True)
     else:
         print(human_summary(stats, role), flush=True)
 
 
-def _mib(n: float) -> str:
+def mib(n: float) -> str:
     return f"{n / (1 << 20):.1f} MiB"
 
 
@@ -244,8 +207,8 @@ def progress_line(q: dict[str, Any]) -> str:
     its = q.get("iterations") or []
     rate = ram["mbps"] * 1e6 / 8 / (1 << 20)
     dirty = f"{its[-1]['dirty-pages-rate'] * TARGET_PAGE_SIZE / (1 << 20):.1f} MiB/s" if its else "-"
-    return (f"{q['status']:<9} iteration {q.get('iteration', len(its))} | transferred {_mib(ram['transferred'])}"
-            f" | remaining {_mib(ram['remaining'])} | {rate:.0f} MiB/s | dirty {dirty}"
+    return (f"{q['status']:<9} iteration {q.get('iteration', len(its))} | transferred {mib(ram['transferred'])}"
+            f" | remaining {mib(ram['remaining'])} | {rate:.0f} MiB/s | dirty {dirty}"
             f" | expected downtime {q.get('expected-downtime', 0)} ms | throttle {q.get('cpu-throttle-percentage', 0)}%")
 
 
@@ -262,8 +225,8 @@ def run_live_job(args: argparse.Namespace, make_job: Callable[[GuestRam, Any, An
     workload when ``--dirty-rate`` is given), the job, a progress line on a terminal,
     ``--stats-interval`` lines, cancel on Ctrl-C / SIGTERM, then ``--dump`` and ``--digest``.
     Returns the final ``query-migrate`` dict."""
-    from .dirty import DirtyLog
-    from .workload import Workload, WorkloadSpec
+    from ..memory.dirty import DirtyLog
+    from ..memory.workload import Workload, WorkloadSpec
 
     spec = None
     if getattr(args, "dirty_rate", None) is not None:
@@ -316,60 +279,6 @@ def _wait_running(workload: Any, timeout: float = 10.0) -> None:
         time.sleep(0.005)
 
 
-def cmd_migrate(args: argparse.Namespace) -> int:
-    from .migration import Migration
-
-    params = params_from_args(args)
-    out = run_live_job(args, lambda ram, log, guest: Migration(args.uri, ram, params, tracker=log, guest=guest,
-                                                               trace_file=args.trace))
-    _emit(out, args.json, "source")
-    return 0
-
-
-def cmd_incoming(args: argparse.Namespace) -> int:
-    from .destination import run_incoming
-
-    params = params_from_args(args)
-
-    def listening(uri: str) -> None:
-        print(f"{LISTENING}{uri}", file=sys.stderr, flush=True)
-
-    declared = [parse_ram_arg(text) for text in args.ram] if args.ram else None
-    stop = threading.Event()
-    printer: threading.Thread | None = None
-
-    def on_loader(loader: Any) -> None:
-        nonlocal printer
-        if args.stats_interval > 0:
-            def loop() -> None:
-                while not stop.wait(args.stats_interval / 1000):
-                    print(json.dumps(stats_line(loader.query())), flush=True)
-
-            printer = threading.Thread(target=loop, name="stats", daemon=True)
-            printer.start()
-
-    try:
-        result = run_incoming(args.uri, params, listen_timeout=args.listen_timeout, on_listening=listening,
-                              keep_ram=args.dump is not None or args.digest, declared=declared,
-                              prealloc=args.prealloc, trace_file=args.trace, on_loader=on_loader)
-    finally:
-        stop.set()
-        if printer is not None:
-            printer.join(5)
-    out = result.stats.to_json()
-    if result.ram is not None:
-        with result.ram:
-            if args.digest:
-                out["ram-digest"] = {b.name: block_digest(b) for b in result.ram}
-            if args.dump is not None:
-                extra: dict[str, Any] = {"machine": result.machine}
-                if result.devices is not None:
-                    extra["devices"] = write_devices(args.dump, result.devices)
-                dump_ram(result.ram, args.dump, extra)
-    _emit(out, args.json, "destination")
-    return 0
-
-
 def write_devices(directory: Path, devices: Any) -> str:
     """``devices.json`` in the dump directory; returns its name for the manifest."""
     try:
@@ -380,12 +289,6 @@ def write_devices(directory: Path, devices: Any) -> str:
     return "devices.json"
 
 
-def cmd_inspect(args: argparse.Namespace) -> int:
-    from .inspect import run_inspect
-
-    return run_inspect(args.files, as_json=args.json)
-
-
 LISTENING = "engine: listening on "
 
 
@@ -394,7 +297,7 @@ def wait_for_listening(proc: Any, timeout: float) -> tuple[str, bytes]:
     bound URI. Returns (uri, stderr bytes read so far); raises MigrationTimeout otherwise."""
     import selectors
 
-    from .errors import MigrationTimeout
+    from ..errors import MigrationTimeout
 
     sel = selectors.DefaultSelector()
     sel.register(proc.stderr, selectors.EVENT_READ)
@@ -443,19 +346,3 @@ def run_command(body: Callable[[], int], what: str = "migration") -> int:
         return 1
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    def body() -> int:
-        args = build_parser().parse_args(argv)
-        from .snapshot_cli import dispatch  # save, restore, file: URIs, snapshot files for inspect
-
-        if (rc := dispatch(args)) is not None:
-            return rc
-        if args.command == "migrate":
-            return cmd_migrate(args)
-        if args.command == "inspect":
-            return cmd_inspect(args)
-        return cmd_incoming(args)
-
-    return run_command(body)

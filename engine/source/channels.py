@@ -40,22 +40,39 @@ import os
 import socket
 import struct
 import time
-from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import numpy as np
 import numpy.typing as npt
 
-from .buffers import aligned_pages
-from .compression import MultiFDMethod
-from .errors import ChannelError, MigrationTimeout
-from .procs import ChildGroup, Connection, _CTX, self_usage
-from .ram import GuestRam, RamBlock, page_runs, zero_pages
-from .trace import COMPRESS, GATHER, SEND, WAIT, ZERO_SCAN, Trace, now_ns
-from .transport import send_all
-from .wire import (
-    MULTIFD_FLAG_NOCOMP, MULTIFD_FLAG_SYNC, PACKET_HEADER_SIZE, PAGES_PER_PACKET, TARGET_PAGE_BITS, TARGET_PAGE_SIZE,
-    PACKED_OFFSETS, PacketEncoder, consecutive_runs,
+from ..compression import MultiFDMethod
+from ..errors import ChannelError, MigrationTimeout
+from ..memory.ram import GuestRam, RamBlock, page_runs, zero_pages
+from ..runtime.buffers import aligned_pages
+from ..runtime.procs import _CTX, ChildGroup, Connection, self_usage
+from ..runtime.trace import COMPRESS, GATHER, SEND, WAIT, ZERO_SCAN, Trace, now_ns
+from ..runtime.transport import send_all
+from ..stats import (
+    C_ANON_RSS,
+    C_BYTES,
+    C_CPU_US,
+    C_NCOUNTERS,
+    C_PACKETS,
+    C_PAGES,
+    C_PEAK_RSS,
+    C_ZERO,
+    ChannelStats,
+)
+from ..wire.packet import (
+    MULTIFD_FLAG_NOCOMP,
+    MULTIFD_FLAG_SYNC,
+    PACKED_OFFSETS,
+    PACKET_HEADER_SIZE,
+    PAGES_PER_PACKET,
+    TARGET_PAGE_BITS,
+    TARGET_PAGE_SIZE,
+    PacketEncoder,
+    consecutive_runs,
 )
 
 #: Jobs a channel may have queued in its pipe. QEMU 7.2 uses 1 (one ``pages`` buffer per
@@ -79,8 +96,6 @@ PACKETS_PER_JOB = 2
 JOB_SIZE = PACKETS_PER_JOB * RECORD_SIZE
 _RECORDS = tuple(range(0, JOB_SIZE, RECORD_SIZE))
 
-# counters per channel, in the shared mapping (resource usage is written when the channel ends)
-C_PACKETS, C_PAGES, C_BYTES, C_CPU_US, C_PEAK_RSS, C_ANON_RSS, C_ZERO, C_NCOUNTERS = range(8)
 _NO_PAGES: npt.NDArray[np.int64] = np.zeros(0, dtype=np.int64)
 
 
@@ -300,24 +315,6 @@ def _channel_loop(
     except OSError:
         pass
     sock.close()
-
-
-@dataclass
-class ChannelStats:
-    id: int
-    pid: int
-    packets: int
-    normal_pages: int
-    bytes: int
-    cpu_seconds: float = 0.0  # known once the channel ended
-    peak_rss_kib: int = 0  # VmHWM, including guest pages touched through the mapping
-    private_rss_kib: int = 0  # RssAnon at the end
-    zero_pages: int = 0  # listed in packets (zero-page-detection=multifd)
-
-    @classmethod
-    def from_counters(cls, i: int, pid: int, c: npt.NDArray[np.uint64]) -> ChannelStats:
-        return cls(i, pid, int(c[C_PACKETS]), int(c[C_PAGES]), int(c[C_BYTES]), int(c[C_CPU_US]) / 1e6,
-                   int(c[C_PEAK_RSS]), int(c[C_ANON_RSS]), int(c[C_ZERO]))
 
 
 class SendChannels:

@@ -1,0 +1,163 @@
+"""``python -m engine incoming|migrate|inspect|save|restore``: parsing and dispatch only.
+
+One command table (:data:`COMMANDS`) maps each subcommand to its function; ``migrate
+file:PATH`` and ``incoming file:PATH`` are a snapshot save and restore, as in QEMU.
+"""
+
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+from ..memory.ram import block_digest
+from ..params import (
+    ZERO_PAGE_DETECTION,
+)
+from ..snapshot.format import is_snapshot_file
+from . import snapshot
+from .common import (
+    LISTENING,
+    Parser,
+    add_channel_args,
+    add_guest_args,
+    add_precopy_args,
+    dump_ram,
+    emit,
+    params_from_args,
+    parse_ram_arg,
+    run_command,
+    run_live_job,
+    stats_line,
+    write_devices,
+)
+
+if TYPE_CHECKING:
+    pass
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(prog="python -m engine", description="QEMU 7.2-compatible multifd migration engine")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+
+    inc = sub.add_parser("incoming", help="wait for one migration and receive it")
+    inc.add_argument("uri", help="tcp:HOST:PORT, tcp:[IPV6]:PORT or unix:PATH (port 0 picks a free port)")
+    add_channel_args(inc)
+    inc.add_argument("--listen-timeout", type=float, default=600.0, metavar="SECONDS",
+                     help="how long to wait for a source to connect (default 600)")
+    inc.add_argument("--ram", action="append", metavar="[NAME=]SIZE", default=None,
+                     help="declare a RAM block up front (repeat, in order; like QEMU's -m); MEM_SIZE must match")
+    inc.add_argument("--prealloc", action="store_true",
+                     help="pre-fault the declared RAM before listening (QEMU's prealloc=on)")
+
+    mig = sub.add_parser("migrate", help="migrate a guest's RAM to a destination")
+    mig.add_argument("uri", help="tcp:HOST:PORT, tcp:[IPV6]:PORT or unix:PATH")
+    add_channel_args(mig)
+    add_guest_args(mig)
+    mig.add_argument("--level", type=int, default=None,
+                     help="multifd-zlib-level / multifd-zstd-level / lz4 acceleration (default 1)")
+    mig.add_argument("--machine", default="none", help="machine name for the configuration section (default none)")
+    mig.add_argument("--zero-page-detection", choices=ZERO_PAGE_DETECTION, default="legacy",
+                     help="legacy: the migration thread finds zero pages and sends ZERO records (QEMU 7.2);"
+                          " multifd: the channels find them and list them in packets (QEMU 9.0; engine"
+                          " destinations only); none: send every page whole (default legacy)")
+    mig.add_argument("--tcp-congestion", default="auto", metavar="auto|NAME",
+                     help="TCP congestion control of the source's sockets: auto uses cubic towards a destination"
+                          " on this host (a pacing default such as bbr slows loopback) and the system's default"
+                          " otherwise; NAME (cubic, reno, bbr, ...) for every connection (default auto)")
+    add_precopy_args(mig.add_argument_group("live guest (precopy)"),
+                     "max-bandwidth, headers included (K/M/G suffixes; default 0 = unlimited; QEMU's is 128M)")
+
+    ins = sub.add_parser("inspect", help="decode captured main-stream and multifd channel bytes")
+    ins.add_argument("files", nargs="+", type=Path, help="captured streams (main channel and/or multifd channels)")
+    ins.add_argument("--json", action="store_true", help="print one JSON object instead of a summary")
+
+    snapshot.add_parsers(sub)
+    return parser
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    if args.uri.startswith(snapshot.FILE_SCHEME):  # QEMU's file: migration is a snapshot save
+        return snapshot.cmd_save(args, snapshot.file_uri_path(args.uri))
+    from ..source.migration import Migration
+
+    params = params_from_args(args)
+    out = run_live_job(args, lambda ram, log, guest: Migration(args.uri, ram, params, tracker=log, guest=guest,
+                                                               trace_file=args.trace))
+    emit(out, args.json, "source")
+    return 0
+
+
+def cmd_incoming(args: argparse.Namespace) -> int:
+    if args.uri.startswith(snapshot.FILE_SCHEME):  # ... and incoming from a file a restore
+        return snapshot.cmd_restore(args, snapshot.file_uri_path(args.uri))
+    from ..destination.incoming import run_incoming
+
+    params = params_from_args(args)
+
+    def listening(uri: str) -> None:
+        print(f"{LISTENING}{uri}", file=sys.stderr, flush=True)
+
+    declared = [parse_ram_arg(text) for text in args.ram] if args.ram else None
+    stop = threading.Event()
+    printer: threading.Thread | None = None
+
+    def on_loader(loader: Any) -> None:
+        nonlocal printer
+        if args.stats_interval > 0:
+            def loop() -> None:
+                while not stop.wait(args.stats_interval / 1000):
+                    print(json.dumps(stats_line(loader.query())), flush=True)
+
+            printer = threading.Thread(target=loop, name="stats", daemon=True)
+            printer.start()
+
+    try:
+        result = run_incoming(args.uri, params, listen_timeout=args.listen_timeout, on_listening=listening,
+                              keep_ram=args.dump is not None or args.digest, declared=declared,
+                              prealloc=args.prealloc, trace_file=args.trace, on_loader=on_loader)
+    finally:
+        stop.set()
+        if printer is not None:
+            printer.join(5)
+    out = result.stats.to_json()
+    if result.ram is not None:
+        with result.ram:
+            if args.digest:
+                out["ram-digest"] = {b.name: block_digest(b) for b in result.ram}
+            if args.dump is not None:
+                extra: dict[str, Any] = {"machine": result.machine}
+                if result.devices is not None:
+                    extra["devices"] = write_devices(args.dump, result.devices)
+                dump_ram(result.ram, args.dump, extra)
+    emit(out, args.json, "destination")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    if all(is_snapshot_file(f) for f in args.files):
+        return snapshot.inspect_snapshots(args.files, as_json=args.json)
+    from .inspect import run_inspect
+
+    return run_inspect(args.files, as_json=args.json)
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "migrate": cmd_migrate,
+    "incoming": cmd_incoming,
+    "inspect": cmd_inspect,
+    "save": lambda args: snapshot.cmd_save(args, args.file),
+    "restore": lambda args: snapshot.cmd_restore(args, args.file),
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    def body() -> int:
+        args = build_parser().parse_args(argv)
+        return COMMANDS[args.command](args)
+
+    return run_command(body)

@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""QEMU 7.2 and the engine side by side: the same RAM image, the same multifd settings (issue 5).
+"""QEMU (7.2, 10.0) and the engine side by side: the same RAM image, the same multifd settings
+(issues 5 and 17).
 
 Run it with ``scripts/compare-qemu`` (it sets up the venv); ``--help`` lists the options.
 
@@ -20,6 +21,15 @@ Each *run* migrates it once over TCP loopback, with the same ``multifd-channels`
 * **engine -> engine**: ``python -m engine incoming ... --json`` (``--ram pc.ram=SIZE
   --prealloc`` in the pre-allocated mode), then ``python -m engine migrate ... --ram-image
   pc.ram=IMAGE --json``.
+
+Which QEMUs: every ``--qemu PATH`` given, else the system's ``qemu-system-x86_64`` (QEMU 7.2 on
+Debian 12; ``$QEMU_BINARY`` overrides it) plus QEMU 10.0 when ``scripts/install-qemu10`` has
+installed it (``.qemu/10.0/qemu-system-x86_64``). Each is labelled with the version its
+``--version`` prints and migrates to itself (QEMU 10.0 -> QEMU 10.0 at its defaults: 10.0's
+multifd dialect, not 7.2's; each QEMU is compared with the engine, never with the other QEMU's
+wire format). With one QEMU the output is the original two-sided one; with more, the table has
+a column per QEMU and the engine's ratio to each, the chart a bar per QEMU, and each JSON summary
+row a ``vs`` list (one entry per QEMU; the row's own ``qemu``/``ratio``/... are the first QEMU's).
 
 Time: the source's ``total-time`` (QMP ``query-migrate`` once completed; the engine's JSON),
 so neither side's process start-up, image loading or pre-allocation counts. Throughput is
@@ -52,13 +62,21 @@ RSS: the JSON's per-channel ``peak-rss-kib`` / ``private-rss-kib``; the main pro
 ``VmHWM`` / ``RssAnon`` sampled from ``/proc`` every 10 ms (``VmHWM`` only grows, so the last
 sample is at most 10 ms old).
 
-Runs are interleaved: every round runs every (case, mode) once on each side, alternating which
-side goes first from round to round, so a noisy neighbour hits both; zlib, ten times slower
+Runs are interleaved: every round runs every (case, mode) once on each side (each QEMU and the
+engine), rotating which one goes first from case to case and round to round (with one QEMU:
+alternating), so a noisy neighbour hits all of them; zlib, ten times slower
 than the rest, runs in the first ``--slow-rounds`` (3) only, to keep a default run under ten
 minutes on a 2-core machine. The table shows medians and min-max. Before each round it waits up to ``--quiet-wait`` seconds for the other
 processes on the machine to use less than ``--quiet-below`` of its CPUs, and it records how
 busy the machine was during every run (``others-cpu-s``: CPU seconds used by processes that
 are not this run's, measured from ``/proc/stat``).
+
+Targets (the table's last column): issue 5's against a QEMU older than 10.0 (written against 7.2),
+issue 17's against QEMU 10.0 and later.
+
+``--results`` also writes the summary to ``benchmarks/results/DATE-compare-qemu-REVISION.md``
+(revision, machine, QEMU versions, command, the table as printed) and every run next to it
+(``.json``), as ``benchmarks/results/README.md`` describes.
 
 ``--trace DIR`` adds one engine run per case and mode after the rounds (not in the medians)
 with ``--trace`` on both sides, and prints the time per span kind per kind of process: where
@@ -75,12 +93,14 @@ import argparse
 import json
 import math
 import os
+import shlex
 import shutil
 import signal
 import statistics
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -162,6 +182,84 @@ def traced_runs(image: Path, size: int, jobs: Sequence[Job], directory: Path, *,
 # ----------------------------------------------------------------------- QEMU processes
 
 
+QEMU10_WRAPPER = ROOT / ".qemu" / "10.0" / "qemu-system-x86_64"  # what scripts/install-qemu10 installs
+
+
+@dataclass(frozen=True)
+class Qemu:
+    """One QEMU binary under comparison."""
+
+    path: str  # as run: a path, or a name found on PATH
+    version: str  # "7.2.22", from ``--version``
+    version_line: str  # the first line of ``--version``
+    id: str = ""  # in job keys: "" when it is the only QEMU (keys stay "qemu/none/fresh"), else its version
+
+    @property
+    def series(self) -> tuple[int, int]:
+        major, minor = self.version.split(".")[:2]
+        return int(major), int(minor)
+
+    @property
+    def short(self) -> str:
+        """``7.2``: in titles, legends and footnotes."""
+        return "{}.{}".format(*self.series)
+
+    @property
+    def label(self) -> str:
+        """Column label: ``QEMU`` when it is the only QEMU (the original table), else ``QEMU 10.0.2``."""
+        return f"QEMU {self.id}" if self.id else "QEMU"
+
+    @property
+    def counts_uncompressed(self) -> bool:
+        """7.2's ``ram.transferred`` (``multifd-bytes``) counts zlib/zstd pages before compression;
+        10.0's counts the bytes sent (both measured; the versions between are not)."""
+        return self.series < (10, 0)
+
+
+class QemuNotUsable(Exception):
+    """A QEMU to compare is missing or does not say its version (the message is one line)."""
+
+
+def find_qemus(paths: Sequence[str] | None) -> list[Qemu]:
+    """The QEMUs to compare: ``--qemu`` paths, else the system's plus QEMU 10.0 when installed
+    (the same binary twice counts once). Raises :class:`QemuNotUsable`."""
+    if paths:
+        wanted = list(paths)
+    else:
+        wanted = [p for p in (qemu_peer.QEMU_BINARY,) if qemu_peer.qemu_available(p)]
+        if os.access(QEMU10_WRAPPER, os.X_OK):
+            wanted.append(str(QEMU10_WRAPPER))
+        if not wanted:
+            raise QemuNotUsable(f"{qemu_peer.QEMU_BINARY} not found (apt-get install qemu-system-x86)"
+                                " and QEMU 10.0 not installed (scripts/install-qemu10)")
+    found: list[Qemu] = []
+    seen: set[str] = set()
+    for path in wanted:
+        where = shutil.which(path)
+        if where is None:
+            raise QemuNotUsable(f"--qemu {path}: not found or not executable")
+        if os.sep in path:
+            path = os.path.abspath(path)
+        real = os.path.realpath(where)
+        if real in seen:
+            continue
+        seen.add(real)
+        try:
+            version, line = qemu_peer.qemu_version(path)
+        except qemu_peer.QMPError as exc:
+            raise QemuNotUsable(str(exc)) from None
+        found.append(Qemu(path=path, version=version, version_line=line))
+    if len(found) > 1:
+        ids: list[str] = []
+        for q in found:
+            qid, n = q.version, 2
+            while qid in ids:
+                qid, n = f"{q.version}-{n}", n + 1
+            ids.append(qid)
+        found = [Qemu(q.path, q.version, q.version_line, qid) for q, qid in zip(found, ids)]
+    return found
+
+
 def _qemu_level(compression: str, level: int | None) -> dict[str, Any]:
     if level is None or compression not in ("zlib", "zstd"):
         return {}
@@ -169,18 +267,20 @@ def _qemu_level(compression: str, level: int | None) -> dict[str, Any]:
 
 
 def run_qemu(image: Path, size: int, *, channels: int, compression: str, level: int | None, prealloc: bool,
-             workdir: Path, timeout: float) -> dict[str, Any]:
-    """One QEMU -> QEMU migration of ``image``. Returns its measurements; raises
-    :class:`RunFailed`. Both QEMUs are always quit (or killed) and reaped by ``QemuPeer``."""
+             workdir: Path, timeout: float, binary: str | None = None) -> dict[str, Any]:
+    """One QEMU -> QEMU migration of ``image`` (both sides ``binary``, default ``QEMU_BINARY``).
+    Returns its measurements; raises :class:`RunFailed`. Both QEMUs are always quit (or killed)
+    and reaped by ``QemuPeer``."""
     workdir.mkdir(parents=True, exist_ok=True)
     start_timeout = 30.0 + 10.0 * size / GiB  # -mem-prealloc happens before QMP answers
     try:
         src = qemu_peer.QemuPeer(workdir, name="qemu-source", memory=f"{size // MiB}M", mem_path=image,
-                                 extra_args=["-mem-prealloc"], timeout=start_timeout)
+                                 extra_args=["-mem-prealloc"], timeout=start_timeout, binary=binary)
         with src:
             src.set_multifd(channels, compression, max_bandwidth=QEMU_MAX_BANDWIDTH, **_qemu_level(compression, level))
             dst = qemu_peer.QemuPeer(workdir, name="qemu-destination", memory=f"{size // MiB}M", incoming=True,
-                                     extra_args=["-mem-prealloc"] if prealloc else [], timeout=start_timeout)
+                                     extra_args=["-mem-prealloc"] if prealloc else [], timeout=start_timeout,
+                                     binary=binary)
             with dst:
                 dst.set_multifd(channels, compression, **_qemu_level(compression, level))
                 uri = dst.migrate_incoming("tcp:127.0.0.1:0")
@@ -232,37 +332,39 @@ class Job:
     impl: str  # "qemu" | "engine"
     compression: str
     mode: str  # "fresh" | "prealloc"
+    qemu: str = ""  # a QEMU job's Qemu.id ("" when only one QEMU is compared)
 
     @property
     def key(self) -> str:
-        return f"{self.impl}/{self.compression}/{self.mode}"
+        impl = f"{self.impl}-{self.qemu}" if self.qemu else self.impl
+        return f"{impl}/{self.compression}/{self.mode}"
 
 
-def plan(cases: Sequence[str], modes: Sequence[str]) -> list[tuple[Job, ...]]:
-    """The pairs run in every round, in order; each pair is (QEMU job, engine job) or a single job."""
-    pairs: list[tuple[Job, ...]] = []
+def plan(cases: Sequence[str], modes: Sequence[str], qemus: Sequence[Qemu]) -> list[tuple[Job, ...]]:
+    """The groups run in every round, in order; each group is (one job per QEMU..., engine job),
+    or what is left of it once jobs already planned (the QEMU none/fresh reference of lz4) are dropped."""
+    groups: list[tuple[Job, ...]] = []
     seen: set[Job] = set()
 
     def add(*jobs: Job) -> None:
         new = tuple(j for j in jobs if j not in seen)
         seen.update(new)
         if new:
-            pairs.append(new)
+            groups.append(new)
 
     for mode in modes:
         for case in cases:
-            if case in ENGINE_ONLY:
-                add(Job("qemu", "none", "fresh"), Job("engine", case, mode))
-            else:
-                add(Job("qemu", case, mode), Job("engine", case, mode))
-    return pairs
+            add(*(reference(case, mode, q.id) for q in qemus), Job("engine", case, mode))
+    return groups
 
 
-def reference(case: str, mode: str) -> Job:
+def reference(case: str, mode: str, qemu: str = "") -> Job:
     """The QEMU run an engine case is compared with."""
-    return Job("qemu", "none", "fresh") if case in ENGINE_ONLY else Job("qemu", case, mode)
+    return Job("qemu", "none", "fresh", qemu) if case in ENGINE_ONLY else Job("qemu", case, mode, qemu)
 
 
+# engine/QEMU throughput targets: issue 5's (written against QEMU 7.2) for a QEMU older than
+# 10.0, with its lz4 bytes and CPU targets; issue 17's for QEMU 10.0 and later.
 TARGETS: dict[tuple[str, str], float] = {
     ("none", "prealloc"): 1.0,
     ("none", "fresh"): 2.0,
@@ -271,6 +373,29 @@ TARGETS: dict[tuple[str, str], float] = {
 }
 LZ4_MAX_BYTES = 0.75
 CPU_MAX_RATIO = 1.5  # engine CPU s/GiB vs QEMU's, compression none
+TARGETS_QEMU10: dict[tuple[str, str], float] = {
+    ("none", "prealloc"): 1.0,
+    ("none", "fresh"): 1.0,
+    ("zstd", "prealloc"): 1.0,
+}
+
+
+def targets(qemu: Qemu, case: str, mode: str, vs: dict[str, Any]) -> list[dict[str, Any]]:
+    """Which targets this comparison has and whether each was met."""
+    checks = []
+    if qemu.series >= (10, 0):
+        target = TARGETS_QEMU10.get((case, mode))
+        if target is not None and vs["ratio"] is not None:
+            checks.append((f"throughput >= {target:g}x", vs["ratio"] >= target))
+        return [{"target": t, "met": ok} for t, ok in checks]
+    target = TARGETS.get((case, mode))
+    if target is not None and vs["ratio"] is not None:
+        checks.append((f"throughput >= {target:g}x", vs["ratio"] >= target))
+    if case == "lz4" and vs["bytes-ratio"] is not None:
+        checks.append((f"bytes <= {LZ4_MAX_BYTES:.0%}", vs["bytes-ratio"] <= LZ4_MAX_BYTES))
+    if case == "none" and vs["cpu-ratio"] is not None:
+        checks.append((f"CPU/GiB <= {CPU_MAX_RATIO:g}x", vs["cpu-ratio"] <= CPU_MAX_RATIO))
+    return [{"target": t, "met": ok} for t, ok in checks]
 
 
 def _med(values: Sequence[float]) -> float | None:
@@ -279,8 +404,11 @@ def _med(values: Sequence[float]) -> float | None:
 
 
 def summarize(results: dict[Job, list[dict[str, Any]]], cases: Sequence[str], modes: Sequence[str],
-              size: int) -> list[dict[str, Any]]:
-    """One row per (case, mode): medians of both sides, ratios, targets."""
+              size: int, qemus: Sequence[Qemu]) -> list[dict[str, Any]]:
+    """One row per (case, mode): medians of the engine and of each QEMU, the engine's ratios to
+    each QEMU (``vs``, in ``qemus`` order), targets. The row's top-level ``qemu``, ``reference``,
+    ``ratio``, ``cpu-ratio``, ``bytes-ratio`` and ``targets`` are those against the first QEMU
+    (the original single-QEMU layout)."""
     gib = size / GiB
 
     def stats(job: Job) -> dict[str, Any]:
@@ -301,25 +429,29 @@ def summarize(results: dict[Job, list[dict[str, Any]]], cases: Sequence[str], mo
             "minor-faults-per-gib": _med([sum(r["minor-faults"].values()) / gib for r in runs if "minor-faults" in r]),
         }
 
+    def ratio(e: float | None, q: float | None) -> float | None:
+        return e / q if e and q else None
+
     rows = []
     for mode in modes:
         for case in cases:
-            ref = reference(case, mode)
-            q, e = stats(ref), stats(Job("engine", case, mode))
-            row: dict[str, Any] = {"case": case, "mode": mode, "reference": ref.key, "qemu": q, "engine": e}
-            row["ratio"] = (e["mib-s"] / q["mib-s"]) if e["mib-s"] and q["mib-s"] else None
-            row["cpu-ratio"] = (e["cpu-s-per-gib"] / q["cpu-s-per-gib"]) if e["cpu-s-per-gib"] and q["cpu-s-per-gib"] else None
-            row["bytes-ratio"] = (e["transferred"] / q["transferred"]) if e["transferred"] and q["transferred"] else None
-            checks = []
-            target = TARGETS.get((case, mode))
-            if target is not None and row["ratio"] is not None:
-                checks.append((f"throughput >= {target:g}x", row["ratio"] >= target))
-            if case == "lz4" and row["bytes-ratio"] is not None:
-                checks.append((f"bytes <= {LZ4_MAX_BYTES:.0%}", row["bytes-ratio"] <= LZ4_MAX_BYTES))
-            if case == "none" and row["cpu-ratio"] is not None:
-                checks.append((f"CPU/GiB <= {CPU_MAX_RATIO:g}x", row["cpu-ratio"] <= CPU_MAX_RATIO))
-            row["targets"] = [{"target": t, "met": ok} for t, ok in checks]
-            rows.append(row)
+            e = stats(Job("engine", case, mode))
+            vs = []
+            for qemu in qemus:
+                ref = reference(case, mode, qemu.id)
+                q = stats(ref)
+                one: dict[str, Any] = {
+                    "qemu-version": qemu.version, "reference": ref.key, "qemu": q,
+                    "ratio": ratio(e["mib-s"], q["mib-s"]),
+                    "cpu-ratio": ratio(e["cpu-s-per-gib"], q["cpu-s-per-gib"]),
+                    "bytes-ratio": ratio(e["transferred"], q["transferred"]),
+                }
+                one["targets"] = targets(qemu, case, mode, one)
+                vs.append(one)
+            first = vs[0]
+            rows.append({"case": case, "mode": mode, "reference": first["reference"], "qemu": first["qemu"],
+                         "engine": e, "ratio": first["ratio"], "cpu-ratio": first["cpu-ratio"],
+                         "bytes-ratio": first["bytes-ratio"], "targets": first["targets"], "vs": vs})
     return rows
 
 
@@ -333,29 +465,63 @@ def _range(side: dict[str, Any]) -> str:
     return f"{side['mib-s']:.0f} ({side['mib-s-min']:.0f}-{side['mib-s-max']:.0f})"
 
 
-def table(rows: Sequence[dict[str, Any]], channels: int) -> str:
-    head = ("| case | destination | QEMU MiB/s (min-max) | engine MiB/s (min-max) | engine/QEMU | "
-            "CPU s/GiB QEMU | CPU s/GiB engine | CPU ratio | sent MiB QEMU | sent MiB engine | targets |")
+def _targets_cell(row: dict[str, Any], qemus: Sequence[Qemu]) -> str:
+    def fmt(ts: Sequence[dict[str, Any]]) -> str:
+        return ", ".join(f"{t['target']}: {'met' if t['met'] else 'MISSED'}" for t in ts)
+
+    if len(qemus) == 1:
+        return fmt(row["targets"]) or "-"
+    parts = [f"vs {q.id}: {fmt(v['targets'])}" for q, v in zip(qemus, row["vs"]) if v["targets"]]
+    return "; ".join(parts) or "-"
+
+
+def table(rows: Sequence[dict[str, Any]], channels: int, qemus: Sequence[Qemu]) -> str:
+    """The summary as a markdown table: a column per QEMU and the engine for throughput, CPU and
+    bytes sent, and the engine's ratio to each QEMU (one QEMU: the original table, unchanged)."""
+    single = len(qemus) == 1
+    head = ("| case | destination | " + "".join(f"{q.label} MiB/s (min-max) | " for q in qemus)
+            + "engine MiB/s (min-max) | "
+            + "".join("engine/QEMU | " if single else f"engine/{q.label} | " for q in qemus)
+            + "".join(f"CPU s/GiB {q.label} | " for q in qemus) + "CPU s/GiB engine | "
+            + "".join("CPU ratio | " if single else f"CPU ratio vs {q.id} | " for q in qemus)
+            + "".join(f"sent MiB {q.label} | " for q in qemus) + "sent MiB engine | targets |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    starred = False
     for r in rows:
-        q, e = r["qemu"], r["engine"]
+        e, vs = r["engine"], r["vs"]
         name = f"{r['case']} {channels}ch" + (" (vs QEMU none fresh)" if r["case"] in ENGINE_ONLY else "")
-        targets = ", ".join(f"{t['target']}: {'met' if t['met'] else 'MISSED'}" for t in r["targets"]) or "-"
+        sent = []
+        for q, v in zip(qemus, vs):
+            star = q.counts_uncompressed and v["reference"].split("/")[1] in QEMU_UNCOMPRESSED_COUNT
+            starred |= star
+            sent.append(f" {_f(v['qemu']['transferred'] and v['qemu']['transferred'] / MiB)}{'*' if star else ''} |")
         lines.append(
-            f"| {name} | {r['mode']} | {_range(q)} | {_range(e)} | {_f(r['ratio'], '{:.2f}x')} |"
-            f" {_f(q['cpu-s-per-gib'], '{:.2f}')} | {_f(e['cpu-s-per-gib'], '{:.2f}')} | {_f(r['cpu-ratio'], '{:.2f}x')} |"
-            f" {_f(q['transferred'] and q['transferred'] / MiB)}{'*' if r['reference'].split('/')[1] in QEMU_UNCOMPRESSED_COUNT else ''} |"
-            f" {_f(e['transferred'] and e['transferred'] / MiB)} |"
-            f" {targets} |"
+            f"| {name} | {r['mode']} |" + "".join(f" {_range(v['qemu'])} |" for v in vs) + f" {_range(e)} |"
+            + "".join(f" {_f(v['ratio'], '{:.2f}x')} |" for v in vs)
+            + "".join(f" {_f(v['qemu']['cpu-s-per-gib'], '{:.2f}')} |" for v in vs)
+            + f" {_f(e['cpu-s-per-gib'], '{:.2f}')} |"
+            + "".join(f" {_f(v['cpu-ratio'], '{:.2f}x')} |" for v in vs)
+            + "".join(sent) + f" {_f(e['transferred'] and e['transferred'] / MiB)} |"
+            + f" {_targets_cell(r, qemus)} |"
         )
-    if any(r["reference"].split("/")[1] in QEMU_UNCOMPRESSED_COUNT for r in rows):
-        lines.append("\n\\* QEMU 7.2 counts zlib/zstd pages uncompressed in `ram.transferred` (`multifd-bytes`):"
-                     " not the bytes on the wire.")
+    if starred:
+        old = sorted({q.short for q in qemus if q.counts_uncompressed}, key=lambda v: tuple(map(int, v.split("."))))
+        new = sorted({q.short for q in qemus if not q.counts_uncompressed}, key=lambda v: tuple(map(int, v.split("."))))
+        lines.append(f"\n\\* QEMU {' and '.join(old)} {'counts' if len(old) == 1 else 'count'} zlib/zstd pages"
+                     " uncompressed in `ram.transferred` (`multifd-bytes`): not the bytes on the wire."
+                     + (f" QEMU {' and '.join(new)} {'counts' if len(new) == 1 else 'count'} the bytes sent."
+                        if new else ""))
     return "\n".join(lines)
 
 
-def chart(rows: Sequence[dict[str, Any]], path: Path, title: str) -> str | None:
-    """A PNG: median MiB/s (min-max whiskers) and CPU s/GiB per case and mode. Returns an error or None."""
+QEMU_COLORS = ("#4c72b0", "#55a868", "#8172b2", "#c44e52", "#937860")
+ENGINE_COLOR = "#dd8452"
+
+
+def chart(rows: Sequence[dict[str, Any]], path: Path, title: str, qemus: Sequence[Qemu]) -> str | None:
+    """A PNG: median MiB/s (min-max whiskers) and CPU s/GiB per case and mode, a bar per QEMU and
+    the engine; the engine/QEMU ratios over the QEMU bars (one QEMU: between the two bars).
+    Returns an error or None."""
     try:
         import matplotlib
 
@@ -365,25 +531,37 @@ def chart(rows: Sequence[dict[str, Any]], path: Path, title: str) -> str | None:
         return "matplotlib is not installed (scripts/compare-qemu installs the 'bench' extra)"
     labels = [f"{r['case']}\n{r['mode']}" + ("\n(vs QEMU none fresh)" if r["case"] in ENGINE_ONLY else "") for r in rows]
     x = list(range(len(rows)))
-    w = 0.38
-    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(max(8, 1.6 * len(rows)), 9), sharex=True)
-    for off, side, color in ((-w / 2, "qemu", "#4c72b0"), (w / 2, "engine", "#dd8452")):
-        vals = [r[side]["mib-s"] or 0 for r in rows]
-        lo = [max(0.0, v - (r[side]["mib-s-min"] or v)) for v, r in zip(vals, rows)]
-        hi = [max(0.0, (r[side]["mib-s-max"] or v) - v) for v, r in zip(vals, rows)]
-        ax1.bar([i + off for i in x], vals, w, yerr=[lo, hi], capsize=3, color=color,
-                label="QEMU 7.2" if side == "qemu" else "engine")
-        cpu = [r[side]["cpu-s-per-gib"] or 0 for r in rows]
-        ax2.bar([i + off for i in x], cpu, w, color=color, label="QEMU 7.2" if side == "qemu" else "engine")
+    n = len(qemus) + 1
+    w = 0.76 / n
+    single = len(qemus) == 1
+    sides: list[tuple[float, str, str, list[dict[str, Any]]]] = []  # offset, legend, colour, stats per row
+    for k, q in enumerate(qemus):
+        legend = f"QEMU {q.short}" if single else q.label
+        sides.append(((k - (n - 1) / 2) * w, legend, QEMU_COLORS[k % len(QEMU_COLORS)], [r["vs"][k]["qemu"] for r in rows]))
+    sides.append((((n - 1) / 2) * w, "engine", ENGINE_COLOR, [r["engine"] for r in rows]))
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(max(8, (1.6 if single else 1.2 + 0.4 * n) * len(rows)), 9), sharex=True)
+    for off, legend, color, st in sides:
+        vals = [s["mib-s"] or 0 for s in st]
+        lo = [max(0.0, v - (s["mib-s-min"] or v)) for v, s in zip(vals, st)]
+        hi = [max(0.0, (s["mib-s-max"] or v) - v) for v, s in zip(vals, st)]
+        ax1.bar([i + off for i in x], vals, w, yerr=[lo, hi], capsize=3, color=color, label=legend)
+        ax2.bar([i + off for i in x], [s["cpu-s-per-gib"] or 0 for s in st], w, color=color, label=legend)
     for i, r in enumerate(rows):
-        if r["ratio"] is not None:
-            top = max(r["qemu"]["mib-s-max"] or 0, r["engine"]["mib-s-max"] or 0)
-            ax1.annotate(f"{r['ratio']:.2f}x", (i, top), ha="center", va="bottom", fontsize=9)
-        if r["cpu-ratio"] is not None:
-            top = max(r["qemu"]["cpu-s-per-gib"] or 0, r["engine"]["cpu-s-per-gib"] or 0)
-            ax2.annotate(f"{r['cpu-ratio']:.2f}x", (i, top), ha="center", va="bottom", fontsize=9)
+        for k, v in enumerate(r["vs"]):
+            at = i if single else i + sides[k][0]
+            if v["ratio"] is not None:
+                top = max(v["qemu"]["mib-s-max"] or 0, r["engine"]["mib-s-max"] or 0) if single else (v["qemu"]["mib-s-max"] or 0)
+                ax1.annotate(f"{v['ratio']:.2f}x", (at, top), ha="center", va="bottom", fontsize=9 if single else 8)
+            if v["cpu-ratio"] is not None:
+                top = (max(v["qemu"]["cpu-s-per-gib"] or 0, r["engine"]["cpu-s-per-gib"] or 0) if single
+                       else (v["qemu"]["cpu-s-per-gib"] or 0))
+                ax2.annotate(f"{v['cpu-ratio']:.2f}x", (at, top), ha="center", va="bottom", fontsize=9 if single else 8)
     ax1.set_ylabel("MiB/s of guest RAM (median, min-max)")
-    ax1.set_title(title)
+    wrap = int(fig.get_figwidth() * 11)  # characters of the title per line
+    if single:
+        ax1.set_title(textwrap.fill(title, wrap))
+    else:
+        ax1.set_title(textwrap.fill(title, wrap) + "\n(over each QEMU bar: engine / that QEMU)", fontsize=10)
     ax1.legend()
     ax2.set_ylabel("CPU s per GiB (both sides, all processes)")
     ax2.set_xticks(x)
@@ -393,6 +571,74 @@ def chart(rows: Sequence[dict[str, Any]], path: Path, title: str) -> str | None:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return None
+
+
+# ------------------------------------------------------------------------------ results
+
+
+RESULTS_DIR = ROOT / "benchmarks" / "results"
+
+
+def machine_description() -> str:
+    """One line: CPUs, memory, kernel, OS, TCP congestion control."""
+    model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = ""
+    try:
+        kib = int(Path("/proc/meminfo").read_text().split("MemTotal:", 1)[1].split()[0])
+        mem = f", {kib / (1 << 20):.0f} GiB"
+    except (OSError, IndexError, ValueError):
+        pass
+    osname = ""
+    try:
+        for line in Path("/etc/os-release").read_text().splitlines():
+            if line.startswith("PRETTY_NAME="):
+                osname = line.split("=", 1)[1].strip('"')
+    except OSError:
+        pass
+    cpus = f"{os.cpu_count()} CPUs" + (f" ({model})" if model else "")
+    return (f"{cpus}{mem}; Linux {os.uname().release}" + (f", {osname}" if osname else "")
+            + f"; TCP congestion control default {congestion_setting('default')}")
+
+
+def results_path(revision: str, note: str | None) -> Path:
+    """``benchmarks/results/DATE-compare-qemu-REVISION[-note].md``, not an existing one."""
+    stem = f"{time.strftime('%Y-%m-%d')}-compare-qemu-{revision.replace('+', '-')}" + (f"-{note}" if note else "")
+    path, n = RESULTS_DIR / f"{stem}.md", 2
+    while path.exists() or path.with_suffix(".json").exists():
+        path, n = RESULTS_DIR / f"{stem}-{n}.md", n + 1
+    return path
+
+
+def write_results(path: Path, out: dict[str, Any], summary: Sequence[str], qemus: Sequence[Qemu],
+                  argv: Sequence[str]) -> None:
+    """The summary as markdown (what the run printed, with the revision, machine, QEMUs and
+    command) and every run as JSON next to it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    json_path = path.with_suffix(".json")
+    revision = out["engine-revision"]
+    lines = [
+        f"# compare-qemu, {time.strftime('%Y-%m-%d')}, revision {revision}",
+        "",
+        f"- Revision: {revision}" + (" (engine/ with uncommitted changes)" if revision.endswith("+dirty") else ""),
+        f"- Machine: {machine_description()}; both sides on it, TCP loopback",
+        "- QEMU: " + "; ".join(f"{q.version_line} (`{q.path}`)" for q in qemus),
+        f"- Command: `{shlex.join(['./scripts/compare-qemu', *argv])}`",
+        f"- Every run: [{json_path.name}]({json_path.name})",
+        "",
+        "\n\n".join(part.strip() for part in summary),  # one paragraph per line printed
+        "",
+    ]
+    path.write_text("\n".join(lines))
+    json_path.write_text(json.dumps(out, indent=2) + "\n")
+    print(f"compare-qemu: wrote {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path} and"
+          f" {json_path.name}", file=sys.stderr)
 
 
 # ------------------------------------------------------------------------------ main
@@ -409,13 +655,24 @@ def wait_quiet(below: float, max_wait: float) -> float:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="scripts/compare-qemu",
-                                description="Migrate the same RAM image QEMU 7.2 -> QEMU 7.2 and engine -> engine,"
-                                            " interleaved, and compare (medians, ratios, CPU, JSON, PNG).")
+                                description="Migrate the same RAM image QEMU -> QEMU (for each QEMU compared) and"
+                                            " engine -> engine, interleaved, and compare (medians, ratios, CPU,"
+                                            " JSON, PNG).")
     add_run_args(p, default_cases=",".join(CASES))
+    p.add_argument("--qemu", action="append", default=None, metavar="PATH",
+                   help="a QEMU binary to compare with (repeatable; each migrates to itself and is labelled with"
+                        " the version its --version prints). Default: the system's qemu-system-x86_64"
+                        " ($QEMU_BINARY overrides it; QEMU 7.2 on Debian 12) plus QEMU 10.0 when"
+                        " scripts/install-qemu10 has installed it (.qemu/10.0/qemu-system-x86_64)")
     p.add_argument("--slow-rounds", type=int, default=3, metavar="N",
                    help="run zlib (about 10x slower than the rest) in the first N rounds only"
                         " (default 3; 0 = every round)")
     p.add_argument("--chart", type=Path, default=None, metavar="FILE", help="write a PNG chart here (matplotlib)")
+    p.add_argument("--results", action="store_true",
+                   help="also write the summary to benchmarks/results/DATE-compare-qemu-REVISION[-NOTE].md (with"
+                        " the revision, machine, QEMU versions and command) and every run to the .json next to it")
+    p.add_argument("--note", default=None, metavar="WORD",
+                   help="with --results: a word for the file name, e.g. host-cubic")
     p.add_argument("--trace", type=Path, default=None, metavar="DIR",
                    help="after the rounds, one more engine run per case and mode with --trace on both sides"
                         " (Chrome trace JSON in DIR, not counted in the medians); prints time per span kind")
@@ -426,7 +683,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--quiet-wait", type=float, default=10.0, metavar="SECONDS",
                    help="how long to wait for that per round (default 10; 0 = do not wait)")
     p.add_argument("--workdir", type=Path, default=None, help="where image and logs go (default a temp dir, removed)")
-    return check_run_args(p, p.parse_args(argv))
+    args = check_run_args(p, p.parse_args(argv))
+    if args.note is not None and (not args.results or not args.note.replace("-", "").isalnum()):
+        p.error("--note needs --results and one word of letters, digits and '-'")
+    return args
 
 
 def engine_revision() -> str:
@@ -447,11 +707,14 @@ def _on_sigterm(signum: int, frame: object) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    if not qemu_peer.qemu_available():
-        print(f"compare-qemu: error: {qemu_peer.QEMU_BINARY} not found (apt-get install qemu-system-x86)",
-              file=sys.stderr)
+    try:
+        qemus = find_qemus(args.qemu)
+    except QemuNotUsable as exc:
+        print(f"compare-qemu: error: {exc}", file=sys.stderr)
         return 2
+    by_id = {q.id: q for q in qemus}
     signal.signal(signal.SIGTERM, _on_sigterm)
     tmp = args.workdir is None
     workdir = Path(tempfile.mkdtemp(prefix="compare-qemu-")) if tmp else args.workdir
@@ -472,15 +735,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             make_image(image, size)
             print(f"compare-qemu: {size / GiB:g} GiB image generated in {time.monotonic() - t0:.1f}s ({image})",
                   file=sys.stderr)
-        pairs = plan(args.cases, args.modes)
-        print(f"compare-qemu: {args.rounds} rounds of {sum(len(p) for p in pairs)} runs, {args.channels} channels,"
+        groups = plan(args.cases, args.modes, qemus)
+        width = max(24, *(len(j.key) for g in groups for j in g))
+        print(f"compare-qemu: {args.rounds} rounds of {sum(len(g) for g in groups)} runs, {args.channels} channels,"
               f" engine at {revision}, uptime load {loadavg():.2f}", file=sys.stderr)
+        if len(qemus) > 1:
+            print("compare-qemu: " + "; ".join(f"qemu-{q.id}: {q.path}" for q in qemus), file=sys.stderr)
         for rnd in range(args.rounds):
             busy = wait_quiet(args.quiet_below, args.quiet_wait) if args.quiet_wait > 0 else machine_busy(0.5)
             print(f"compare-qemu: round {rnd + 1}/{args.rounds} (machine {busy:.0%} busy before it)", file=sys.stderr)
-            for i, pair in enumerate(pairs):
-                order = pair if (rnd + i) % 2 == 0 else tuple(reversed(pair))
-                for job in order:
+            for i, group in enumerate(groups):
+                k = (rnd + i) % len(group)  # who goes first rotates (two jobs: they alternate)
+                for job in group[k:] + group[:k]:
                     if job.compression in SLOW and 0 < args.slow_rounds <= rnd:
                         continue
                     level = args.level if job.compression != "none" else None
@@ -488,21 +754,26 @@ def main(argv: Sequence[str] | None = None) -> int:
                                               prealloc=job.mode == "prealloc", timeout=args.timeout)
                     try:
                         if job.impl == "qemu":
-                            r = run_qemu(image, size, workdir=workdir / "qemu", **kw)
+                            qemu = by_id[job.qemu]
+                            r = run_qemu(image, size, workdir=workdir / f"qemu{'-' + qemu.id if qemu.id else ''}",
+                                         binary=qemu.path, **kw)
+                            r["qemu-version"] = qemu.version
                         else:
                             r = run_engine(image, size, workdir=workdir / "engine", tag=tag, **kw)
                     except RunFailed as exc:
                         r = {"impl": job.impl, "status": "failed", "error": str(exc)}
+                        if job.impl == "qemu":
+                            r["qemu-version"] = by_id[job.qemu].version
                         print(f"compare-qemu: {job.key} round {rnd + 1} failed: {exc}", file=sys.stderr)
                     r.update(round=rnd + 1, compression=job.compression, mode=job.mode)
                     results.setdefault(job, []).append(r)
                     if r["status"] == "completed":
-                        print(f"  {job.key:<24} {size / MiB / (r['total-time'] / 1000):8.0f} MiB/s"
+                        print(f"  {job.key:<{width}} {size / MiB / (r['total-time'] / 1000):8.0f} MiB/s"
                               f"  total-time {r['total-time']:>6} ms  cpu {r['cpu-s']:6.2f} s"
                               f"  sent {r['transferred'] / MiB:7.1f} MiB  others {r['others-cpu-s']:.2f} cpu-s",
                               file=sys.stderr)
         if args.trace is not None:
-            engine_jobs = [j for pair in pairs for j in pair if j.impl == "engine"]
+            engine_jobs = [j for g in groups for j in g if j.impl == "engine"]
             traces = traced_runs(image, size, engine_jobs, args.trace, channels=args.channels, level=args.level,
                                  timeout=args.timeout, workdir=workdir / "engine", tag=tag)
     except KeyboardInterrupt:
@@ -516,21 +787,26 @@ def main(argv: Sequence[str] | None = None) -> int:
             (workdir / "ram.img").unlink(missing_ok=True)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
-    rows = summarize(results, args.cases, args.modes, size)
+    rows = summarize(results, args.cases, args.modes, size, qemus)
     slow = f" ({', '.join(sorted(SLOW & set(args.cases)))}: {min(args.slow_rounds, args.rounds)})" \
         if SLOW & set(args.cases) and 0 < args.slow_rounds < args.rounds else ""
-    title = (f"QEMU 7.2 vs engine: {size / MiB:g} MiB guest, {args.channels} multifd channels, TCP loopback,"
+    names = " and ".join(q.short if len(qemus) > 1 and i else f"QEMU {q.short}" for i, q in enumerate(qemus))
+    title = (f"{names} vs engine: {size / MiB:g} MiB guest, {args.channels} multifd channels, TCP loopback,"
              f" medians of {args.rounds} interleaved rounds{slow}")
-    print(f"\n{title}\n")
-    print(table(rows, args.channels))
+    summary = [f"{title}\n", table(rows, args.channels, qemus)]
     loads = [r["load"] for runs in results.values() for r in runs if "load" in r]
     others = [r["others-cpu-s"] for runs in results.values() for r in runs if "others-cpu-s" in r]
     if loads:
-        print(f"\nnoise: 1-min load average {min(loads):.2f}-{max(loads):.2f} during the runs; CPU used by other"
-              f" processes during a run: median {statistics.median(others):.2f} s, max {max(others):.2f} s")
+        summary.append(f"\nnoise: 1-min load average {min(loads):.2f}-{max(loads):.2f} during the runs; CPU used by"
+                       f" other processes during a run: median {statistics.median(others):.2f} s,"
+                       f" max {max(others):.2f} s")
     system_cc = congestion_setting("default")
-    print(f"TCP congestion control: QEMU's senders use the system's default ({system_cc}); the engine's use"
-          f" tcp-congestion auto (the first of {', '.join(LOCAL_CONGESTION)} it may set, towards this host)")
+    summary.append(f"TCP congestion control: QEMU's senders use the system's default ({system_cc}); the engine's use"
+                   f" tcp-congestion auto (the first of {', '.join(LOCAL_CONGESTION)} it may set, towards this host)")
+    if len(qemus) > 1:
+        summary.append("QEMUs: " + "; ".join(f"{q.label} = {q.path} ({q.version_line})" for q in qemus))
+    print()
+    print("\n".join(summary))
     out = {
         "title": title,
         "started": started,
@@ -538,16 +814,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                    "channels": args.channels, "level": args.level, "transport": "tcp:127.0.0.1",
                    "qemu-max-bandwidth": QEMU_MAX_BANDWIDTH, "cpus": os.cpu_count(),
                    "tcp-congestion": {"qemu": system_cc, "engine": "auto"}},
-        "qemu-version": subprocess.run([qemu_peer.QEMU_BINARY, "--version"], capture_output=True, text=True,
-                                       timeout=30).stdout.splitlines()[0],
+        "qemu-version": qemus[0].version_line,
+        "qemus": [{"label": q.label, "key": f"qemu-{q.id}" if q.id else "qemu", "version": q.version,
+                   "version-line": q.version_line, "path": q.path} for q in qemus],
         "engine-revision": revision,
         "summary": rows,
         "traces": traces,
         "runs": [r for runs in results.values() for r in runs],
     }
     write_json(args.json, out, "compare-qemu")
+    if args.results:
+        write_results(results_path(revision, args.note), out, summary, qemus, argv)
     if args.chart is not None:
-        err = chart(rows, args.chart, title)
+        err = chart(rows, args.chart, title, qemus)
         print(f"compare-qemu: {'chart not written: ' + err if err else f'wrote {args.chart}'}", file=sys.stderr)
     return exit_status((r for runs in results.values() for r in runs), interrupted)
 

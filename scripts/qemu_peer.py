@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Start a QEMU 7.2 migration peer (source or destination) and drive it over QMP.
+"""Start a QEMU migration peer (source or destination) and drive it over QMP.
 
 Theory of operation
 -------------------
@@ -37,6 +37,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -59,8 +60,23 @@ class QMPTimeout(QMPError):
     """A deadline passed while waiting on QEMU."""
 
 
-def qemu_available() -> bool:
-    return shutil.which(QEMU_BINARY) is not None
+def qemu_available(binary: str | None = None) -> bool:
+    return shutil.which(binary or QEMU_BINARY) is not None
+
+
+def qemu_version(binary: str | None = None, timeout: float = 30.0) -> tuple[str, str]:
+    """``("10.0.2", "QEMU emulator version 10.0.2 (Debian ...)")`` from ``BINARY --version``.
+    Raises :class:`QMPError` when it does not run or prints no version."""
+    cmd = [binary or QEMU_BINARY, "--version"]
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise QMPError(f"{cmd[0]} --version: {exc}") from None
+    line = (r.stdout.strip().splitlines() or [""])[0]
+    m = re.search(r"version (\d+\.\d+(?:\.\d+)?)", line)
+    if r.returncode != 0 or m is None:
+        raise QMPError(f"{cmd[0]} --version: exit {r.returncode}, {(line or r.stderr.strip())[:200]!r}")
+    return m.group(1), line
 
 
 def parse_size(text: str) -> int:
@@ -180,6 +196,8 @@ class QemuPeer:
     ``mem_path``: prefilled file backing the RAM (a source with known content).
     ``incoming``: start with ``-incoming defer`` (a destination).
     ``paused``: ``-S`` (no vCPU runs; with ``-M none`` there is none anyway).
+    ``binary``: the QEMU to run (default ``QEMU_BINARY``), e.g. the QEMU 10.0 wrapper that
+    ``scripts/install-qemu10`` prints.
     """
 
     def __init__(
@@ -196,6 +214,7 @@ class QemuPeer:
         serial: Path | None = None,
         extra_args: Sequence[str] = (),
         timeout: float = DEFAULT_TIMEOUT,
+        binary: str | None = None,
     ) -> None:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -206,7 +225,7 @@ class QemuPeer:
         self.qmp_path = os.path.join(self._sockdir, "qmp.sock")
         self.log_path = self.workdir / f"{name}.log"
         cmd = [
-            QEMU_BINARY, "-M", machine, "-m", memory, "-accel", "tcg", "-nodefaults", "-no-user-config",
+            binary or QEMU_BINARY, "-M", machine, "-m", memory, "-accel", "tcg", "-nodefaults", "-no-user-config",
             "-display", "none", "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
         ]
         if mem_path is not None:

@@ -14,7 +14,8 @@ from engine.memory.ram import BlockSpec, GuestRam
 from engine.memory.workload import fill_pages
 from engine.source.channels import _Batch
 from engine.source.ram_saver import zero_pages
-from engine.wire.stream import StreamEncoder, MainStreamParser, StreamReader
+from engine.wire.encoder import StreamEncoder
+from engine.wire.stream import MainStreamParser, StreamReader
 from engine.wire.packet import PAGES_PER_PACKET, PacketEncoder, decode_packet_header
 
 PAGES = 8192  # 32 MiB of mixed pages

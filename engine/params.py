@@ -1,42 +1,14 @@
 """Migration parameters with QEMU's names and defaults, validated once, up front.
 
-| field            | QEMU parameter          | default                   |
-|------------------|-------------------------|---------------------------|
-| channels         | multifd-channels        | 2 (1..255)                |
-| compression      | multifd-compression     | none                      |
-| level            | multifd-zlib-level / multifd-zstd-level (lz4: acceleration) | 1 |
-| uuid             | -uuid (channel handshake) | all zeros               |
-| machine          | -machine (configuration section) | none             |
-| zero_page_detection | zero-page-detection (QEMU 9.0): legacy, multifd or none | legacy (QEMU 9.0: multifd) |
-| tcp_congestion   | (engine) the source's TCP congestion control: auto or an algorithm | auto |
-
-``zero-page-detection``: ``legacy`` (QEMU 7.2's only behaviour) scans pages in the migration
-thread and sends zero pages as ZERO records on the main channel; ``multifd`` scans them in the
-channel processes and lists them in the packets' ``zero_pages`` field, which a QEMU 7.2
-destination ignores, so use it only towards this engine (whose destination always accepts
-it); ``none`` sends every page whole. The default stays ``legacy`` so that a migration into a
-QEMU 7.2 destination is correct without extra settings.
-
-``tcp-congestion``: ``auto`` uses ``cubic`` (else ``reno``) towards a destination on this host
-and the system's default towards any other; a name (``cubic``, ``bbr``, ...) is used for every
-TCP connection of the migration. QEMU leaves the system's default everywhere; on a host whose
-default is BBR, its pacing slows a same-host migration (see ``transport``).
-
-Precopy (QEMU names and defaults, except where noted):
-
-| max_bandwidth          | max-bandwidth (bytes/s, headers included) | 0 = unlimited (QEMU: 128 MiB/s) |
-| downtime_limit         | downtime-limit (ms)                       | 300                       |
-| auto_converge          | auto-converge capability                  | off                       |
-| cpu_throttle_initial   | cpu-throttle-initial (%)                  | 20                        |
-| cpu_throttle_increment | cpu-throttle-increment (%)                | 10                        |
-| max_cpu_throttle       | max-cpu-throttle (%)                      | 99                        |
-| max_iterations         | (engine) fail instead of iterating forever | 100                      |
-| max_time               | (engine) fail after this many seconds      | 0 = no limit             |
-
-Engine-only deadlines (QEMU has none and can hang; the engine never does):
-
-| handshake_timeout | connect + every channel's 64-byte handshake | 15 s |
-| stall_timeout     | any single wait for the peer or a channel    | 60 s |
+:class:`MigrationParams` is frozen: one value describes a whole job, and a change while it runs
+(``set_parameters``, QEMU's ``migrate-set-parameters``) replaces it. Field names are QEMU's
+parameter names with underscores (``channels`` is ``multifd-channels``) and the defaults are
+QEMU's, except ``max_bandwidth`` (0 = unlimited, not 128 MiB/s) and ``zero_page_detection``
+(``legacy``, QEMU 7.2's only behaviour, so that a QEMU 7.2 destination needs no extra
+setting; QEMU 9.0 defaults to ``multifd``). The engine adds ``tcp_congestion``,
+``max_iterations``, ``max_time`` and two deadlines (QEMU has none and can hang). Every check
+raises :class:`ConfigError` naming the received and the accepted values.
+Every parameter (QEMU name, CLI flag, field, default, meaning): docs/parameters.md.
 """
 
 from __future__ import annotations
@@ -72,23 +44,23 @@ def parse_size(text: str, what: str = "size") -> int:
 
 @dataclass(frozen=True)
 class MigrationParams:
-    channels: int = DEFAULT_CHANNELS
-    compression: str = "none"
-    level: int | None = None
-    uuid: bytes = bytes(16)
-    machine: str = "none"
-    zero_page_detection: str = "legacy"
-    tcp_congestion: str = "auto"
-    handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT
-    stall_timeout: float = DEFAULT_STALL_TIMEOUT
-    max_bandwidth: int = 0
-    downtime_limit: int = 300
-    auto_converge: bool = False
-    cpu_throttle_initial: int = 20
-    cpu_throttle_increment: int = 10
-    max_cpu_throttle: int = 99
-    max_iterations: int = 100
-    max_time: float = 0.0
+    channels: int = DEFAULT_CHANNELS  # multifd-channels, 1..255
+    compression: str = "none"  # multifd-compression: a registered method's name
+    level: int | None = None  # multifd-zlib-level / multifd-zstd-level / lz4 acceleration (None: the method's default)
+    uuid: bytes = bytes(16)  # -uuid, sent in every channel handshake
+    machine: str = "none"  # -machine, sent in the configuration section
+    zero_page_detection: str = "legacy"  # zero-page-detection (QEMU 9.0): legacy, multifd or none
+    tcp_congestion: str = "auto"  # (engine) the source's TCP congestion control: auto or a name
+    handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT  # (engine) connect + each 64-byte handshake, s
+    stall_timeout: float = DEFAULT_STALL_TIMEOUT  # (engine) any single wait on the peer or a channel, s
+    max_bandwidth: int = 0  # max-bandwidth, bytes/s with headers; 0 = unlimited (QEMU: 128 MiB/s)
+    downtime_limit: int = 300  # downtime-limit, ms
+    auto_converge: bool = False  # the auto-converge capability
+    cpu_throttle_initial: int = 20  # cpu-throttle-initial, %
+    cpu_throttle_increment: int = 10  # cpu-throttle-increment, %
+    max_cpu_throttle: int = 99  # max-cpu-throttle, %
+    max_iterations: int = 100  # (engine) fail instead of iterating forever
+    max_time: float = 0.0  # (engine) fail after this many seconds; 0 = no limit
     method: MultiFDMethod = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import numpy.typing as npt
@@ -35,8 +35,40 @@ class MigrationStatus(StrEnum):
         return self in (MigrationStatus.COMPLETED, MigrationStatus.FAILED, MigrationStatus.CANCELLED)
 
 
-# counters per channel, in the shared mapping (resource usage is written when the channel ends)
-C_PACKETS, C_PAGES, C_BYTES, C_CPU_US, C_PEAK_RSS, C_ANON_RSS, C_ZERO, C_NCOUNTERS = range(8)
+#: The annotation that declares a counter column in a :class:`Counters` class.
+Column = int
+
+
+class Counters:
+    """The per-channel counters: one uint64 column each, in a mapping the channel processes write
+    and the parent reads (resource usage is written when a channel ends). A column is declared
+    by name (``NAME: Column``); each name becomes a class attribute holding its index, numbered in
+    declaration order after the base class's columns, so a channel set that counts more
+    subclasses this with only its own."""
+
+    PACKETS: Column
+    PAGES: Column  # normal pages
+    BYTES: Column  # headers included
+    CPU_US: Column
+    PEAK_RSS: Column  # KiB (VmHWM)
+    ANON_RSS: Column  # KiB (RssAnon at the end)
+    ZERO: Column  # zero pages listed in packets (zero-page-detection=multifd)
+    COLUMNS: ClassVar[tuple[str, ...]] = ()  # every column's name, in index order
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls._number()
+
+    @classmethod
+    def _number(cls) -> None:
+        names = [name for klass in reversed(cls.__mro__)
+                 for name, kind in vars(klass).get("__annotations__", {}).items() if kind in ("Column", Column)]
+        for i, name in enumerate(names):
+            setattr(cls, name, i)
+        cls.COLUMNS = tuple(names)
+
+
+Counters._number()
 
 
 @dataclass
@@ -53,8 +85,10 @@ class ChannelStats:
 
     @classmethod
     def from_counters(cls, i: int, pid: int, c: npt.NDArray[np.uint64]) -> ChannelStats:
-        return cls(i, pid, int(c[C_PACKETS]), int(c[C_PAGES]), int(c[C_BYTES]), int(c[C_CPU_US]) / 1e6,
-                   int(c[C_PEAK_RSS]), int(c[C_ANON_RSS]), int(c[C_ZERO]))
+        """Channel ``i``'s figures from its row of counters (:class:`Counters` columns)."""
+        C = Counters
+        return cls(i, pid, int(c[C.PACKETS]), int(c[C.PAGES]), int(c[C.BYTES]), int(c[C.CPU_US]) / 1e6,
+                   int(c[C.PEAK_RSS]), int(c[C.ANON_RSS]), int(c[C.ZERO]))
 
 
 @dataclass

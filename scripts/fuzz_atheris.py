@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 def make_seeds() -> None:
     import numpy as np
 
-    from engine.wire.stream import StreamEncoder
+    from engine.wire.encoder import StreamEncoder
     from engine.wire.packet import MULTIFD_FLAG_SYNC, MultiFDInit, encode_packet_header
 
     corpus = ROOT / "tests" / "fuzz_corpus"

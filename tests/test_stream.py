@@ -23,6 +23,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from engine.errors import LocalProtocolError, MigrationTimeout, RemoteProtocolError, TruncatedError
+from engine.wire.encoder import StreamEncoder
 from engine.wire.stream import (
     QEMU_VM_SECTION_END,
     QEMU_VM_SECTION_FULL,
@@ -32,7 +33,6 @@ from engine.wire.stream import (
     RamMemSize,
     RamZeroPages,
     SectionBegin,
-    StreamEncoder,
     StreamReader,
     block_lengths,
 )

@@ -9,7 +9,8 @@ import re
 import pytest
 
 from engine.errors import RemoteProtocolError
-from engine.wire.stream import MainStreamParser, RamPage, StreamEncoder, StreamReader, StreamTail
+from engine.wire.encoder import StreamEncoder
+from engine.wire.stream import MainStreamParser, RamPage, StreamReader, StreamTail
 from stream_support import (
     MIB64, h, be32, short, flat, parse, drain, G_HEADER, G_CONFIG, G_START, G_END, G_TIMER, G_VMDESC,
     G_TAIL, page_data, uuid_subsection,

@@ -474,22 +474,26 @@ def test_method_name_for_flag(flag: int, name: str) -> None:
     assert method_name_for_flag(flag) == name
 
 
-@given(seq=st.lists(st.lists(st.integers(0, 2**40), max_size=PAGES_PER_PACKET), min_size=1, max_size=5))
-def test_encode_packed_is_encode_for_offsets_packed_as_on_the_wire(seq: list[list[int]]) -> None:
-    """A source job carries offsets packed big-endian; encoding from those bytes gives the
-    same header as encoding from an array, also when one encoder is reused (stale slots)."""
-    packed_enc, array_enc = PacketEncoder(), PacketEncoder()
-    for k, pages in enumerate(seq):
-        offsets = np.array(pages, dtype=np.int64) * PAGE
-        packed = offsets.astype(">u8").tobytes()
-        got = packed_enc.encode_packed(flags=0, packet_num=k, ramblock=b"pc.ram", packed_offsets=packed,
-                                       next_packet_size=len(pages) * PAGE)
-        want = array_enc.encode(flags=0, packet_num=k, ramblock=b"pc.ram", offsets=offsets,
-                                next_packet_size=len(pages) * PAGE)
+@given(seq=st.lists(st.tuples(st.lists(st.integers(0, 2**40), max_size=PAGES_PER_PACKET),
+                              st.integers(0, PAGES_PER_PACKET)), min_size=1, max_size=5))
+def test_encode_pages_is_encode_for_their_byte_offsets(seq: list[tuple[list[int], int]]) -> None:
+    """A source channel holds page indices; encoding from those gives the same header as
+    encoding their byte offsets, also when one encoder is reused (stale slots)."""
+    pages_enc, array_enc = PacketEncoder(), PacketEncoder()
+    for k, (pages, zero) in enumerate(seq):
+        idx = np.array(pages, dtype=np.int64)
+        zero = min(zero, len(pages))
+        size = (len(pages) - zero) * PAGE
+        got = pages_enc.encode_pages(flags=0, packet_num=k, ramblock=b"pc.ram", pages=idx, next_packet_size=size,
+                                     zero_pages=zero)
+        want = array_enc.encode(flags=0, packet_num=k, ramblock=b"pc.ram", offsets=idx * PAGE, next_packet_size=size,
+                                zero_pages=zero)
         assert bytes(got) == bytes(want)
 
 
-def test_encode_packed_refuses_a_partial_offset() -> None:
-    with pytest.raises(LocalProtocolError, match=r"^12 bytes of packed offsets, expected 8 per page, at most 128 pages$"):
-        PacketEncoder().encode_packed(flags=0, packet_num=0, ramblock=b"x", packed_offsets=bytes(12),
-                                      next_packet_size=0)
+def test_encode_pages_checks_as_encode_does() -> None:
+    with pytest.raises(LocalProtocolError, match=r"^packet with 129 pages, at most 128 fit$"):
+        PacketEncoder().encode_pages(flags=0, packet_num=0, ramblock=b"x", pages=np.arange(129), next_packet_size=0)
+    with pytest.raises(LocalProtocolError, match=r"^packet with 3 zero pages among 2 offsets$"):
+        PacketEncoder().encode_pages(flags=0, packet_num=0, ramblock=b"x", pages=np.arange(2), next_packet_size=0,
+                                     zero_pages=3)

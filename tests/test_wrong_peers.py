@@ -8,7 +8,7 @@ import struct
 import numpy as np
 import pytest
 
-from engine.wire.stream import StreamEncoder
+from engine.wire.encoder import StreamEncoder
 from engine.wire.packet import MULTIFD_FLAG_SYNC, MultiFDInit, encode_packet_header
 from support import Incoming
 

@@ -1,32 +1,14 @@
 """``python -m engine inspect FILE...``: decode captured migration bytes into a summary.
 
-Theory of operation
--------------------
-Each file is one connection's worth of bytes as the source sent them, told apart by its first
-four bytes: ``QEVM`` is a main stream (QEMU ``migrate "exec:cat > FILE"``, or connection 0 of
-``scripts/capture_proxy.py``), ``11 22 33 44`` is a multifd channel (its 64-byte
-``MultiFDInit_t``, then packets).
-
-* A main stream goes through the destination's own parser (:class:`MainStreamParser`), so
-  inspect accepts exactly what ``incoming`` accepts. It counts sections per idstr and kind
-  (START/PART/END/FULL), ram records per type (MEM_SIZE, ZERO pages, PAGE records, EOS = sync
-  points), sections whose first record relies on the CONTINUE state of an earlier section,
-  pages per RAM block and bytes per part of the stream, and decodes the device sections after
-  RAM through the trailing vmdesc (:mod:`engine.vmstate`).
-* A channel capture is walked packet by packet (1344-byte header, then ``next_packet_size``
-  payload bytes when ``normal_pages > 0``; the stale fields of empty packets are ignored, wire
-  doc 2.2, and counted). It counts packets by kind (data, pure SYNC, merged data+SYNC, empty),
-  flags, pages, payload sizes, packet_num range and repeats, pages per RAM block, and runs
-  every payload through the channel's decompressor (one per capture, as on the wire) to check
-  that it decodes to ``normal_pages * 4096`` bytes.
-* Channels together: pages repeated within one sync round (across all channels) and pages
-  sent again in a later round. With a main stream too it cross-checks the sync rounds: every
-  channel must carry one SYNC packet per EOS record.
-
-A capture that ends in the middle of a record (a cancelled migration) is summarised up to the
-cut and marked ``truncated``; :func:`run_inspect` then returns 1. Files that are not migration
-bytes raise :class:`ConfigError`; bytes that break the format raise
-:class:`RemoteProtocolError`. Both carry one-line messages.
+Each file is one connection's bytes as the source sent them, told apart by its first four:
+``QEVM`` is a main stream, ``11 22 33 44`` a multifd channel (handshake, then packets). A main
+stream goes through the destination's own parser, so inspect accepts exactly what ``incoming``
+accepts; a channel is walked packet by packet, every payload through the channel's
+decompressor; then the files are cross-checked (pages repeated within a sync round or resent
+later, one SYNC packet per channel per EOS record). A capture cut mid-record is summarised up
+to the cut and marked ``truncated`` (:func:`run_inspect` returns 1); bytes that are not
+migration bytes (:class:`ConfigError`) or break the format (:class:`RemoteProtocolError`) end
+it with one line. What is counted, and how to capture: docs/architecture.md, "inspect".
 """
 
 from __future__ import annotations

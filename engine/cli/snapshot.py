@@ -1,11 +1,9 @@
 """Command line for snapshot files: ``save FILE``, ``restore FILE``, ``inspect`` of snapshots.
 
-Hooked into :mod:`engine.cli` with :func:`add_parsers` (adds the subcommands) and
-:func:`dispatch` (runs them; also routes ``migrate file:PATH`` to a save, ``incoming
-file:PATH`` to a restore, and ``inspect`` of snapshot files to :func:`describe_snapshot`).
-:func:`main` is a stand-alone entry point with the same behaviour as ``engine.cli.main``:
-errors are one line on stderr (``engine: error: ...``), exit status 1 for a failure, 2 for bad
-arguments, 130/143 after SIGINT/SIGTERM.
+:func:`add_parsers` adds ``save`` and ``restore`` to the main parser; :mod:`engine.cli.main`'s
+command table calls :func:`cmd_save` / :func:`cmd_restore` (also for ``migrate|incoming
+file:PATH``) and :func:`inspect_snapshots`. :func:`main` is a stand-alone entry point for
+``save|restore|inspect`` of snapshot files only, with the same errors and exit statuses.
 """
 
 from __future__ import annotations

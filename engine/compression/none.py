@@ -1,5 +1,5 @@
 """``none``: raw pages, sent straight from views of the segment (one iovec per run of pages);
-received into the channel's buffer and written into the segment (see recv_channels.py)."""
+received into the channel's buffer and written into the segment (see destination/channels.py)."""
 
 from __future__ import annotations
 
@@ -13,11 +13,10 @@ from .registry import register_method
 class NoneSend(SendContext):
     # Views of the mapping, one iovec per run of pages: the page bytes go from guest RAM to
     # the socket without a copy in the process. The channel drops the page-table entries every
-    # 8 MiB of packets (_Batch.done in send_channels.py), so its peak RSS stays near 31 MiB for
-    # a 1 GiB guest (331 MiB without). Against positioned reads into a reused buffer (gather()):
-    # 1.04x / 1.01x throughput fresh / pre-allocated, 0.95x / 0.98x CPU. A source channel's
-    # common path builds the same views from the job's packed offsets without calling this
-    # (send_channels.py); this serves zero-page-detection=multifd.
+    # 8 MiB of packets (_Batch.done in source/channels.py), so its RSS does not grow with the
+    # guest (measured against gather(): docs/performance.md). A source channel's common path
+    # builds the same views from the job's page indices without calling this
+    # (source/channels.py); this serves zero-page-detection=multifd.
     def send_prepare(self, batch: PageBatch) -> Sequence[Buffer]:
         return batch.views()
 

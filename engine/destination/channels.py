@@ -1,32 +1,14 @@
 """Destination side multifd channels: the receive loop and the ``multifd_recv_sync_main`` barrier.
 
-Theory of operation
--------------------
-Each channel process owns one socket (already past its 64-byte handshake) and one
-decompression context. It reads a 1344-byte header into a reused buffer, validates every field
-against the RAM block table *before* touching memory, then receives the payload into its
-buffer and writes it into the segment (``none``: one ``pwrite`` per run of pages) or through
-its decompressor. Pages are always written before the packet's SYNC flag is acted on (a merged
-data+SYNC packet, doc 2.4). For ``none``, almost every packet is plain (raw pages of a known
-block, no flags): :func:`wire.plain_packet` validates its offsets in C (no Python loop), the
-pages are written as their runs are found (one pass over the offsets), and only the other
-packets go through the general decoder and the method's contract.
-
-On a SYNC packet the channel reports ``synced`` to the parent and blocks until released. The
-parent's main-stream loader releases all channels only when it has reached the matching EOS
-record *and* all N channels have synced: so nothing from section k+1 is applied before all of
-section k, on any channel or on the main channel.
-
-EOF on a packet boundary is a clean end (reported as ``eof``); EOF inside a packet is an error.
-
-Zero pages (ZERO records on the main channel, or zero pages listed in packets) need a write
-only where the segment holds data: a page never written is a hole of the tmpfs file and reads
-as zero, and writing it would allocate it. The parent asks each block once per section, at
-the barrier, whether it holds any data, and :meth:`HeldData.zero_pages` serves the main
-channel's ZERO records and the channels alike: in a block that held none when the section
-began (a migration into fresh memory, its first pass) zero pages cost nothing, and elsewhere
-:meth:`RamBlock.zero_runs` asks the file where its data is. So the channels keep no
-per-page record of what they wrote: marking it cost 3-10% of their CPU (two A/B runs).
+Each channel process owns one socket and one decompression context. It reads a header and
+validates every field against the RAM block table *before* touching memory; the header's byte
+offsets become page indices right there (or, on the plain path, go to ``pwrite`` as they are).
+Then it writes the pages into the segment (``none``: received into its buffer, one ``pwrite``
+per run) or through its decompressor, always before acting on the packet's SYNC flag (a merged
+data+SYNC packet, doc 2.4). On a SYNC packet it reports :class:`Synced` and blocks until
+released: the loader releases all channels only when it has reached the matching EOS record
+*and* all of them have synced, so nothing of section k+1 is applied before all of section k,
+on any channel. EOF on a packet boundary is a clean end (:class:`Eof`), inside a packet an error.
 """
 
 from __future__ import annotations
@@ -35,6 +17,7 @@ import mmap
 import os
 import socket
 import time
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
@@ -43,52 +26,33 @@ import numpy.typing as npt
 from ..compression import MultiFDMethod
 from ..compression.base import Buffer
 from ..errors import ChannelError, MigrationTimeout
-from ..memory.ram import GuestRam, RamBlock, byte_offsets, page_runs
+from ..memory.ram import GuestRam, RamBlock, page_runs
 from ..runtime.buffers import aligned_bytes
-from ..runtime.procs import _CTX, ChildGroup, Connection, self_usage
-from ..runtime.trace import (
-    BARRIER,
-    DECOMPRESS,
-    RECV_HEADER,
-    RECV_PAYLOAD,
-    WRITE,
-    Trace,
-    now_ns,
-)
-from ..runtime.transport import (
-    recv_at_least_into,
-    recv_exact_into,
-    recv_exact_into_many,
-)
-from ..stats import (
-    C_ANON_RSS,
-    C_BYTES,
-    C_CPU_US,
-    C_NCOUNTERS,
-    C_PACKETS,
-    C_PAGES,
-    C_PEAK_RSS,
-    C_ZERO,
-    ChannelStats,
-)
-from ..wire.packet import (
-    MAX_PACKET_PAYLOAD,
-    MULTIFD_FLAG_NOCOMP,
-    PACKET_HEADER_SIZE,
-    TARGET_PAGE_BITS,
-    TARGET_PAGE_SIZE,
-    decode_packet_header,
-    plain_packet,
-)
+from ..runtime.channels import ChannelEnd, ChannelSet, Eof, Synced
+from ..runtime.procs import FORK, Connection
+from ..runtime.trace import BARRIER, DECOMPRESS, RECV_HEADER, RECV_PAYLOAD, WRITE, Trace, now_ns
+from ..runtime.transport import recv_at_least_into, recv_exact_into, recv_exact_into_many
+from ..stats import Counters
+from ..wire.packet import (MAX_PACKET_PAYLOAD, MULTIFD_FLAG_NOCOMP, PACKET_HEADER_SIZE, TARGET_PAGE_BITS,
+                           TARGET_PAGE_SIZE, decode_packet_header, plain_packet)
 
 RELEASE = b"r"
 QUIT = b"q"
+# the counter columns a channel updates per packet
+_PACKETS, _PAGES, _ZERO, _BYTES = Counters.PACKETS, Counters.PAGES, Counters.ZERO, Counters.BYTES
 
 
 class HeldData:
     """Per block, whether it held any data when the current section began: one byte each in
     a shared anonymous mapping (survives fork), written by the parent at each sync barrier
-    while every channel waits, read by the channels and the main-stream loader."""
+    while every channel waits, read by the channels and the main-stream loader.
+
+    Zero pages (ZERO records on the main channel, or zero pages listed in packets) need a write
+    only where the segment holds data: a page never written is a hole of the tmpfs file and
+    reads as zero, and writing it would allocate it. So in a block that held none when the
+    section began (a migration into fresh memory, its first pass) zero pages cost nothing, and
+    elsewhere :meth:`RamBlock.zero_runs` asks the file where its data is; the channels keep no
+    per-page record of what they wrote."""
 
     def __init__(self, ram: GuestRam) -> None:
         self._ram = ram
@@ -136,39 +100,39 @@ class _Sink:
         return view
 
     def _by_fd(self) -> bool:
-        """Write through the segment's file descriptor: on fresh shared memory about 2x faster
-        than faulting pages in through the mapping (tmpfs does not zero a page written whole),
-        and the channel never maps guest pages, so its RSS does not grow with the guest."""
+        """Write through the segment's file descriptor: on fresh shared memory faster than
+        faulting pages in through the mapping (tmpfs does not zero a page written whole), and
+        the channel never maps guest pages, so its RSS does not grow with the guest."""
         return self.block is not None and self.block.fd >= 0
 
     def recv_into_pages(self) -> None:
-        assert self.block is not None
-        if self._by_fd():
-            self.recv_and_pwrite(self.block, byte_offsets(self.idx))
-            return
-        buf = self.block.buf
-        views = [buf[a * TARGET_PAGE_SIZE:b * TARGET_PAGE_SIZE] for a, b in page_runs(self.idx)]
+        block, idx, page = self.block, self.idx, TARGET_PAGE_SIZE
+        assert block is not None
         t0 = now_ns()
-        recv_exact_into_many(self.sock, views, self.payload_what)
+        if self._by_fd():  # into the (cache-hot) packet buffer, then one pwrite per run of pages
+            recv_exact_into(self.sock, self.payload_view[:len(idx) * page], self.payload_what)
+            t1 = now_ns() if self.trace is not None else 0
+            block.pwrite_pages(idx, self.payload_view)
+            if self.trace is not None:
+                self.trace.span(RECV_PAYLOAD, t0, t1)
+                self.trace.span(WRITE, t1)
+            return
+        buf = block.buf
+        recv_exact_into_many(self.sock, [buf[a * page:b * page] for a, b in page_runs(idx)], self.payload_what)
         if self.trace is not None:
             self.trace.span(RECV_PAYLOAD, t0)
 
-    def recv_and_pwrite(self, block: RamBlock, offsets: tuple[int, ...], read_ahead: bool = False) -> int:
-        """Raw pages (at byte ``offsets``): receive them into the (cache-hot) packet buffer,
-        then one ``pwrite`` per run of pages into the segment. With ``read_ahead`` the same
-        receive also takes up to a header's worth of what follows (the next packet, usually
-        there already: one receive per packet instead of two); returns how many bytes of it
-        came, at ``payload_view[len(offsets) * 4096:]``."""
-        size = len(offsets) * TARGET_PAGE_SIZE
+    def recv_plain(self, block: RamBlock, listed: tuple[int, ...]) -> int:
+        """A plain packet's pages, at the byte offsets its header lists (:func:`plain_packet`;
+        they go from the wire to ``pwrite`` as they are): received into the packet buffer
+        together with up to a header's worth of what follows (the next packet, usually there
+        already: one receive per packet instead of two), then one ``pwrite`` per run. Returns
+        how many bytes of the next header came, at ``payload_view[len(listed) * 4096:]``."""
+        size = len(listed) * TARGET_PAGE_SIZE
         t0 = now_ns() if self.trace is not None else 0
-        if read_ahead:
-            got = recv_at_least_into(self.sock, self.payload_view[: size + PACKET_HEADER_SIZE], size,
-                                     self.payload_what)
-        else:
-            recv_exact_into(self.sock, self.payload_view[:size], self.payload_what)
-            got = size
+        got = recv_at_least_into(self.sock, self.payload_view[: size + PACKET_HEADER_SIZE], size, self.payload_what)
         t1 = now_ns() if self.trace is not None else 0
-        block.pwrite_offsets(offsets, self.payload_view)
+        block.pwrite_offsets(listed, self.payload_view)
         if self.trace is not None:
             self.trace.span(RECV_PAYLOAD, t0, t1)
             self.trace.span(WRITE, t1)
@@ -198,29 +162,33 @@ class _Sink:
             self.block.pages[idx] = pages
 
 
-def _channel_loop(
-    events: Connection,
-    channel: int,
-    sock: socket.socket,
-    control: Connection,
-    ram: GuestRam,
-    held: HeldData,
-    method: MultiFDMethod,
-    counters: npt.NDArray[np.uint64],
-    stall_timeout: float,
-    tracing: bool,
-) -> None:
+@dataclass(frozen=True)
+class RecvSetup:
+    """What a destination channel process works with (its release pipe is ``ChannelEnd.control``)."""
+
+    sock: socket.socket
+    ram: GuestRam
+    held: HeldData
+    method: MultiFDMethod
+    stall_timeout: float
+    tracing: bool
+
+
+def _channel_loop(me: ChannelEnd, setup: RecvSetup) -> None:
+    """Packets until EOF. For ``none`` almost every packet is plain (raw pages of a known block,
+    no flags): :func:`plain_packet` validates its offsets in C (no Python loop) and the pages are
+    written as their runs are found (one pass over the offsets); only the other packets go
+    through the general decoder and the method's contract."""
+    ram, method, sock, mine = setup.ram, setup.method, setup.sock, me.counters
     ctx = method.recv_setup()
-    tr = sink_trace = Trace(f"destination channel {channel}") if tracing else None
-    what = f"multifd channel {channel}"
+    tr = Trace(f"destination channel {me.index}") if setup.tracing else None
+    what = f"multifd channel {me.index}"
     header = bytearray(PACKET_HEADER_SIZE)
     hview = memoryview(header)
     sink = _Sink(sock, what)
+    sink.trace = tr
     lengths = ram.lengths
-    mine = counters[channel].data  # item updates: half the cost of numpy scalar ones
-    sink.trace = sink_trace
-    sock.settimeout(stall_timeout)
-    # plain packets skip the method's contract: raw pages written with pwrite
+    sock.settimeout(setup.stall_timeout)
     plain_path = method.flag == MULTIFD_FLAG_NOCOMP and all(b.fd >= 0 for b in ram)
     header_what = f"{what} packet header"
     ahead = 0  # bytes of the next header already received with the last payload
@@ -229,9 +197,8 @@ def _channel_loop(
         while True:
             t0 = now_ns() if tr is not None else 0
             if not recv_exact_into(sock, hview, header_what, eof_ok=True, start=ahead):
-                if tr is not None:
-                    events.send(("trace", channel, tr.name, os.getpid(), tr.to_bytes()))
-                events.send(("eof", channel))
+                me.hand_over(tr)
+                me.send(Eof(me.index))
                 return
             if tr is not None:
                 tr.span(RECV_HEADER, t0)
@@ -239,39 +206,38 @@ def _channel_loop(
             plain = plain_packet(header, lengths) if plain_path else None
             if plain is not None:
                 pages = len(plain.listed)
-                ahead = sink.recv_and_pwrite(ram[plain.ramblock], plain.listed, read_ahead=True)
+                ahead = sink.recv_plain(ram[plain.ramblock], plain.listed)
                 if ahead:
                     end = pages * TARGET_PAGE_SIZE
                     hview[:ahead] = payload[end:end + ahead]
-                mine[C_PACKETS] += 1
-                mine[C_PAGES] += pages
-                mine[C_BYTES] += PACKET_HEADER_SIZE + pages * TARGET_PAGE_SIZE
+                mine[_PACKETS] += 1
+                mine[_PAGES] += pages
+                mine[_BYTES] += PACKET_HEADER_SIZE + pages * TARGET_PAGE_SIZE
                 continue
-            hdr = decode_packet_header(header, channel=channel, expected_compression=method.flag, blocks=lengths,
+            hdr = decode_packet_header(header, channel=me.index, expected_compression=method.flag, blocks=lengths,
                                        expected_name=method.name)
-            mine[C_PACKETS] += 1
+            mine[_PACKETS] += 1
             wire_bytes = PACKET_HEADER_SIZE
             if hdr.zero_pages:  # zero-page-detection=multifd: before the data, as QEMU 9.0 does
-                held.zero_pages(hdr.ramblock, hdr.zero_offsets >> TARGET_PAGE_BITS)
-                mine[C_ZERO] += hdr.zero_pages
+                setup.held.zero_pages(hdr.ramblock, hdr.zero_offsets >> TARGET_PAGE_BITS)
+                mine[_ZERO] += hdr.zero_pages
             if hdr.normal_pages:
                 sink.block = ram[hdr.ramblock]
-                sink.idx = hdr.offsets >> 12
+                sink.idx = hdr.offsets >> TARGET_PAGE_BITS
                 sink.next_packet_size = hdr.next_packet_size or hdr.normal_pages * TARGET_PAGE_SIZE
                 ctx.recv_pages(sink)
-                mine[C_PAGES] += hdr.normal_pages
+                mine[_PAGES] += hdr.normal_pages
                 wire_bytes += sink.next_packet_size
-            mine[C_BYTES] += wire_bytes
+            mine[_BYTES] += wire_bytes
             if hdr.sync:
-                events.send(("synced", channel, hdr.packet_num))
+                me.send(Synced(me.index, hdr.packet_num))
                 t0 = now_ns()
-                if not _wait_release(control, channel):
+                if not _wait_release(me.control, me.index):
                     return
                 if tr is not None:
                     tr.span(BARRIER, t0)
     finally:
         ctx.recv_cleanup()
-        mine[C_CPU_US], mine[C_PEAK_RSS], mine[C_ANON_RSS] = self_usage()
 
 
 def _wait_release(control: Connection, channel: int) -> bool:
@@ -283,44 +249,24 @@ def _wait_release(control: Connection, channel: int) -> bool:
     return control.recv_bytes() == RELEASE
 
 
-class RecvChannels:
+class RecvChannels(ChannelSet):
     """The destination's N channel processes and the sync barrier (``multifd_recv_state``)."""
 
-    def __init__(
-        self,
-        socks: Sequence[socket.socket],
-        ram: GuestRam,
-        method: MultiFDMethod,
-        *,
-        stall_timeout: float,
-        close_in_children: Sequence[Any] = (),
-        tracing: bool = False,
-    ) -> None:
-        n = len(socks)
-        self.traces: list[tuple[str, int, bytes]] = []  # (track name, pid, records) from children
-        self.n = n
+    def __init__(self, socks: Sequence[socket.socket], ram: GuestRam, method: MultiFDMethod, *,
+                 stall_timeout: float, close_in_children: Sequence[Any] = (), tracing: bool = False) -> None:
+        super().__init__(len(socks), "destination")
         self.stall_timeout = stall_timeout
         self.held = HeldData(ram)
-        self._shared = mmap.mmap(-1, 8 * n * C_NCOUNTERS)
-        self._counters = np.frombuffer(self._shared, dtype=np.uint64).reshape(n, C_NCOUNTERS)
-        self.group = ChildGroup("destination")
-        self._control: list[Connection] = []
         self.synced: dict[int, int] = {}  # channel -> packet_num of its pending SYNC
         self.ended: set[int] = set()
         self.max_packet_num = 0
         self.barrier_wait = 0.0
         self.syncs = 0
-        self._closed = False
         try:
-            for i, sock in enumerate(socks):
-                c_read, c_write = _CTX.Pipe(duplex=False)
-                self.group.start(
-                    i, _channel_loop,
-                    (i, sock, c_read, ram, self.held, method, self._counters, stall_timeout, tracing),
-                    own=sock, others=[*socks, *close_in_children, *self._control],
-                )
-                c_read.close()
-                self._control.append(c_write)
+            for sock in socks:
+                setup = RecvSetup(sock, ram, self.held, method, stall_timeout, tracing)
+                self.start(_channel_loop, setup, FORK.Pipe(duplex=False), own=sock,
+                           others=[*socks, *close_in_children])
         except BaseException:
             self.close(graceful=False)
             raise
@@ -331,19 +277,13 @@ class RecvChannels:
         return [*self.group.events, *[p.sentinel for p in self.group.procs]]
 
     def poll(self, timeout: float = 0.0) -> None:
-        """Take in channel messages; raises on a channel error or death."""
-        try:
-            msgs = self.group.wait_events(timeout)
-        except ChannelError:
-            raise
-        for msg in msgs:
-            if msg[0] == "synced":
-                self.synced[msg[1]] = msg[2]
-                self.max_packet_num = max(self.max_packet_num, msg[2])
-            elif msg[0] == "eof":
-                self.ended.add(msg[1])
-            elif msg[0] == "trace":
-                self.traces.append((msg[2], msg[3], msg[4]))
+        """Take in channel events; raises on a channel error or death."""
+        for ev in self.events(timeout):
+            if isinstance(ev, Synced):
+                self.synced[ev.channel] = ev.packet_num
+                self.max_packet_num = max(self.max_packet_num, ev.packet_num)
+            elif isinstance(ev, Eof):
+                self.ended.add(ev.channel)
 
     def barrier(self, where: str) -> None:
         """At an EOS: wait until every channel has synced, then release them all."""
@@ -365,7 +305,7 @@ class RecvChannels:
         self.synced.clear()
         self.syncs += 1
         self.held.refresh()  # every page of the section is in place; none of the next one yet
-        for conn in self._control:
+        for conn in self.control:
             conn.send_bytes(RELEASE)
         self.barrier_wait += time.perf_counter() - t0
 
@@ -387,20 +327,11 @@ class RecvChannels:
             proc.join(max(0.1, deadline - time.monotonic()))
         self.poll(0)
 
-    def stats(self) -> list[ChannelStats]:
-        pids = self.group.pids
-        return [ChannelStats.from_counters(i, pids[i], c) for i, c in enumerate(self._counters)]
-
     def close(self, *, graceful: bool) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        if not graceful:
-            for conn in self._control:
+        if not graceful and not self._closed:  # channels waiting at the barrier quit
+            for conn in self.control:
                 try:
                     conn.send_bytes(QUIT)
                 except OSError:
                     pass
-        self.group.close(graceful=graceful)
-        for conn in self._control:
-            conn.close()
+        super().close(graceful=graceful)

@@ -15,10 +15,9 @@ KVM's dirty log relies on too.
 
 :class:`ChecksumTracker` is for writers that cannot report: it keeps a 64-bit checksum per
 page and calls a page dirty when its checksum changed since the last sync. Cost: every sync
-reads all of guest RAM (about 0.1-0.2 s per GiB here) and keeps 8 bytes per 4 KiB page. The
-checksum is a sum of the page's 64-bit words times fixed odd multipliers (mod 2**64): any
-change confined to one word is always detected; a change of several words goes unnoticed
-with probability about 2**-64.
+reads all of guest RAM, and it keeps 8 bytes per 4 KiB page. The checksum is a sum of the
+page's 64-bit words times fixed odd multipliers (mod 2**64): any change confined to one word
+is always detected; a change of several words goes unnoticed with probability about 2**-64.
 """
 
 from __future__ import annotations

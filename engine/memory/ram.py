@@ -1,24 +1,16 @@
 """Guest RAM: named RAM blocks in POSIX shared memory, seen as numpy page arrays.
 
-Ownership (the rule from ``multiprocessing.shared_memory``): exactly one :class:`GuestRam`
-*owns* its segments, creates them, and unlinks them in :meth:`GuestRam.close`, which runs on
-every exit path (context manager, ``finally`` in the CLI). Channel processes are forked from the
-owner and use the inherited mappings; they never attach by name, so on Python 3.11 no other
-process's resource tracker learns the names. If the owner is killed with SIGKILL, its resource
-tracker (a separate process, started before the first segment exists) unlinks the segments when
-it sees the owner gone; that is the backstop, not the plan.
+Ownership (``multiprocessing.shared_memory``'s rule): one :class:`GuestRam` *owns* its segments,
+creates them and unlinks them in :meth:`GuestRam.close` on every exit path. Channel processes
+are forked from the owner and use the inherited mappings, never attaching by name, so no other
+resource tracker learns the names (Python 3.11); the owner's own tracker, started before the
+first segment exists, unlinks them if the owner is SIGKILLed: the backstop, not the plan.
+Non-owners (a user's writer processes) map segments with :func:`attach`, untracked.
 
-Non-owners (a user's own writer processes, the embedding API) call :func:`attach`, which maps an
-existing segment without registering it with any resource tracker.
-
-Concurrent writers: positioned writes (``pwrite``) into one segment take the kernel's per-file
-lock, which spins while the holder runs on the other CPU. The destination's channel processes
-all write into the same block, so each block carries a sleeping cross-process lock
-(:attr:`RamBlock.write_lock`, a semaphore created before the channels are forked) that
-:meth:`RamBlock.pwrite_offsets` holds for a whole packet: one writer at a time, the others
-sleep instead of spinning. Measured on 2 cores, 1 GiB mixed, 4 channels, together with two
-per-packet Python trims: destination channel CPU 1.36 -> 1.11 s on fresh memory, 0.94 -> 0.81 s
-pre-allocated (see README, Performance).
+Concurrent writers: ``pwrite`` into one segment takes the kernel's per-file lock, which spins
+while its holder runs on the other CPU; so each block has a sleeping cross-process lock
+(:attr:`RamBlock.write_lock`, made before the channels fork), held by
+:meth:`RamBlock.pwrite_offsets` for a whole packet (measured: docs/performance.md).
 """
 
 from __future__ import annotations
@@ -35,7 +27,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ..errors import ChannelError, ConfigError
-from ..runtime.procs import _CTX
+from ..runtime.procs import FORK
 from ..wire.packet import (
     MAX_RAMBLOCK_NAME,
     TARGET_PAGE_BITS,
@@ -86,7 +78,7 @@ class RamBlock:
         self.pages: npt.NDArray[np.uint8] = np.frombuffer(buf, dtype=np.uint8).reshape(self.npages, TARGET_PAGE_SIZE)
         self.words: npt.NDArray[np.uint64] = self.pages.view(np.uint64)
         # A fork-context semaphore is unlinked at creation: nothing in /dev/shm, no tracker entry.
-        self.write_lock = _CTX.Lock()
+        self.write_lock = FORK.Lock()
 
     @property
     def spec(self) -> BlockSpec:
@@ -95,8 +87,8 @@ class RamBlock:
     @property
     def fd(self) -> int:
         """The segment's file descriptor (-1 if unknown): ``pwrite`` into it fills pages through
-        the page cache, which on fresh shared memory is about twice as fast as a first write
-        through the mapping (no page fault, and tmpfs does not zero a page that is written whole)."""
+        the page cache, faster than a first write through the mapping on fresh shared memory
+        (no page fault, and tmpfs does not zero a page that is written whole)."""
         return int(getattr(self._closer, "_fd", -1))
 
     def pwrite_pages(self, idx: npt.NDArray[np.int64], data: memoryview) -> None:
@@ -125,11 +117,10 @@ class RamBlock:
             self.write_lock.release()
 
     def holds_data(self, start: int = 0, stop: int | None = None) -> bool:
-        """Whether any page in bytes ``[start, stop)`` of the segment (default: all of it)
-        holds data. A tmpfs page that was never written is a hole, which reads as zero and
-        takes no memory (``SEEK_DATA`` finds none, without reading anything); so is a page
-        that ``posix_fallocate`` reserved but nothing wrote. True when the segment cannot be
-        asked (no file descriptor, or an unexpected error)."""
+        """Whether any page in bytes ``[start, stop)`` of the segment (default: all) holds data.
+        A tmpfs page never written (or only reserved by ``posix_fallocate``) is a hole: it reads
+        as zero, takes no memory, and ``SEEK_DATA`` skips it without reading. True when the
+        segment cannot be asked (no file descriptor, or an unexpected error)."""
         fd = self.fd
         if fd < 0:
             return True
@@ -140,12 +131,9 @@ class RamBlock:
 
     def zero_runs(self, runs: Iterable[tuple[int, int]]) -> int:
         """Make the pages of each run ``[start, stop)`` read as zero, writing zeros only over
-        pages the segment holds (``SEEK_DATA`` / ``SEEK_HOLE``): holes read as zero already
-        and stay unallocated. Returns the number of pages written.
-
-        A hole seen once stays a hole for the caller's pages: nobody else writes them in the
-        same section (a ZERO record and a packet never carry the same page in one section), so
-        a run inside the last hole found needs no second question."""
+        pages the segment holds (``SEEK_DATA`` / ``SEEK_HOLE``); returns the pages written.
+        A hole seen once stays one: nobody else writes these pages in the same section (a ZERO
+        record and a packet never carry the same page), so a run inside it needs no question."""
         fd, page = self.fd, TARGET_PAGE_SIZE
         if fd < 0:
             count = 0
@@ -188,21 +176,17 @@ class RamBlock:
             )
 
     def read_once(self) -> None:
-        """This process reads the block's pages through its mapping once each and then drops
-        their page-table entries (a source channel). ``MADV_SEQUENTIAL`` on the mapping tells
-        the kernel so: dropping an entry then does not also mark its page recently used, which
-        on a page not yet active meant moving it between LRU lists under an interrupt-disabled
-        lock, per page. Only this process's mapping changes; the guest's accesses still count."""
+        """This process reads the block's pages once each, then drops their page-table entries
+        (a source channel): ``MADV_SEQUENTIAL`` tells the kernel, so a drop does not also mark
+        the page recently used (an LRU move per page). Only this process's mapping changes."""
         mm = getattr(self._closer, "_mmap", None)
         if mm is not None:
             mm.madvise(mmap.MADV_SEQUENTIAL)
 
     def unmap_pages(self, start: int, stop: int) -> None:
-        """Drop this process's page-table entries for pages ``[start, stop)``
-        (``MADV_DONTNEED`` on the shared mapping). The pages stay in the segment as they are
-        (a shared mapping is refilled from it on the next access); only this process's RSS
-        stops counting them. A channel that sends from views calls it every few packets, so
-        its RSS does not grow with the guest."""
+        """Drop this process's page-table entries for pages ``[start, stop)`` (``MADV_DONTNEED``
+        on the shared mapping): the pages stay in the segment, only this process's RSS stops
+        counting them. A channel sending from views calls it every few packets."""
         mm = getattr(self._closer, "_mmap", None)
         if mm is not None and stop > start:
             mm.madvise(mmap.MADV_DONTNEED, start * TARGET_PAGE_SIZE, (stop - start) * TARGET_PAGE_SIZE)
@@ -325,8 +309,8 @@ MADV_POPULATE_WRITE = 23  # Linux 5.14+
 def prefault(block: RamBlock, start: int = 0, stop: int | None = None, *, populate: bool = True) -> bool:
     """Allocate pages ``[start, stop)`` of a block now, instead of one fault per page later.
 
-    ``posix_fallocate`` on the segment allocates its pages (about 3 GiB/s here), then
-    ``MADV_POPULATE_WRITE`` maps them; together about 2x faster than first-touch writes.
+    ``posix_fallocate`` on the segment allocates its pages, then ``MADV_POPULATE_WRITE`` maps
+    them: faster than first-touch writes (docs/performance.md).
     """
     shm = block._closer
     mm = getattr(shm, "_mmap", None)
@@ -416,8 +400,7 @@ def block_digest(block: RamBlock) -> str:
 
 def page_runs(idx: npt.NDArray[np.int64]) -> list[tuple[int, int]]:
     """Coalesce page indices into runs of consecutive pages: ``[(start, stop), ...]``, stops
-    exclusive, in the given order (indices from the wire need not be sorted). About 11 us per
-    packet, against 22 us for the six numpy calls it replaced."""
+    exclusive, in the given order (indices from the wire need not be sorted)."""
     return consecutive_runs(idx.tolist())
 
 
@@ -441,11 +424,8 @@ def pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
 
 
 def zero_pages(words: npt.NDArray[np.uint64]) -> npt.NDArray[np.bool_]:
-    """Which rows (pages, as 512 uint64 words) are all zero.
-
-    Only pages whose first word is zero are scanned whole: most non-zero pages are ruled out
-    by one word, which makes this about 3x faster than a full scan on mixed guests.
-    """
+    """Which rows (pages, as 512 uint64 words) are all zero. Only pages whose first word is zero
+    are scanned whole: most non-zero pages are ruled out by one word."""
     zero = words[:, 0] == 0
     cand = np.flatnonzero(zero)
     if len(cand):

@@ -3,10 +3,10 @@
 Theory of operation
 -------------------
 :class:`Workload` forks K writer processes that inherit the guest RAM mappings and the
-:class:`~engine.dirty.DirtyLog`. Every tick (10 ms) a writer picks pages by its pattern
+:class:`~engine.memory.dirty.DirtyLog`. Every tick (10 ms) a writer picks pages by its pattern
 (``uniform``; ``hotset``: 90% of writes into a hot 10% of RAM; ``sequential``: a sweep),
 writes a fresh 64-bit stamp into one word of each page, and *then* marks those pages in the
-dirty log (write first, mark second; see engine/dirty.py for why). It sleeps to hold its share
+dirty log (write first, mark second; see dirty.py for why). It sleeps to hold its share
 of ``dirty-rate`` (bytes/s, counted as whole pages; 0 = as fast as it can).
 
 Control goes through a small shared mapping, written only by the parent: ``state`` (run, pause,

@@ -1,20 +1,12 @@
 """Page-aligned I/O buffers for the channel processes.
 
-Theory of operation
--------------------
-A channel's long-lived packet buffer is copied to or from page-aligned memory by the kernel on
-every packet: ``pwrite`` copies it into page-cache pages, ``preadv`` fills it from them. When
-the buffer starts just below a 4 KiB boundary (16-32 bytes), each load of that copy has the
-same low 12 address bits as a store the CPU has not finished yet ("4K aliasing"), and the load
-waits for it: ``pwrite`` from a buffer at 4080 mod 4096 into fresh tmpfs pages took 2.3x as
-long as from one at 0 (256 MiB: 295 vs 128 ms). Where a buffer from the heap lands depends on
-everything allocated before it, down to the order of the command-line arguments: one
-destination started with ``--compression none`` before ``--json`` spent 1.5 instead of 1.0 CPU
-s in its channels per GiB, 3.2x the samples in the kernel's copy into the page cache.
-
-So these buffers come from anonymous ``mmap``: page-aligned whatever the heap looks like, and
-allocated once per channel (never per packet; see ``procs._keep_packet_buffers`` for those).
-No concurrency: each buffer belongs to the one process that made it.
+The kernel copies a channel's long-lived packet buffer to or from page-cache pages on every
+packet (``pwrite``, ``preadv``). A heap buffer that starts just below a 4 KiB boundary makes
+those copies stall on 4K aliasing, and where the heap puts it depends on everything allocated
+before it, down to the order of the command-line arguments. So these buffers come from
+anonymous ``mmap``: page-aligned whatever the heap looks like, allocated once per channel (never
+per packet; see ``procs._keep_packet_buffers`` for those), owned by the one process that made
+it. The measurements: docs/performance.md, "Where the packet buffer lands".
 """
 
 from __future__ import annotations

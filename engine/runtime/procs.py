@@ -1,26 +1,15 @@
 """Channel processes: forking, parent-death safety, errors as data, one shutdown path.
 
-Theory of operation
--------------------
-Channel processes are forked (``multiprocessing`` "fork" context) from the process that owns
-the guest RAM and the sockets, so they inherit the shared-memory mappings and their own
-socket without attaching anything by name. Right after the fork a child:
-
-* asks the kernel to SIGKILL it if the parent dies (``PR_SET_PDEATHSIG``), so a killed
-  parent never leaves orphans behind;
-* ignores SIGINT: Ctrl-C reaches the whole process group, and only the parent decides how the
-  migration ends;
-* closes every inherited socket that is not its own, so a peer sees EOF exactly when the owner
-  closes.
-
-A child never raises into the void: :func:`child_main` catches everything and sends
-``("error", channel, message)`` on its event pipe, then exits 1. The parent watches event pipes
-and process sentinels together (:func:`wait_events`), so a crash, a kill -9 or an error
-message all surface as one :class:`ChannelError` naming the channel.
-
-:class:`ChildGroup` is the single owner of the children. ``close()`` is idempotent; on the
-success path it joins with a deadline, on any failure it terminates, then kills, then reaps:
-no zombies, whatever state the children were in.
+Channel processes are forked (:data:`FORK`) from the process that owns the guest RAM and the
+sockets, so they inherit the shared mappings and their own socket without attaching anything by
+name. A child asks the kernel to SIGKILL it when the parent dies (no orphans), ignores SIGINT
+(Ctrl-C reaches the whole process group, and only the parent decides how a migration ends) and
+closes every inherited socket that is not its own (a peer sees EOF exactly when the owner closes).
+A child never raises into the void: :func:`child_main` reports any exception as a :class:`Failed`
+event and exits 1. The parent waits on event pipes and process sentinels together, so an error,
+a crash and a kill -9 all surface as one ``ChannelError`` naming the channel.
+:class:`ChildGroup` owns the children: its idempotent ``close()`` joins them (success) or
+terminates, kills and reaps them (failure), so no zombie is left whatever their state.
 """
 
 from __future__ import annotations
@@ -34,15 +23,39 @@ import signal
 import socket
 import time
 import traceback
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 from ..errors import ChannelError, MigrationError
 
-_CTX = multiprocessing.get_context("fork")
+#: The one multiprocessing context of the engine: children inherit mappings, sockets and locks.
+FORK = multiprocessing.get_context("fork")
 _PR_SET_PDEATHSIG = 1
 _FORK_BLOCKED = {signal.SIGINT, signal.SIGTERM}
 
 Connection = mpc.Connection
+
+
+@dataclass(frozen=True)
+class Event:
+    """A message from a channel process to its parent, on the child's event pipe."""
+
+    channel: int
+
+
+@dataclass(frozen=True)
+class Failed(Event):
+    """The child ended with an error (its text, or an internal error and where it happened)."""
+
+    message: str
+
+
+def close_quietly(obj: Any) -> None:
+    """Close a file descriptor (an int) or anything with ``close()``; an OSError is ignored."""
+    try:
+        os.close(obj) if isinstance(obj, int) else obj.close()
+    except OSError:
+        pass
 
 
 def _libc() -> Any:
@@ -67,11 +80,9 @@ _M_MMAP_THRESHOLD = -3
 
 def _keep_packet_buffers(libc: Any) -> None:
     """Serve the per-packet buffers (decompressed 512 KiB payloads, compressed output) from the
-    heap and keep freed ones there. By default glibc hands such sizes out with ``mmap`` and
-    unmaps them on free, so every packet paid ~128 fresh-page faults: ~350k minor faults per
-    GiB on a compressed receive path. The heap's high-water mark stays a few packets' worth.
-    Measured (1 GiB mixed, 4 channels, medians of 3): lz4 2.62 -> 2.01 s, zstd 3.81 -> 3.36 s,
-    lz4 into a pre-allocated destination 2.31 -> 1.84 s."""
+    heap and keep freed ones there: by default glibc hands such sizes out with ``mmap`` and
+    unmaps them on free, so every packet would pay fresh-page faults for its buffers. The
+    heap's high-water mark stays a few packets' worth."""
     try:
         libc.mallopt(_M_MMAP_THRESHOLD, 8 << 20)
         libc.mallopt(_M_TRIM_THRESHOLD, 64 << 20)
@@ -101,15 +112,12 @@ def child_main(
     # Everything inherited is long-lived: keep the cyclic GC from rescanning (and, through
     # reference-count writes, copying) the parent's objects on every packet's allocations.
     gc.freeze()
-    # A channel loop makes no reference cycles; the collector still ran on its per-packet
-    # allocations (about 2% of a destination channel's CPU in a perf profile).
+    # A channel loop makes no reference cycles; the collector would still run on its
+    # per-packet allocations.
     gc.disable()
     _keep_packet_buffers(libc)
     for obj in close:  # inherited sockets and fds that belong to others
-        try:
-            os.close(obj) if isinstance(obj, int) else obj.close()
-        except OSError:
-            pass
+        close_quietly(obj)
     try:
         target(events, *args)
     except MigrationError as exc:
@@ -146,7 +154,7 @@ def self_usage() -> tuple[int, int, int]:
 
 def _report(events: Connection, channel: int, message: str) -> None:
     try:
-        events.send(("error", channel, message))
+        events.send(Failed(channel, message))
     except OSError:
         pass
 
@@ -175,9 +183,9 @@ class ChildGroup:
 
         The parent closes its copy of ``own``: from here on the child is its only owner.
         """
-        ev_read, ev_write = _CTX.Pipe(duplex=False)
+        ev_read, ev_write = FORK.Pipe(duplex=False)
         close = [s for s in others if s is not own]
-        proc = _CTX.Process(
+        proc = FORK.Process(
             target=child_main,
             args=(channel, os.getpid(), ev_write, close, target, args),
             name=f"{self.noun.replace(' ', '-')}-{self.role}-{channel}",
@@ -200,10 +208,10 @@ class ChildGroup:
     def pids(self) -> list[int]:
         return list(self._pids)
 
-    def wait_events(self, timeout: float) -> list[tuple[Any, ...]]:
-        """Messages from any channel within ``timeout``; raises on an error or a dead child."""
+    def wait_events(self, timeout: float) -> list[Event]:
+        """Events from any channel within ``timeout``; raises on a :class:`Failed` event or a dead child."""
         ready = mpc.wait([*self.events, *[p.sentinel for p in self.procs]], timeout)
-        out: list[tuple[Any, ...]] = []
+        out: list[Event] = []
         dead: list[int] = []
         for obj in ready:
             if isinstance(obj, int):
@@ -211,15 +219,12 @@ class ChildGroup:
                 continue
             ch = self.events.index(obj)  # type: ignore[arg-type]
             out.extend(self._drain(ch))
-        for msg in out:
-            if msg[0] == "error":
-                raise ChannelError(f"{self.noun} {msg[1]} ({self.role}): {msg[2]}")
+        for ev in out:
+            self._raise_failed(ev)
         for ch in dead:
-            # it may have reported just before dying
-            for msg in self._drain(ch):
-                if msg[0] == "error":
-                    raise ChannelError(f"{self.noun} {msg[1]} ({self.role}): {msg[2]}")
-                out.append(msg)
+            for ev in self._drain(ch):  # it may have reported just before dying
+                self._raise_failed(ev)
+                out.append(ev)
             proc = self.procs[ch]
             proc.join(0.1)
             code = proc.exitcode
@@ -228,7 +233,11 @@ class ChildGroup:
                 raise ChannelError(f"{self.noun} {ch} ({self.role}): process {proc.pid} {how}")
         return out
 
-    def _drain(self, ch: int) -> list[tuple[Any, ...]]:
+    def _raise_failed(self, ev: Event) -> None:
+        if isinstance(ev, Failed):
+            raise ChannelError(f"{self.noun} {ev.channel} ({self.role}): {ev.message}")
+
+    def _drain(self, ch: int) -> list[Event]:
         conn = self.events[ch]
         out = []
         try:

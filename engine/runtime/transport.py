@@ -9,7 +9,8 @@ With ``auto``, a destination on this host gets :data:`LOCAL_CONGESTION`: the hos
 be a pacing algorithm (BBR, as on this project's VM), which on loopback throttles the sender
 with timers and costs CPU for nothing (there is no queue to protect), and the choice has to be
 made before ``connect``, since BBR marks the socket as paced when it starts and switching away
-later keeps the pacing. Towards another host the system's default stays.
+later keeps the pacing. Towards another host the system's default stays. (Measured in
+docs/performance.md, "The sender's congestion control".)
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from ..errors import (
     TruncatedError,
 )
 
-SOCKET_BUFFER = 4 << 20
+SOCKET_BUFFER = 4 << 20  # this host's wmem_max; smaller buffers cost more channel CPU (docs/experiments.md)
 #: tcp-congestion=auto towards this host: the first one the kernel lets this user set
 LOCAL_CONGESTION = ("cubic", "reno")
 

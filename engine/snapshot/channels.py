@@ -1,40 +1,15 @@
 """Snapshot channel processes: N processes move regions between a snapshot file and guest RAM.
 
-Theory of operation
--------------------
 Work is cut into *regions* of 256 pages (1 MiB) of one RAM block, numbered globally across the
 blocks (:class:`Geometry`). The parent publishes one *round* at a time in :class:`SharedState`,
-an anonymous shared mapping created before the fork: ``items`` (the region ids of this round)
-and, for a save, ``todo`` (one byte per page: write it). It then sends ``go`` on every channel's
-command pipe. Channels claim a few items at a time from a shared cursor under one lock (a
-descheduled channel on a busy machine does not hold the others back), process them, and report
-``done`` on their event pipe. The parent touches ``todo`` and ``items`` only between rounds;
-during a round a region, its pages' ``todo``/``present`` bytes, its ``crc`` and its group slot
-belong to the one channel that claimed it. Only the heap end (compressed saves) is shared
-within a round, and it is changed under the lock.
-
-**Save** of a region: one ``preadv`` of the whole region from the guest's segment into the
-channel's buffer (the channel never faults guest pages in, and the bytes it checksums are the
-bytes it writes); numpy finds the zero pages among those to write and updates ``present``;
-then ``none`` writes each run of non-zero pages to its fixed place with ``pwrite``, and a
-compressed method encodes the region's present pages with a fresh context and writes them to
-the group's slot, or to a new slot at the end of the heap when they no longer fit. The CRC-32 of
-the region's stored bytes goes to ``crc``.
-
-Why a live save ends consistent: the region's checksum covers pages that were not rewritten in
-this round, read from RAM now. If one of them changed since it was last written, the guest
-marked it dirty after changing it, so a later round (at the latest the stop-and-copy round,
-after ``vm_stop``) rewrites it and recomputes the region. The last time a region is processed,
-every page in it holds its final value, in RAM and in the file.
-
-**Restore** of a region: read its stored bytes (``none``: each run of present pages, packed
-into the buffer; compressed: the slot), check the CRC-32 *before* anything reaches guest RAM,
-decode with a fresh context, and ``pwrite`` the pages into the new segment: tmpfs does not zero
-a page written whole, and absent (zero) pages are never touched, so never allocated.
-
-A bad region is reported as data, ``("failed", channel, message)``, and becomes one
-:class:`~engine.snapshot_format.SnapshotCorruptError` in the parent; anything else goes through
-:func:`engine.procs.child_main`. Shutdown is :class:`~engine.procs.ChildGroup`'s.
+an anonymous shared mapping created before the fork: ``items`` (the round's region ids) and, for
+a save, ``todo`` (one byte per page: write it); then it sends ``go`` on every channel's command
+pipe. Channels claim a few items at a time from a shared cursor under one lock (a descheduled
+channel on a busy machine does not hold the others back) and report :class:`Done`. The parent
+touches ``todo`` and ``items`` only between rounds; during a round a region, its pages'
+``todo``/``present`` bytes, its ``crc`` and its group slot belong to the channel that claimed
+it, and only the heap end (compressed saves) is shared, under the lock. A bad region is
+reported as data (:class:`Corrupt`) and becomes one ``SnapshotCorruptError`` in the parent.
 """
 
 from __future__ import annotations
@@ -44,6 +19,7 @@ import os
 import struct
 import time
 import zlib
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -61,25 +37,25 @@ from ..errors import (
 from ..memory.ram import GuestRam, page_runs, pwrite_all, zero_pages
 from ..precopy import RateLimiter
 from ..runtime.buffers import aligned_bytes, aligned_pages
-from ..runtime.procs import _CTX, ChildGroup, Connection, self_usage
-from ..stats import (
-    C_ANON_RSS,
-    C_BYTES,
-    C_CPU_US,
-    C_PACKETS,
-    C_PAGES,
-    C_PEAK_RSS,
-    C_ZERO,
-    ChannelStats,
-)
+from ..runtime.channels import ChannelEnd, ChannelSet, Corrupt, Done
+from ..runtime.procs import FORK
+from ..stats import Column, Counters
 from ..wire.packet import TARGET_PAGE_SIZE
 from .format import REGION_PAGES, SLOT_ALIGN, crc_mismatch, region_where, stored_crc
 
 PAGE = TARGET_PAGE_SIZE
 CLAIM = 2  # regions per claim
-C_GARBAGE, C_N = 7, 8  # after send_channels' counters (C_PACKETS counts regions here)
 N_NEXT, N_ITEMS, N_HEAP, N_RATE, N_CTL = range(5)
 GO, QUIT = b"g", b"q"
+
+
+class SnapshotCounters(Counters):
+    """A snapshot channel's counters: ``PACKETS`` counts regions here."""
+
+    GARBAGE: Column  # bytes of group slots left for a bigger one (compressed saves)
+
+
+_PACKETS, _PAGES, _BYTES, _ZERO = Counters.PACKETS, Counters.PAGES, Counters.BYTES, Counters.ZERO
 
 
 class Geometry:
@@ -109,12 +85,12 @@ class Geometry:
 class SharedState:
     """The arrays parent and channels share (one anonymous mapping, inherited by fork)."""
 
-    def __init__(self, geo: Geometry, nchannels: int) -> None:
+    def __init__(self, geo: Geometry) -> None:
         P, R = max(geo.total_pages, 1), max(geo.total_regions, 1)
         spec: list[tuple[str, Any, tuple[int, ...]]] = [
             ("todo", np.uint8, (P,)), ("present", np.uint8, (P,)), ("crc", np.uint32, (R,)),
             ("goff", np.uint64, (R,)), ("glen", np.uint32, (R,)), ("gcap", np.uint32, (R,)),
-            ("items", np.int64, (R,)), ("ctl", np.int64, (N_CTL,)), ("counters", np.uint64, (nchannels, C_N)),
+            ("items", np.int64, (R,)), ("ctl", np.int64, (N_CTL,)),
         ]
         size = sum(-(-int(np.prod(shape)) * np.dtype(dt).itemsize // 8) * 8 for _, dt, shape in spec)
         self._mm = mmap.mmap(-1, size)
@@ -123,7 +99,7 @@ class SharedState:
             n = int(np.prod(shape))
             setattr(self, name, np.frombuffer(self._mm, dtype=dt, count=n, offset=off).reshape(shape))
             off += -(-n * np.dtype(dt).itemsize // 8) * 8
-        self.lock = _CTX.Lock()
+        self.lock = FORK.Lock()
 
     todo: npt.NDArray[np.uint8]
     present: npt.NDArray[np.uint8]
@@ -133,7 +109,6 @@ class SharedState:
     gcap: npt.NDArray[np.uint32]
     items: npt.NDArray[np.int64]
     ctl: npt.NDArray[np.int64]
-    counters: npt.NDArray[np.uint64]
 
     def _locked(self, timeout: float) -> None:
         if not self.lock.acquire(timeout=timeout):
@@ -202,36 +177,74 @@ def _read_exact(fd: int, view: memoryview, off: int, path: str, where: str) -> N
                                    f" the file ends at {off + got:#x}")
 
 
-def _run_rounds(events: Connection, ch: int, cmds: Connection, state: SharedState, timeout: float,
-                work: Callable[[int], None]) -> None:
-    """The channel loop: wait for ``go``, claim and process items until none is left, ``done``."""
-    mine = state.counters[ch]
+@dataclass(frozen=True)
+class _Setup:
+    """What a snapshot channel process works with (its command pipe is ``ChannelEnd.control``)."""
+
+    fd: int  # the snapshot file
+    ram: GuestRam
+    geo: Geometry
+    state: SharedState
+    method_name: str
+    data_offsets: Sequence[int]  # where each block's pages are in the file (``none``)
+    timeout: float
+
+
+@dataclass(frozen=True)
+class SaveSetup(_Setup):
+    level: int
+
+
+@dataclass(frozen=True)
+class RestoreSetup(_Setup):
+    path: str
+    fresh: bool  # restoring into new RAM: absent pages are zero already
+
+
+def _method_and_buffer(setup: _Setup) -> tuple[MultiFDMethod | None, npt.NDArray[np.uint8], memoryview]:
+    """A channel's method (None for ``none``) and its region buffer, page-aligned: full-speed
+    copies to and from the page cache (and a flat byte view of it)."""
+    method = None if setup.method_name == "none" else get_method(setup.method_name)
+    buf = aligned_pages(REGION_PAGES)
+    return method, buf, buf.data.cast("B")
+
+
+def _run_rounds(me: ChannelEnd, state: SharedState, timeout: float, work: Callable[[int], None]) -> None:
+    """The channel loop: wait for ``go``, claim and process items until none is left, :class:`Done`."""
+    mine = me.counters
     try:
         while True:
-            msg = cmds.recv_bytes()
+            msg = me.control.recv_bytes()
             if msg[:1] != GO:
                 break
             (round_no,) = struct.unpack_from("<I", msg, 1)
             limiter = RateLimiter(int(state.ctl[N_RATE]), lambda: None)
-            limiter(int(mine[C_BYTES]))  # the bucket starts now
+            limiter(mine[_BYTES])  # the bucket starts now
             while (claimed := state.claim(timeout)) is not None:
                 for k in range(*claimed):
                     work(int(state.items[k]))
-                limiter(int(mine[C_BYTES]))
-            events.send(("done", ch, round_no))
+                limiter(mine[_BYTES])
+            me.send(Done(me.index, round_no))
     except SnapshotCorruptError as exc:
-        events.send(("failed", ch, str(exc)))
-    finally:
-        mine[C_CPU_US], mine[C_PEAK_RSS], mine[C_ANON_RSS] = self_usage()
+        me.send(Corrupt(me.index, str(exc)))
 
 
-def save_channel(events: Connection, ch: int, cmds: Connection, fd: int, ram: GuestRam, geo: Geometry,
-                 state: SharedState, method_name: str, level: int, data_offsets: Sequence[int], timeout: float) -> None:
-    """A save channel process (see the module docstring)."""
-    method: MultiFDMethod | None = None if method_name == "none" else get_method(method_name)
-    buf = aligned_pages(REGION_PAGES)  # page-aligned: full-speed copies to and from the page cache
-    flat = buf.data.cast("B")
-    mine = state.counters[ch]
+def save_channel(me: ChannelEnd, setup: SaveSetup) -> None:
+    """A save channel process. Saving a region: one ``preadv`` of the whole region from the
+    guest's segment into the channel's buffer (the channel never faults guest pages in, and the
+    bytes it checksums are the bytes it writes); numpy finds the zero pages among those to write
+    and updates ``present``; then ``none`` writes each run of non-zero pages to its fixed place
+    with ``pwrite``, and a compressed method encodes the region's present pages with a fresh
+    context and writes them to the group's slot, or to a new slot at the end of the heap when
+    they no longer fit. The CRC-32 of the region's stored bytes goes to ``crc``.
+
+    Why a live save ends consistent: the region's checksum covers pages that were not rewritten
+    in this round, read from RAM now. If one of them changed since it was last written, the
+    guest marked it dirty after changing it, so a later round (at the latest the stop-and-copy
+    round, after ``vm_stop``) rewrites it and recomputes the region. The last time a region is
+    processed, every page in it holds its final value, in RAM and in the file."""
+    fd, ram, geo, state, timeout, mine = setup.fd, setup.ram, setup.geo, setup.state, setup.timeout, me.counters
+    method, buf, flat = _method_and_buffer(setup)
 
     def work(gid: int) -> None:
         b, p0, p1, g0 = geo.locate(gid)
@@ -248,7 +261,7 @@ def save_channel(events: Connection, ch: int, cmds: Connection, fd: int, ram: Gu
         present = state.present[g0:g0 + n]
         t = np.flatnonzero(state.todo[g0:g0 + n])
         words = pages.view(np.uint64)
-        if hole or (not words[:, 0].any() and not np.count_nonzero(words)):  # all zero: 4x faster
+        if hole or (not words[:, 0].any() and not np.count_nonzero(words)):  # all zero: no per-page scan
             zero = np.ones(len(t), dtype=np.bool_)
             if hole:
                 pages[:] = 0  # for the checksum of pages present from an earlier round
@@ -256,13 +269,13 @@ def save_channel(events: Connection, ch: int, cmds: Connection, fd: int, ram: Gu
             zero = zero_pages(words if len(t) == n else words[t])
         present[t] = ~zero
         nzero = int(np.count_nonzero(zero))
-        mine[C_ZERO] += nzero
+        mine[_ZERO] += nzero
         if method is None:
-            base = data_offsets[b] + p0 * PAGE
+            base = setup.data_offsets[b] + p0 * PAGE
             for a, e in page_runs(t[~zero]):
                 pwrite_all(fd, flat[a * PAGE:e * PAGE], base + a * PAGE)
-            mine[C_PAGES] += len(t) - nzero
-            mine[C_BYTES] += (len(t) - nzero) * PAGE
+            mine[_PAGES] += len(t) - nzero
+            mine[_BYTES] += (len(t) - nzero) * PAGE
             state.crc[gid] = stored_crc(pages, present)
         else:
             idx = np.flatnonzero(present)
@@ -270,32 +283,32 @@ def save_channel(events: Connection, ch: int, cmds: Connection, fd: int, ram: Gu
                 state.glen[gid] = state.crc[gid] = 0
             else:
                 packed = pages if len(idx) == n else pages[idx]
-                parts = method.send_setup(level).send_prepare(_Group(packed))
+                parts = method.send_setup(setup.level).send_prepare(_Group(packed))
                 payload = memoryview(parts[0] if len(parts) == 1 else b"".join(parts)).cast("B")  # type: ignore[arg-type]
                 if len(payload) > int(state.gcap[gid]):
-                    mine[C_GARBAGE] += int(state.gcap[gid])
+                    mine[SnapshotCounters.GARBAGE] += int(state.gcap[gid])
                     cap = -(-len(payload) // SLOT_ALIGN) * SLOT_ALIGN
                     state.goff[gid] = state.alloc(cap, timeout)
                     state.gcap[gid] = cap
                 pwrite_all(fd, payload, int(state.goff[gid]))
                 state.glen[gid] = len(payload)
                 state.crc[gid] = zlib.crc32(payload)
-                mine[C_PAGES] += len(idx)
-                mine[C_BYTES] += len(payload)
-        mine[C_PACKETS] += 1
+                mine[_PAGES] += len(idx)
+                mine[_BYTES] += len(payload)
+        mine[_PACKETS] += 1
 
-    _run_rounds(events, ch, cmds, state, timeout, work)
+    _run_rounds(me, state, setup.timeout, work)
 
 
-def restore_channel(events: Connection, ch: int, cmds: Connection, fd: int, path: str, ram: GuestRam, geo: Geometry,
-                    state: SharedState, method_name: str, data_offsets: Sequence[int], fresh: bool,
-                    timeout: float) -> None:
-    """A restore channel process (see the module docstring)."""
-    method: MultiFDMethod | None = None if method_name == "none" else get_method(method_name)
-    buf = aligned_pages(REGION_PAGES)  # page-aligned: full-speed copies to and from the page cache
-    flat = buf.data.cast("B")
+def restore_channel(me: ChannelEnd, setup: RestoreSetup) -> None:
+    """A restore channel process. Restoring a region: read its stored bytes (``none``: each run
+    of present pages, packed into the buffer; compressed: the slot), check the CRC-32 *before*
+    anything reaches guest RAM, decode with a fresh context, and ``pwrite`` the pages into the
+    new segment: tmpfs does not zero a page written whole, and absent (zero) pages are never
+    touched, so never allocated."""
+    fd, path, ram, geo, state, mine = setup.fd, setup.path, setup.ram, setup.geo, setup.state, me.counters
+    method, buf, flat = _method_and_buffer(setup)
     comp = memoryview(b"")  # a region's stored bytes (compressed), page-aligned once allocated
-    mine = state.counters[ch]
 
     def work(gid: int) -> None:
         nonlocal comp
@@ -304,7 +317,7 @@ def restore_channel(events: Connection, ch: int, cmds: Connection, fd: int, path
         present = state.present[g0:g0 + p1 - p0]
         idx = np.flatnonzero(present)
         where = region_where(block.name, p0 // REGION_PAGES)
-        if not fresh:  # restoring into used memory: absent pages must become zero
+        if not setup.fresh:  # restoring into used memory: absent pages must become zero
             absent = np.flatnonzero(present == 0)
             if len(absent):
                 block.pages[p0 + absent] = 0
@@ -315,7 +328,7 @@ def restore_channel(events: Connection, ch: int, cmds: Connection, fd: int, path
             return
         if method is None:
             stored = flat[:len(idx) * PAGE]
-            pos, base = 0, data_offsets[b] + p0 * PAGE
+            pos, base = 0, setup.data_offsets[b] + p0 * PAGE
             for a, e in page_runs(idx):
                 _read_exact(fd, stored[pos:pos + (e - a) * PAGE], base + a * PAGE, path, where)
                 pos += (e - a) * PAGE
@@ -336,9 +349,9 @@ def restore_channel(events: Connection, ch: int, cmds: Connection, fd: int, path
             except CompressionError as exc:
                 raise SnapshotCorruptError(f"snapshot {path}: {where}: {exc}") from None
             data = memoryview(sink.data).cast("B")  # type: ignore[arg-type]
-            mine[C_BYTES] += length
+            mine[_BYTES] += length
         else:
-            mine[C_BYTES] += len(stored)
+            mine[_BYTES] += len(stored)
         if len(data) != len(idx) * PAGE:
             raise SnapshotCorruptError(f"snapshot {path}: {where}: decoded {len(data)} bytes,"
                                        f" expected {len(idx) * PAGE} ({len(idx)} pages)")
@@ -346,27 +359,23 @@ def restore_channel(events: Connection, ch: int, cmds: Connection, fd: int, path
             block.pwrite_pages(p0 + idx, data)
         else:
             block.pages[p0 + idx] = np.frombuffer(data, dtype=np.uint8).reshape(-1, PAGE)
-        mine[C_PAGES] += len(idx)
-        mine[C_PACKETS] += 1
+        mine[_PAGES] += len(idx)
+        mine[_PACKETS] += 1
 
-    _run_rounds(events, ch, cmds, state, timeout, work)
+    _run_rounds(me, state, setup.timeout, work)
 
 
-class SnapshotChannels:
+class SnapshotChannels(ChannelSet):
     """The parent's handle on N snapshot channel processes."""
 
-    def __init__(self, role: str, n: int, state: SharedState, target: Callable[..., None],
-                 args: Callable[[int, Connection], tuple[Any, ...]]) -> None:
-        self.state = state
-        self.group = ChildGroup(role, noun="snapshot channel")
-        self._cmds: list[Connection] = []
+    def __init__(self, role: str, n: int, loop: Callable[[ChannelEnd, Any], None],
+                 setup: SaveSetup | RestoreSetup) -> None:
+        super().__init__(n, role, noun="snapshot channel", columns=SnapshotCounters)
+        self.state = setup.state
         self._round = 0
         try:
-            for ch in range(n):
-                r, w = _CTX.Pipe(duplex=False)
-                self.group.start(ch, target, args(ch, r), others=[*self._cmds, w])
-                r.close()
-                self._cmds.append(w)
+            for _ in range(n):
+                self.start(loop, setup, FORK.Pipe(duplex=False))
         except BaseException:
             self.close(graceful=False)
             raise
@@ -376,38 +385,31 @@ class SnapshotChannels:
         st = self.state
         st.ctl[N_NEXT], st.ctl[N_ITEMS], st.ctl[N_RATE] = 0, nitems, rate
         self._round += 1
-        for i, c in enumerate(self._cmds):
+        for i, c in enumerate(self.control):
             try:
                 c.send_bytes(GO + struct.pack("<I", self._round))
             except OSError:  # the channel is gone: report how it ended
-                self.group.wait_events(1.0)
+                self.events(1.0)
                 raise ChannelError(f"snapshot channel {i} ({self.group.role}): its command pipe is closed") from None
         done: set[int] = set()
         last, progress = time.monotonic(), -1
-        while len(done) < len(self._cmds):
-            for msg in self.group.wait_events(0.05):
-                if msg[0] == "done" and msg[2] == self._round:
-                    done.add(msg[1])
-                elif msg[0] == "failed":
-                    raise SnapshotCorruptError(msg[2])
+        while len(done) < self.n:
+            for ev in self.events(0.05):
+                if isinstance(ev, Done) and ev.round == self._round:
+                    done.add(ev.channel)
+                elif isinstance(ev, Corrupt):
+                    raise SnapshotCorruptError(ev.message)
             check()
-            now_progress = int(st.counters[:, C_PACKETS].sum())
+            now_progress = self.total(_PACKETS)
             if now_progress != progress:
                 last, progress = time.monotonic(), now_progress
             elif time.monotonic() - last > stall_timeout:
-                missing = sorted(set(range(len(self._cmds))) - done)
+                missing = sorted(set(range(self.n)) - done)
                 raise MigrationTimeout(f"snapshot channels {missing} made no progress for {stall_timeout:g}s")
-
-    def stats(self) -> list[ChannelStats]:
-        c = self.state.counters
-        return [ChannelStats.from_counters(i, pid, c[i]) for i, pid in enumerate(self.group.pids)]
-
-    def counter(self, index: int) -> int:
-        return int(self.state.counters[:, index].sum())
 
     def quit(self, timeout: float) -> None:
         """Let every channel finish (records its resource usage) and exit."""
-        for c in self._cmds:
+        for c in self.control:
             try:
                 c.send_bytes(QUIT)
             except OSError:
@@ -415,13 +417,7 @@ class SnapshotChannels:
         deadline = time.monotonic() + timeout
         for p in self.group.procs:
             p.join(max(0.0, deadline - time.monotonic()))
-        self.group.wait_events(0)  # a failure while quitting still surfaces
-
-    def close(self, *, graceful: bool) -> None:
-        for c in self._cmds:
-            c.close()
-        self._cmds = []
-        self.group.close(graceful=graceful)
+        self.events(0)  # a failure while quitting still surfaces
 
 
 def require_known(method_name: str, path: str) -> None:

@@ -2,69 +2,17 @@
 
 Pure code: layouts, struct packing, validation and checksums. File I/O is limited to reading
 and checking a file's header and index (:func:`read_snapshot`, :func:`describe_snapshot`);
-the parallel data path is in :mod:`engine.snapshot_channels`.
+the parallel data path is in :mod:`engine.snapshot.channels`. The layout, field by field, is
+docs/snapshot-format.md.
 
-Layout (all integers little-endian)
------------------------------------
-::
-
-    [0, 4096)                 header (one page; unused bytes zero)
-    [4096, meta_offset)       data
-    [meta_offset, file_size)  index: block table, per-block bitmaps, region checksums, group index
-
-**Header** (offsets in bytes)::
-
-    0   8  magic        b"MFDSNAP\\0"
-    8   4  version      1 (checked before anything else: a newer layout may move every field)
-    12  4  header_size  4096 (also where the data starts)
-    16  4  flags        bit 0 COMMITTED: the save finished; nothing else is defined
-    20  4  page_size    4096
-    24  4  region_pages 256: checksum region = compression group = 256 pages (1 MiB)
-    28  4  nblocks      RAM blocks in the block table
-    32 16  method       compression method name, NUL-padded: none, zlib, zstd, lz4, ...
-    48  4  level        int32, the method's level (informational)
-    52  4  iterations   precopy iterations of the save (informational)
-    56  8  data_offset  4096
-    64  8  meta_offset  where the index starts (page-aligned)
-    72  8  meta_size    bytes of index
-    80  8  file_size    meta_offset + meta_size: a shorter file is truncated
-    88  8  created_ns   commit time, ns since the Unix epoch
-    96  4  meta_crc     CRC-32 of the index
-    100 4  header_crc   CRC-32 of bytes [0, 100)
-
-**Data, method ``none``**: each block has a data area of exactly its size at a fixed,
-page-aligned file offset (``data_offset`` in its block table entry): page ``i`` of the block is
-at ``data_offset + i * 4096``. Zero pages are never written, so they are holes in a sparse file.
-A page that was written and later became zero keeps its stale bytes; its bitmap bit says
-absent and restore never reads it.
-
-**Data, compressed**: the data area is a heap of *group slots*. Group ``r`` of a block holds
-the block's present pages ``[256 r, 256 r + 256)``, concatenated in page order, encoded one-shot
-as a multifd packet payload by a *fresh* context of the registered method (so every group
-decodes on its own, in any order, on any channel). Slots are allocated from the end of the heap,
-their capacity rounded up to 4 KiB. A group rewritten during a live save goes back into its slot
-if it fits, otherwise to a new slot at the end of the heap; the old slot becomes garbage (counted
-by ``describe_snapshot`` as ``garbage-bytes``). The group index says where each group is.
-
-**Index** (at ``meta_offset``; every item padded to a multiple of 8 bytes)::
-
-    block table, nblocks entries:  u16 name_len, u16 0, u32 0, u64 size, u64 data_offset,
-                                   name (UTF-8, 1..255 bytes), NUL-padded
-    then for each block, in order:
-      present bitmap     ceil(npages / 8) bytes; page i is bit (i % 8) of byte i // 8; bits
-                         past npages are 0. A page is present if it was non-zero when saved.
-      region checksums   nregions u32: CRC-32 of the region's *stored* bytes (none: its present
-                         pages concatenated in page order; compressed: the group's slot bytes);
-                         0 for a region without present pages
-      group index        compressed only: nregions x {u64 offset, u32 length, u32 capacity};
-                         length 0 iff the group has no present pages
-
-Checksums are computed by the channel processes, over the same bytes they write. Restore checks
-every region before it reaches guest RAM, the index against ``meta_crc``, the header against
-``header_crc``. The header is written twice: first without COMMITTED, when the file is created;
-last, with COMMITTED, after the data and the index (and an ``fsync`` of them, unless disabled).
-A file whose save did not finish is therefore detected as incomplete, and a shorter one as
-truncated. Every error is one line naming the file, the block and the offset.
+A file is a one-page header, the data (``none``: every page at a fixed offset, zero pages
+left as holes; compressed: a heap of 1 MiB group slots) and an index at the end (block table,
+present-page bitmaps, a CRC-32 per 256-page region, the group index). Everything is
+little-endian and checked before use: the version first (a newer layout may move every field),
+then the header's and the index's CRC-32, then every region's CRC-32 before it reaches guest
+RAM. The header is written twice, the second time with COMMITTED after the data and the index,
+so a save that did not finish reads as incomplete and a shorter file as truncated; every
+error is one line naming the file, the block and the offset.
 """
 
 from __future__ import annotations

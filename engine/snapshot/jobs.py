@@ -1,34 +1,16 @@
-"""Snapshots to files: save guest RAM to a snapshot file, live, and restore it; the Python API.
+"""Snapshot save and restore jobs: guest RAM to a file, live, and back; the Python API.
 
 Theory of operation
 -------------------
-:class:`SnapshotSave` is :class:`~engine.migration.Migration` with a file for a destination
-(QEMU 9's ``migrate file:PATH`` with ``mapped-ram`` and ``multifd``). ``start()`` creates the
-file (truncating it), writes a header *without* the COMMITTED flag, forks the N channel
-processes (:mod:`engine.snapshot_channels`) and returns; the rest runs on a background thread:
-
-1. **setup**: the first dirty sync starts the dirty epoch; the first round writes every page
-   (a page never written would read back as zero, so this does not trust the tracker).
-2. **active**: each iteration is one *round*: the regions holding pages dirtied since the
-   previous sync, written by all channels in parallel at their fixed places (a page dirtied
-   again overwrites its slot; a compressed group goes back into its slot if it fits). Then the
-   tracker is synced again; ``expected-downtime`` = dirty bytes / the guest bytes per second
-   the round achieved; convergence, ``auto-converge``, ``max-iterations`` and ``max-time`` work
-   as in :class:`~engine.migration.Migration`, whose :class:`IterationStats` and
-   :class:`RateLimiter` (``max-bandwidth``, split evenly over the channels) are reused.
-3. **device** (stop-and-copy): ``guest.pause()``, a last sync, a last round without bandwidth
-   limit, then the commit: the index (bitmaps, region checksums, group index) after the data,
-   ``fsync``, the header with COMMITTED, ``fsync``. ``downtime`` runs from the pause to the
-   committed header. The guest stays paused afterwards, as after a migration; a batch job that
-   wants to continue calls ``guest.resume()``.
-4. **completed | failed | cancelled**. On failure or cancel the channels are stopped, the
-   partial file is removed and a paused guest is resumed.
-
-:class:`SnapshotRestore` reads and validates the header and index in the caller's process,
-creates the guest RAM (or takes the caller's), and runs one round over the regions that hold
-present pages: every channel reads, checks and writes its regions. The first bad region fails
-the restore with one line naming the file, the block and the offset; the RAM it created is
-closed. The caller owns the returned :class:`~engine.ram.GuestRam`.
+:class:`SnapshotSave` is a precopy job (:class:`~engine.precopy.BackgroundJob`) whose
+destination is a file: it writes a header without the COMMITTED flag, then runs rounds of the
+regions holding dirty pages on the snapshot channels (:mod:`engine.snapshot.channels`), each
+page at its fixed place, until the rest fits in ``downtime-limit``; stop-and-copy writes the
+last round, the index, ``fsync``, and only then the COMMITTED header. A failed or cancelled
+save removes the partial file, so no half-written file ever looks valid.
+:class:`SnapshotRestore` validates header and index in the caller's process, then one round
+reads, checks (CRC-32) and writes every present region; the first bad region fails it with
+one line naming file, block and offset. The file layout is in docs/snapshot-format.md.
 """
 
 from __future__ import annotations
@@ -45,14 +27,16 @@ from ..memory.dirty import DirtyTracker, PageSets, count_pages
 from ..memory.ram import BlockSpec, GuestRam, pwrite_all
 from ..params import DEFAULT_CHANNELS, DEFAULT_STALL_TIMEOUT, MigrationParams
 from ..precopy import BackgroundJob, Guest
-from ..stats import C_BYTES, C_PAGES, C_ZERO, MigrationStats, MigrationStatus
+from ..stats import Counters, MigrationStats, MigrationStatus
 from ..wire.packet import MAX_CHANNELS, TARGET_PAGE_SIZE
 from .channels import (
-    C_GARBAGE,
     N_HEAP,
     Geometry,
+    RestoreSetup,
+    SaveSetup,
     SharedState,
     SnapshotChannels,
+    SnapshotCounters,
     require_known,
     restore_channel,
     save_channel,
@@ -76,7 +60,7 @@ __all__ = ["SnapshotSave", "SnapshotRestore", "save", "restore", "SnapshotError"
 
 class SnapshotSave(BackgroundJob):
     """One save of guest RAM to a snapshot file. Use as a context manager, or ``start()`` /
-    ``wait()``. ``tracker`` and ``guest`` as for :class:`~engine.migration.Migration`; without
+    ``wait()``. ``tracker`` and ``guest`` as for :class:`~engine.source.migration.Migration`; without
     a tracker the guest is taken as static (one iteration). ``fsync=False`` skips the two
     ``fsync`` calls of the commit (the file is then safe against a crash of this process, not
     of the machine)."""
@@ -110,21 +94,20 @@ class SnapshotSave(BackgroundJob):
             raise SnapshotError(f"snapshot {self.path}: cannot create: {exc.strerror}") from None
         self._created = True
         pwrite_all(self._fd, Header(len(self.ram), self.method, p.effective_level).pack(), 0)
-        state = self._state = SharedState(self.geo, p.channels)
+        state = self._state = SharedState(self.geo)
         state.ctl[N_HEAP] = HEADER_SIZE
-        fd, ram, geo, level, offs = self._fd, self.ram, self.geo, p.effective_level, self._data_offsets
-        self._channels = SnapshotChannels(
-            "save", p.channels, state, save_channel,
-            lambda ch, cmds: (ch, cmds, fd, ram, geo, state, self.method, level, offs, p.stall_timeout))
+        self._channels = SnapshotChannels("save", p.channels, save_channel, SaveSetup(
+            fd=self._fd, ram=self.ram, geo=self.geo, state=state, method_name=self.method,
+            data_offsets=self._data_offsets, timeout=p.stall_timeout, level=p.effective_level))
 
     def _refresh(self, st: MigrationStats) -> None:
         ch = self._channels
         if ch is None:
             return
         st.channels = ch.stats()
-        st.ram.normal = ch.counter(C_PAGES)
-        st.ram.duplicate = ch.counter(C_ZERO)
-        st.ram.multifd_bytes = ch.counter(C_BYTES)
+        st.ram.normal = ch.total(Counters.PAGES)
+        st.ram.duplicate = ch.total(Counters.ZERO)
+        st.ram.multifd_bytes = ch.total(Counters.BYTES)
 
     def _round(self, dirty: PageSets | None, final: bool) -> tuple[int, int, int, float]:
         """Write the regions holding ``dirty`` pages (None: all); (pages, zero pages, bytes, seconds)."""
@@ -144,13 +127,13 @@ class SnapshotSave(BackgroundJob):
             st.items[:n] = items
         self._remaining_pages = pages
         ch = self._channels
-        t0, z0, b0 = time.monotonic(), ch.counter(C_ZERO), ch.counter(C_BYTES)
+        t0, z0, b0 = time.monotonic(), ch.total(Counters.ZERO), ch.total(Counters.BYTES)
         if n:  # (an empty stop-and-copy round writes nothing)
             p = self.params
             rate = 0 if final else p.max_bandwidth // p.channels
             ch.run_round(n, rate=rate, check=self._check, stall_timeout=p.stall_timeout)
         st.todo[:] = 0
-        return pages, ch.counter(C_ZERO) - z0, ch.counter(C_BYTES) - b0, max(time.monotonic() - t0, 1e-6)
+        return pages, ch.total(Counters.ZERO) - z0, ch.total(Counters.BYTES) - b0, max(time.monotonic() - t0, 1e-6)
 
     def _work(self) -> None:
         self._sync_dirty()  # starts the dirty epoch; the first round writes every page whatever it says
@@ -199,7 +182,7 @@ class SnapshotSave(BackgroundJob):
         ok = error is None
         if self._channels is not None:
             self._refresh(st)
-            st.extra["garbage-bytes"] = self._channels.counter(C_GARBAGE)
+            st.extra["garbage-bytes"] = self._channels.total(SnapshotCounters.GARBAGE)
             self._channels.close(graceful=ok)
         st.extra.update({"file": self.path, "compression": self.method, "format-version": VERSION})
         if self._fd >= 0:
@@ -261,7 +244,7 @@ class SnapshotRestore:
                 ram = GuestRam.create(specs)
             st.ram.total = ram.total_size
             geo = Geometry([b.npages for b in snap.blocks])
-            state = SharedState(geo, self.channels)
+            state = SharedState(geo)
             for i, b in enumerate(snap.blocks):
                 state.present[geo.page_base[i]:geo.page_base[i + 1]] = b.present()
                 ra, rb = geo.region_base[i], geo.region_base[i + 1]
@@ -280,10 +263,9 @@ class SnapshotRestore:
             offs = [b.data_offset for b in snap.blocks]
             st.status = MigrationStatus.ACTIVE
             st.setup_time = time.monotonic() - st.start
-            chans = SnapshotChannels(
-                "restore", self.channels, state, restore_channel,
-                lambda ch, cmds: (ch, cmds, fd, self.path, ram, geo, state, snap.header.method, offs, fresh,
-                                  self.stall_timeout))
+            chans = SnapshotChannels("restore", self.channels, restore_channel, RestoreSetup(
+                fd=fd, ram=ram, geo=geo, state=state, method_name=snap.header.method, data_offsets=offs,
+                timeout=self.stall_timeout, path=self.path, fresh=fresh))
             chans.run_round(len(items), check=lambda: None, stall_timeout=self.stall_timeout)
             chans.quit(self.stall_timeout)
             st.ram.main_bytes = HEADER_SIZE + snap.header.meta_size
@@ -294,8 +276,8 @@ class SnapshotRestore:
         finally:
             if chans is not None:
                 st.channels = chans.stats()
-                st.ram.normal = chans.counter(C_PAGES)
-                st.ram.multifd_bytes = chans.counter(C_BYTES)
+                st.ram.normal = chans.total(Counters.PAGES)
+                st.ram.multifd_bytes = chans.total(Counters.BYTES)
                 chans.close(graceful=ok)
             os.close(fd)
             if not ok and ram is not None and ram is not self.into:

@@ -1,33 +1,16 @@
-"""The source's migration driver: setup, live precopy iterations, stop-and-copy; the Python API.
+"""The source's migration driver (QEMU's migration thread) and the ``migrate`` API.
 
 Theory of operation
 -------------------
-:class:`Migration` is QEMU's migration thread. ``start()`` connects the main channel, writes the
-stream header, connects and hands over the N multifd channels (forking their processes) on the
-caller's thread, so a bad URI or a refused connection raises right there; the rest runs on a
-background thread:
-
-1. **setup**: the ram START section (MEM_SIZE, sync, EOS); the first dirty sync returns every
-   page (``dirty-sync-count`` 1).
-2. **active**: each iteration sends the pages dirtied since the previous sync as one ram PART
-   section (ending with the multifd SYNC and the EOS), then syncs the dirty tracker again.
-   ``remaining`` = dirty bytes; ``expected-downtime`` = remaining / the bandwidth measured over
-   the iteration. When it fits in ``downtime-limit`` the migration converges. With
-   ``auto-converge``, each time the guest dirtied more than half of what was sent in an
-   iteration (twice in a row) the writers are throttled: ``cpu-throttle-initial``, then
-   ``+cpu-throttle-increment`` up to ``max-cpu-throttle``. ``max-bandwidth`` is enforced in
-   100 ms windows between page chunks. ``max-iterations`` / ``max-time`` end a migration that
-   does not converge with a failure that says why.
-3. **device** (stop-and-copy): the guest is paused (``vm_stop``: every writer acknowledges),
-   the tracker synced one last time, and the remaining pages go out in the END section
-   without a bandwidth limit; then EOF and the vmdesc. ``downtime`` runs from the pause to the
-   last byte written.
-4. **completed | failed | cancelled**. On failure or cancel the guest is resumed (its RAM was
-   only read), channel processes are stopped and reaped, sockets closed. The guest stays
-   paused after completion, like QEMU's ``postmigrate``.
-
-``query()`` may be called from any thread at any time; it reads counters the migration thread
-owns (plain ints) and the channels' shared counters, and returns a fresh dict.
+``start()`` connects the main channel and the N multifd channels (forking their processes) on
+the caller's thread, so a bad URI or a refused connection raises right there; the rest runs as
+a :class:`~engine.precopy.BackgroundJob`: the ram START section, one PART section per precopy
+iteration (pages dirtied since the previous sync, ending with the multifd SYNC and the EOS),
+and stop-and-copy (the END section, EOF, vmdesc) once the rest fits in ``downtime-limit``.
+The precopy policy (convergence, auto-converge, limits) is :mod:`engine.precopy`'s; the pages
+of a section are batched into packets by :class:`~engine.source.ram_saver.RamSaver`. On failure
+or cancel the guest is resumed (its RAM was only read) and every channel is stopped and reaped.
+``query()`` is safe from any thread: it reads plain counters and the channels' shared ones.
 """
 
 from __future__ import annotations
@@ -46,8 +29,8 @@ from ..precopy import RATE_WINDOW, BackgroundJob, Guest, RateLimiter
 from ..runtime.trace import STOP_COPY, Trace, now_ns, write_trace
 from ..runtime.transport import Deadline, connect, ensure_fd_budget, parse_uri, send_all
 from ..stats import MigrationStats
+from ..wire.encoder import StreamEncoder
 from ..wire.packet import PAGES_PER_PACKET, TARGET_PAGE_SIZE, MultiFDInit
-from ..wire.stream import StreamEncoder
 from .channels import SendChannels
 from .ram_saver import ZERO_SCAN_CHUNK, RamSaver
 
@@ -55,8 +38,8 @@ from .ram_saver import ZERO_SCAN_CHUNK, RamSaver
 class Migration(BackgroundJob):
     """One outgoing migration. Use as a context manager, or ``start()`` / ``wait()``.
 
-    ``tracker`` finds dirty pages between iterations (a :class:`~engine.dirty.DirtyLog` filled
-    by the guest's writers, or a :class:`~engine.dirty.ChecksumTracker`); without one the guest
+    ``tracker`` finds dirty pages between iterations (a :class:`~engine.memory.dirty.DirtyLog` filled
+    by the guest's writers, or a :class:`~engine.memory.dirty.ChecksumTracker`); without one the guest
     is taken as static. ``guest`` is paused for stop-and-copy.
     """
 

@@ -11,7 +11,7 @@ go to :class:`MultiFDQueue`, which cuts them into packets of at most 128 pages o
 ``SendChannels.sync`` returns once every channel has written its SYNC packet, and only then is
 the EOS record written, so the destination's barrier sees every page of the section first.
 
-The migration driver (engine/migration.py) calls ``save_setup`` once, ``save_section`` once per
+The migration driver (engine/source/migration.py) calls ``save_setup`` once, ``save_section`` once per
 precopy iteration, and ``save_section(..., end=True)`` for stop-and-copy.
 """
 
@@ -25,8 +25,9 @@ import numpy.typing as npt
 from ..memory.ram import GuestRam, zero_pages
 from ..runtime.trace import SYNC_WAIT, ZERO_SCAN, Trace, now_ns
 from ..stats import MigrationStats
+from ..wire.encoder import StreamEncoder
 from ..wire.packet import PAGES_PER_PACKET, TARGET_PAGE_SIZE
-from ..wire.stream import RAM_SECTION_IDSTR, RAM_SECTION_VERSION, StreamEncoder
+from ..wire.stream import RAM_SECTION_IDSTR, RAM_SECTION_VERSION
 from .channels import SendChannels
 
 RAM_SECTION_ID = 2

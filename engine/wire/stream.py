@@ -1,40 +1,37 @@
-"""The main migration stream (QEVM v3) when multifd is on: encoder and pull parser.
+"""The main migration stream (QEVM v3) when multifd is on: constants, events and pull parser.
 
-Pure code. The encoder appends records to a ``bytearray``; the parser pulls bytes through a
-:class:`StreamReader`, which gets them from any ``fill(buffer) -> nbytes`` callable (a socket,
-a file, a ``bytes`` object in tests) and yields typed events. Nothing here knows about sockets.
+Pure code. :class:`MainStreamParser` pulls bytes through a :class:`StreamReader` (fed by any
+``fill(buffer) -> nbytes`` callable: a socket, a file, ``bytes`` in tests), validates every
+field and yields typed events. Its mirror image, the encoder, is :mod:`engine.wire.encoder`.
 
-Stream layout (wire doc section 5): ``QEVM`` + be32 version 3; the configuration section
-(``07`` + be32 len + machine name + optional ``05`` subsections); then sections framed as
-START/PART/END/FULL, each closed by the footer ``7e`` + be32 section_id; then ``00`` EOF and
-optionally ``06`` + be32 len + the vmdesc JSON.
+Layout (wire doc section 5): ``QEVM`` + be32 version 3; the configuration section (``07`` +
+be32 len + machine name + optional ``05`` subsections); sections framed as START/PART/END/FULL,
+each closed by the footer ``7e`` + be32 section_id; then ``00`` EOF and optionally ``06`` +
+be32 len + the vmdesc JSON.
 
 The ``ram`` section (idstr ``ram``, instance 0, version 4) is a run of records, each headed by a
 be64 word whose low 12 bits are flags and whose upper bits are a byte offset in a RAM block:
-MEM_SIZE (block list), ZERO (+ fill byte), PAGE (+ 4096 bytes), EOS (the multifd sync point),
-with CONTINUE meaning "same block as the last record that named one". The CONTINUE state lasts
-for the whole stream, across sections, on both sides.
-
-Runs of ``ZERO|CONTINUE`` records (9 bytes each) are decoded with numpy straight from the read
-buffer, so a quarter of a guest's pages being zero costs a few array operations, not a Python
-loop per page.
+MEM_SIZE (block list), ZERO (+ fill byte), PAGE (+ 4096 bytes), EOS (the multifd sync point).
+CONTINUE means "same block as the last record that named one"; that state lasts for the whole
+stream, across sections, on both sides. Runs of ``ZERO|CONTINUE`` records (9 bytes each) are
+decoded with numpy straight from the read buffer, not with a Python loop per page.
 
 Everything after the first non-``ram`` FULL section (or EOF) is device state that only the
-vmdesc JSON at the very end can describe; the parser hands it over whole as
-:class:`StreamTail` (bounded by ``max_tail``).
+trailing vmdesc can describe: the parser hands it over whole as :class:`StreamTail` (bounded
+by ``max_tail``; :mod:`engine.wire.vmstate` decodes it).
 """
 
 from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, field
-from typing import Iterator, Mapping, Sequence
+from typing import Iterator, Mapping
 
 import numpy as np
 import numpy.typing as npt
 
-from ..errors import LocalProtocolError, RemoteProtocolError
-from .packet import MAX_RAMBLOCK_NAME, TARGET_PAGE_BITS, TARGET_PAGE_SIZE
+from ..errors import RemoteProtocolError
+from .packet import TARGET_PAGE_BITS, TARGET_PAGE_SIZE
 
 QEMU_VM_FILE_MAGIC = 0x5145564D  # "QEVM"
 QEMU_VM_FILE_VERSION = 3
@@ -73,8 +70,7 @@ SECTION_NAMES = {
 }
 
 _BE32 = struct.Struct(">I")
-_BE64 = struct.Struct(">Q")
-_ZERO_RUN = np.dtype([("word", ">u8"), ("fill", "u1")])  # one ZERO|CONTINUE record, 9 bytes
+_ZERO_RUN = np.dtype([("word", ">u8"), ("fill", "u1")])  # one ZERO|CONTINUE record, 9 bytes (also encoder.py's)
 _ZERO_CONT = RAM_SAVE_FLAG_ZERO | RAM_SAVE_FLAG_CONTINUE
 
 #: Page offsets are handed out as int64: a larger MEM_SIZE total would let offsets of 2**63 and
@@ -83,95 +79,6 @@ MAX_RAM_TOTAL = 1 << 63
 
 #: Device state after RAM is small (a few KiB for a PC); refuse to buffer absurd tails.
 DEFAULT_MAX_TAIL = 64 * 1024 * 1024
-
-
-# ------------------------------------------------------------------------ encoder
-
-
-class StreamEncoder:
-    """Appends main-stream records to :attr:`out`; the caller sends and clears it.
-
-    Tracks the CONTINUE state ("last block named") for the whole stream, like QEMU.
-    """
-
-    def __init__(self) -> None:
-        self.out = bytearray()
-        self._last_block: bytes | None = None
-
-    def take(self) -> bytes:
-        data = bytes(self.out)
-        self.out.clear()
-        return data
-
-    def header(self) -> None:
-        self.out += _BE32.pack(QEMU_VM_FILE_MAGIC) + _BE32.pack(QEMU_VM_FILE_VERSION)
-
-    def configuration(self, machine: str) -> None:
-        name = machine.encode()
-        self.out += bytes([QEMU_VM_CONFIGURATION]) + _BE32.pack(len(name)) + name
-
-    def section_start(self, section_id: int, idstr: str, instance_id: int, version_id: int, *, full: bool = False) -> None:
-        name = idstr.encode()
-        if len(name) > 255:
-            raise LocalProtocolError(f"section idstr of {len(name)} bytes, at most 255")
-        kind = QEMU_VM_SECTION_FULL if full else QEMU_VM_SECTION_START
-        self.out += bytes([kind]) + _BE32.pack(section_id) + bytes([len(name)]) + name
-        self.out += _BE32.pack(instance_id) + _BE32.pack(version_id)
-
-    def section_part(self, section_id: int, *, end: bool = False) -> None:
-        self.out += bytes([QEMU_VM_SECTION_END if end else QEMU_VM_SECTION_PART]) + _BE32.pack(section_id)
-
-    def footer(self, section_id: int) -> None:
-        self.out += bytes([QEMU_VM_SECTION_FOOTER]) + _BE32.pack(section_id)
-
-    def ram_mem_size(self, blocks: Sequence[tuple[str, int]]) -> None:
-        total = sum(length for _, length in blocks)
-        self.out += _BE64.pack(total | RAM_SAVE_FLAG_MEM_SIZE)
-        for name, length in blocks:
-            raw = _block_name(name)
-            self.out += bytes([len(raw)]) + raw + _BE64.pack(length)
-        self._last_block = None
-
-    def _block_prefix(self, name: str, flag: int, offset: int) -> bytes:
-        raw = _block_name(name)
-        if raw == self._last_block:
-            return _BE64.pack(offset | flag | RAM_SAVE_FLAG_CONTINUE)
-        self._last_block = raw
-        return _BE64.pack(offset | flag) + bytes([len(raw)]) + raw
-
-    def ram_zero_pages(self, block: str, offsets: npt.NDArray[np.integer], fill: int = 0) -> None:
-        """ZERO records for ``offsets`` (byte offsets in ``block``), vectorised."""
-        n = len(offsets)
-        if n == 0:
-            return
-        self.out += self._block_prefix(block, RAM_SAVE_FLAG_ZERO, int(offsets[0])) + bytes([fill])
-        if n > 1:
-            recs = np.empty(n - 1, dtype=_ZERO_RUN)
-            recs["word"] = np.asarray(offsets[1:], dtype=np.uint64) | np.uint64(_ZERO_CONT)
-            recs["fill"] = fill
-            self.out += recs.tobytes()
-
-    def ram_page(self, block: str, offset: int, data: bytes | memoryview) -> None:
-        if len(data) != TARGET_PAGE_SIZE:
-            raise LocalProtocolError(f"PAGE record of {len(data)} bytes, expected {TARGET_PAGE_SIZE}")
-        self.out += self._block_prefix(block, RAM_SAVE_FLAG_PAGE, offset)
-        self.out += data
-
-    def ram_eos(self) -> None:
-        self.out += _BE64.pack(RAM_SAVE_FLAG_EOS)
-
-    def eof(self) -> None:
-        self.out += bytes([QEMU_VM_EOF])
-
-    def vmdesc(self, text: bytes) -> None:
-        self.out += bytes([QEMU_VM_VMDESCRIPTION]) + _BE32.pack(len(text)) + text
-
-
-def _block_name(name: str) -> bytes:
-    raw = name.encode()
-    if not 0 < len(raw) <= MAX_RAMBLOCK_NAME:
-        raise LocalProtocolError(f"RAM block name of {len(raw)} bytes, expected 1..{MAX_RAMBLOCK_NAME}")
-    return raw
 
 
 from .reader import FillFn as FillFn  # noqa: E402  (re-exported)

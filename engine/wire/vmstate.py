@@ -1,28 +1,18 @@
 """Device state after RAM, decoded generically through the trailing vmdesc JSON.
 
-Theory of operation
--------------------
 After the ram END section a QEMU source sends its non-iterative devices as SECTION_FULL
 records, then ``00`` (EOF), then ``06`` + be32 length + the vmdesc JSON (wire doc 5.5, 5.6).
-The engine knows none of QEMU's device structures, but it does not need to: the vmdesc
-describes every field QEMU wrote, in order, the way QEMU's ``scripts/analyze-migration.py``
-reads it:
+The engine knows none of QEMU's device structures and needs none: the vmdesc describes every
+field QEMU wrote, in order, and this module walks it the way QEMU's
+``scripts/analyze-migration.py`` does. Each FULL section is described by the vmdesc device
+with the same ``(name, instance_id)``; a field's ``"size"`` is one element's (``"array_len"``
+repeats it); ``"struct"`` and ``"tmp"`` fields are walked recursively and must consume exactly
+their ``"size"`` (a built-in check of every struct); a description's ``"subsections"`` follow
+its fields, each framed as ``05 len name be32 version``.
 
-* a section ``04 section_id idstr instance_id version_id <fields> 7e section_id`` is described
-  by the vmdesc device with the same ``(name, instance_id)``;
-* a field's ``"size"`` is the byte count of **one element**; ``"array_len"`` (a compressed
-  array) repeats it; arrays that cannot be compressed appear as one entry per element with an
-  ``"index"``;
-* a ``"struct"`` field (or a ``"tmp"`` field, which carries ``"fields"`` inline) is walked
-  recursively, and its ``"size"`` must equal what the walk consumed, a built-in consistency
-  check of every struct;
-* after a description's fields come its ``"subsections"``, each framed in the stream as
-  ``05 len name be32 version`` followed by its own fields (and subsections).
-
-Integer fields (``int*``/``uint*``, any ``equal``/``le`` variant) become numbers, ``bool``
-becomes true/false, everything else (buffers, timers, PCI config, ...) a hex string; arrays
-become lists, except ``uint8`` arrays, which stay one hex string (a 512-byte FIFO is one line). The
-result is plain JSON data; the CLI writes it to ``devices.json``. Pure code: bytes in, data out.
+Integers become numbers, ``bool`` true/false, arrays lists (``uint8`` arrays one hex string),
+everything else a hex string: plain JSON data, which the CLI writes to ``devices.json``. Pure
+code: bytes in, data out. The rules in full: docs/architecture.md, "Device state".
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Helpers for end-to-end tests: run the real CLI in real processes, make RAM images, compare dumps."""
+"""Helpers for end-to-end tests: run the real CLI in real processes (or in this one, for its errors),
+make RAM images, compare dumps, wait for conditions."""
 
 from __future__ import annotations
 
@@ -82,6 +83,49 @@ def wait_for(pred: Any, timeout: float, what: str) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.01)
+
+
+def shm_bytes(pid: int) -> int:
+    """Bytes of memory allocated in the shared-memory segments (guest RAM) of engine process
+    ``pid``: on a destination, the pages received so far (a page never written is a hole)."""
+    tag = os.environ.get("MFD_SHM_TAG", "")
+    total = 0
+    for seg in Path("/dev/shm").glob(f"mfd_{tag + '_' if tag else ''}{pid}_*"):
+        try:
+            total += seg.stat().st_blocks * 512
+        except OSError:  # freed meanwhile
+            pass
+    return total
+
+
+def wait_receiving(dst: Incoming, nbytes: int = 4 << 20, timeout: float = 20.0) -> None:
+    """Wait until the destination process holds ``nbytes`` of received guest RAM: the
+    migration is under way (set up, channels sending), and not over for a slow source."""
+
+    def received() -> bool:
+        assert dst.proc.poll() is None, f"the destination exited with status {dst.proc.returncode}"
+        return shm_bytes(dst.proc.pid) >= nbytes
+
+    wait_for(received, timeout, f"the destination to receive {nbytes >> 20} MiB")
+
+
+def run_main(capsys: Any, *args: str, main: Any = None) -> subprocess.CompletedProcess[str]:
+    """``engine.cli.main.main(args)`` (or another entry point ``main``) in this process, for
+    errors that need no real process: the exit status and what it printed (``capsys``), shaped
+    like :func:`run_engine`'s result. An argparse error raises SystemExit(2) here
+    (``pytest.raises(SystemExit)``)."""
+    import signal
+
+    if main is None:
+        from engine.cli.main import main
+    capsys.readouterr()  # only this command's output
+    sigterm = signal.getsignal(signal.SIGTERM)  # main() sets its own, then SIG_DFL
+    try:
+        code = main(list(args))
+    finally:
+        signal.signal(signal.SIGTERM, sigterm)
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(["engine", *args], code, out, err)
 
 
 def children(pid: int, *, zombies: bool = False) -> list[int]:

@@ -12,6 +12,7 @@ from engine.memory.dirty import DirtyLog
 from engine.errors import MigrationCancelled, MigrationError
 from engine.memory.workload import fill_pages
 from engine.memory.workload import Workload, WorkloadSpec
+from support import wait_for
 
 
 def test_both_sides_as_objects_live_byte_exact() -> None:
@@ -34,15 +35,14 @@ def test_both_sides_as_objects_live_byte_exact() -> None:
                 assert a.name == b.name and np.array_equal(a.pages, b.pages)
 
 
+@pytest.mark.slow
 def test_destination_cancel_fails_the_source() -> None:
     params = MigrationParams(channels=2, max_bandwidth=4 << 20, stall_timeout=10)
     with GuestRam.create([BlockSpec("pc.ram", 32 << 20)]) as ram:
         fill_pages(ram.blocks[0], "random")
         with IncomingMigration("tcp:127.0.0.1:0", params) as dst:
             with Migration(dst.uri, ram, params) as mig:
-                deadline = time.monotonic() + 20
-                while dst.status != "active" and time.monotonic() < deadline:
-                    time.sleep(0.02)
+                wait_for(lambda: dst.status == "active", 20, "the destination to be active")
                 dst.cancel()
                 with pytest.raises(MigrationCancelled, match="incoming migration cancelled"):
                     dst.wait(30)
@@ -65,6 +65,7 @@ def test_bad_uri_raises_at_start() -> None:
         IncomingMigration("ftp:x:1", MigrationParams()).start()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("teardown_fails", [False, True])
 def test_total_time_ends_when_the_last_byte_is_written(monkeypatch: pytest.MonkeyPatch, teardown_fails: bool) -> None:
     """As in QEMU, ``total-time`` stops when the last byte is written: the channel processes
@@ -78,7 +79,7 @@ def test_total_time_ends_when_the_last_byte_is_written(monkeypatch: pytest.Monke
 
     def slow_quit(self: SendChannels, timeout: float = 10.0) -> None:
         real_quit(self, timeout)
-        time.sleep(0.5)
+        time.sleep(0.5)  # the delay under test: a teardown this much slower stays out of total-time
         if teardown_fails:
             raise ChannelError("multifd channel 0 (source): exited with status 1")
 

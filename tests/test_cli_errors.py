@@ -1,12 +1,17 @@
-"""Bad input: one clear line, non-zero exit, no traceback, nothing left behind."""
+"""Bad input: one clear line, non-zero exit, no traceback, nothing left behind.
+
+Errors found before any peer is involved run ``engine.cli.main.main`` in this process
+(:func:`run_main`); those a real destination process reports are end to end.
+"""
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import pytest
 
-from support import Incoming, make_image, run_engine
+from support import Incoming, make_image, run_engine, run_main
 
 
 def _one_line_error(proc, *fragments: str, code: int | None = None) -> str:
@@ -22,22 +27,22 @@ def _one_line_error(proc, *fragments: str, code: int | None = None) -> str:
     return lines[0]
 
 
-def test_missing_image(tmp_path: Path) -> None:
-    p = run_engine("migrate", "tcp:127.0.0.1:1", "--ram-image", str(tmp_path / "nope.bin"))
+def test_missing_image(tmp_path: Path, capsys) -> None:
+    p = run_main(capsys, "migrate", "tcp:127.0.0.1:1", "--ram-image", str(tmp_path / "nope.bin"))
     _one_line_error(p, "nope.bin", "No such file", code=1)
 
 
-def test_image_not_page_multiple(tmp_path: Path) -> None:
+def test_image_not_page_multiple(tmp_path: Path, capsys) -> None:
     img = tmp_path / "odd.bin"
     img.write_bytes(b"x" * 5000)
-    p = run_engine("migrate", "tcp:127.0.0.1:1", "--ram-image", f"ram={img}")
+    p = run_main(capsys, "migrate", "tcp:127.0.0.1:1", "--ram-image", f"ram={img}")
     _one_line_error(p, "5000 bytes", "multiple of 4096", code=1)
 
 
-def test_duplicate_block_names(tmp_path: Path) -> None:
+def test_duplicate_block_names(tmp_path: Path, capsys) -> None:
     img = tmp_path / "a.bin"
     make_image(img, 2, "random")
-    p = run_engine("migrate", "tcp:127.0.0.1:1", "--ram-image", str(img), "--ram-image", str(img))
+    p = run_main(capsys, "migrate", "tcp:127.0.0.1:1", "--ram-image", str(img), "--ram-image", str(img))
     _one_line_error(p, "'pc.ram' given twice", code=1)
 
 
@@ -46,8 +51,8 @@ def test_duplicate_block_names(tmp_path: Path) -> None:
     [("ftp:host:1", "unsupported migration URI scheme 'ftp'"), ("tcp:host", "expected tcp:HOST:PORT"),
      ("tcp:127.0.0.1:99999", "invalid port '99999'"), ("nonsense", "invalid migration URI")],
 )
-def test_bad_uri(uri: str, fragment: str) -> None:
-    p = run_engine("migrate", uri, "--ram-size", "1M")
+def test_bad_uri(uri: str, fragment: str, capsys) -> None:
+    p = run_main(capsys, "migrate", uri, "--ram-size", "1M")
     _one_line_error(p, fragment, code=1)
 
 
@@ -59,30 +64,39 @@ def test_bad_uri(uri: str, fragment: str) -> None:
      (["--compression", "zlib", "--level", "10"], "multifd-zlib-level 10 is out of range, expected 0..9"),
      (["--uuid", "xyz"], "invalid uuid 'xyz'")],
 )
-def test_bad_parameters(args: list[str], fragment: str) -> None:
-    p = run_engine("migrate", "tcp:127.0.0.1:1", "--ram-size", "1M", *args)
+def test_bad_parameters(args: list[str], fragment: str, capsys) -> None:
+    p = run_main(capsys, "migrate", "tcp:127.0.0.1:1", "--ram-size", "1M", *args)
     _one_line_error(p, fragment, code=1)
 
 
 @pytest.mark.parametrize("size, fragment", [("12Q", "invalid --ram-size '12Q'"), ("5000", "expected a positive multiple of 4096")])
-def test_bad_size(size: str, fragment: str) -> None:
-    p = run_engine("migrate", "tcp:127.0.0.1:1", "--ram-size", size)
+def test_bad_size(size: str, fragment: str, capsys) -> None:
+    p = run_main(capsys, "migrate", "tcp:127.0.0.1:1", "--ram-size", size)
     _one_line_error(p, fragment, code=1)
 
 
-def test_nobody_listening() -> None:
+def test_nobody_listening(capsys) -> None:
     import socket
 
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
     s.close()
-    p = run_engine("migrate", f"tcp:127.0.0.1:{port}", "--ram-size", "1M")
+    p = run_main(capsys, "migrate", f"tcp:127.0.0.1:{port}", "--ram-size", "1M")
     _one_line_error(p, f"cannot connect to tcp:127.0.0.1:{port}", "refused", code=1)
 
 
-def test_argparse_errors_are_one_line() -> None:
-    p = run_engine("migrate", "tcp:127.0.0.1:1")
+def _usage_error(capsys, *args: str):
+    """An argparse error: SystemExit(2) out of main() and one line on stderr."""
+    with pytest.raises(SystemExit) as exc:
+        run_main(capsys, *args)
+    out, err = capsys.readouterr()
+    assert out == ""
+    return subprocess.CompletedProcess(["engine", *args], exc.value.code, out, err)
+
+
+def test_argparse_errors_are_one_line(capsys) -> None:
+    p = _usage_error(capsys, "migrate", "tcp:127.0.0.1:1")
     _one_line_error(p, "one of the arguments --ram-image --ram-size is required", code=2)
 
 
@@ -102,6 +116,7 @@ def test_channel_count_mismatch_too_many(tmp_path: Path) -> None:
     assert "received channel id 2, expected < 2 (multifd-channels)" in dst.stderr
 
 
+@pytest.mark.slow  # waits out a 2 s handshake timeout
 def test_channel_count_mismatch_too_few(tmp_path: Path) -> None:
     with Incoming("tcp:127.0.0.1:0", "--channels", "3", "--handshake-timeout", "2") as dst:
         src = run_engine("migrate", dst.uri, "--ram-size", "1M", "--channels", "2", "--stall-timeout", "5")
@@ -122,8 +137,8 @@ def test_uuid_mismatch(tmp_path: Path) -> None:
     )
 
 
-def test_unknown_zero_page_detection_is_one_line() -> None:
-    p = run_engine("migrate", "tcp:127.0.0.1:1", "--ram-size", "1M", "--zero-page-detection", "fast")
+def test_unknown_zero_page_detection_is_one_line(capsys) -> None:
+    p = _usage_error(capsys, "migrate", "tcp:127.0.0.1:1", "--ram-size", "1M", "--zero-page-detection", "fast")
     _one_line_error(p, "argument --zero-page-detection: invalid choice: 'fast' (choose from 'legacy', 'multifd', 'none')",
                     code=2)
 

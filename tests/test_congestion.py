@@ -17,7 +17,7 @@ from engine.params import MigrationParams
 from engine.runtime.transport import (
     LOCAL_CONGESTION, TcpAddress, congestion_setting, connect, on_this_host, set_congestion,
 )
-from support import SLOW, Incoming, run_engine, start_source, wait_for
+from support import SLOW, Incoming, run_main, start_source, wait_for
 
 PROC = Path("/proc/sys/net/ipv4")
 
@@ -115,9 +115,9 @@ def test_the_parameter_is_validated() -> None:
         MigrationParams(tcp_congestion="no such")
 
 
-def test_cli_unknown_algorithm_is_one_line_before_any_connection() -> None:
+def test_cli_unknown_algorithm_is_one_line_before_any_connection(capsys) -> None:
     with Incoming("tcp:127.0.0.1:0", "--listen-timeout", "5") as dst:
-        p = run_engine("migrate", dst.uri, "--ram-size", "1M", "--tcp-congestion", "nosuchcc")
+        p = run_main(capsys, "migrate", dst.uri, "--ram-size", "1M", "--tcp-congestion", "nosuchcc")
         assert dst.proc.poll() is None  # still waiting: the source never connected
     available = (PROC / "tcp_available_congestion_control").read_text().strip()
     assert p.returncode == 1, p.stderr
@@ -131,6 +131,7 @@ def _source_congestion(port: int) -> list[str]:
     return [line.split()[0] for line in out.splitlines() if line.startswith(("\t", " "))]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("setting", ["auto", "reno"])
 def test_every_socket_of_a_real_migration_uses_it(setting: str) -> None:
     """Main channel and every multifd channel, read from the kernel during the migration."""

@@ -9,7 +9,7 @@ import pytest
 from engine.compression import method_names
 from support import (
     SLOW, Incoming, assert_same_ram, channel_pids, image_args, make_image, mapping_flags, read_dump, run_engine,
-    start_source, wait_for,
+    run_main, start_source, wait_for,
 )
 
 
@@ -30,9 +30,17 @@ def _uri(transport: str, tmp_path: Path) -> str:
     return "tcp:127.0.0.1:0" if transport == "tcp" else f"unix:{tmp_path}/mig.sock"
 
 
-@pytest.mark.parametrize("channels", [1, 2, 8])
-@pytest.mark.parametrize("method", method_names())
-@pytest.mark.parametrize("transport", ["tcp", "unix"])
+#: the part of the matrix in the fast tier: every transport, method and channel count once
+FAST_MATRIX = {("tcp", "none", 2), ("unix", "zlib", 8), ("tcp", "zstd", 1), ("unix", "lz4", 2)}
+
+
+def _matrix() -> list:
+    return [pytest.param(transport, method, channels,
+                         marks=() if (transport, method, channels) in FAST_MATRIX else pytest.mark.slow)
+            for transport in ("tcp", "unix") for method in method_names() for channels in (1, 2, 8)]
+
+
+@pytest.mark.parametrize("transport, method, channels", _matrix())
 def test_matrix_byte_exact(tmp_path: Path, images, transport: str, method: str, channels: int) -> None:
     common = ["--channels", str(channels), "--compression", method, "--json"]
     with Incoming(_uri(transport, tmp_path), *common, "--dump", str(tmp_path / "dst"), "--listen-timeout", "30") as dst:
@@ -63,6 +71,7 @@ def test_generated_guest_and_default_settings(tmp_path: Path) -> None:
     assert_same_ram(read_dump(tmp_path / "src"), read_dump(tmp_path / "dst"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("host", ["[::1]", "localhost"])
 def test_tcp_address_forms(tmp_path: Path, host: str) -> None:
     with Incoming(f"tcp:{host}:0", "--dump", str(tmp_path / "dst")) as dst:
@@ -112,8 +121,8 @@ def test_declared_ram_must_match(tmp_path: Path) -> None:
             " [('pc.ram', 4194304)]") in dst.stderr
 
 
-def test_prealloc_needs_declared_ram() -> None:
-    p = run_engine("incoming", "tcp:127.0.0.1:0", "--prealloc")
+def test_prealloc_needs_declared_ram(capsys) -> None:
+    p = run_main(capsys, "incoming", "tcp:127.0.0.1:0", "--prealloc")
     assert p.returncode == 1
     assert p.stderr.strip() == "engine: error: --prealloc needs the destination's RAM blocks declared with --ram [NAME=]SIZE"
 
@@ -130,6 +139,7 @@ def test_stats_interval_prints_json_lines(tmp_path: Path) -> None:
     assert any(l.startswith("{") for l in dst.stdout.splitlines())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["none", "zstd"])
 @pytest.mark.parametrize("mode", ["legacy", "multifd", "none"])
 def test_zero_page_detection_modes(tmp_path: Path, images, mode: str, method: str) -> None:
@@ -154,6 +164,7 @@ def test_zero_page_detection_modes(tmp_path: Path, images, mode: str, method: st
         assert sj["ram"]["duplicate"] >= 16 + 1024 // 8  # the zero block and a share of the mixed one
 
 
+@pytest.mark.slow
 def test_inspect_lists_zero_pages_sent_in_packets(tmp_path: Path, images) -> None:
     """An engine -> engine capture with zero-page-detection=multifd: inspect counts the zero
     pages listed in packets, and they add up with the normal ones to every page."""
@@ -197,6 +208,7 @@ def test_source_channel_rss_does_not_grow_with_the_guest() -> None:
     assert peaks["512M"] - peaks["64M"] < 32 * 1024, peaks
 
 
+@pytest.mark.slow
 def test_source_channels_map_guest_ram_for_sequential_reads() -> None:
     """Every source channel advises its mapping of guest RAM ``MADV_SEQUENTIAL`` (VmFlags
     ``sr``): dropping the page-table entries of the pages it sent then leaves the LRU alone.

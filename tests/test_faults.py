@@ -15,9 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from support import ROOT, SLOW, Incoming, _env, channel_pids, engine_cmd, run_engine, start_source
+from support import (
+    ROOT, SLOW, Incoming, _env, channel_pids, engine_cmd, run_engine, run_main, start_source, wait_receiving,
+)
 from engine.wire.packet import MultiFDInit, encode_packet_header, MULTIFD_FLAG_SYNC
-from engine.wire.stream import StreamEncoder
+from engine.wire.encoder import StreamEncoder
 
 def gone(pids: list[int], timeout: float = 10.0) -> bool:
     deadline = time.monotonic() + timeout
@@ -42,11 +44,12 @@ def retry_succeeds() -> None:
         assert dst.wait() == 0, dst.stderr
 
 
+@pytest.mark.slow
 def test_kill_source_channel_process() -> None:
     with Incoming("tcp:127.0.0.1:0", "--channels", "2", "--stall-timeout", "10") as dst:
         src = start_source(dst.uri, *SLOW, "--channels", "2")
         victim = channel_pids(src.pid, 2)[0]
-        time.sleep(0.5)
+        wait_receiving(dst)
         os.kill(victim, signal.SIGKILL)
         out, err = src.communicate(timeout=30)
         assert src.returncode == 1
@@ -57,11 +60,12 @@ def test_kill_source_channel_process() -> None:
     retry_succeeds()
 
 
+@pytest.mark.slow
 def test_kill_destination_channel_process() -> None:
     with Incoming("tcp:127.0.0.1:0", "--channels", "2", "--stall-timeout", "10") as dst:
         src = start_source(dst.uri, *SLOW, "--channels", "2", "--stall-timeout", "10")
         victim = channel_pids(dst.proc.pid, 2)[1]
-        time.sleep(0.3)
+        wait_receiving(dst)
         os.kill(victim, signal.SIGKILL)
         assert dst.wait(30) == 1
         assert f"multifd channel 1 (destination): process {victim} was killed by signal 9" in dst.stderr
@@ -71,11 +75,12 @@ def test_kill_destination_channel_process() -> None:
     retry_succeeds()
 
 
+@pytest.mark.slow
 def test_kill_source_main_process() -> None:
     with Incoming("tcp:127.0.0.1:0", "--channels", "2", "--stall-timeout", "10") as dst:
         src = start_source(dst.uri, *SLOW, "--channels", "2")
         kids = channel_pids(src.pid, 2)
-        time.sleep(0.5)
+        wait_receiving(dst)
         src.kill()
         src.communicate(timeout=10)
         assert gone(kids), "source channel processes outlived their parent"
@@ -84,12 +89,13 @@ def test_kill_source_main_process() -> None:
     retry_succeeds()
 
 
+@pytest.mark.slow
 def test_kill_destination_main_process() -> None:
     dst = Incoming("tcp:127.0.0.1:0", "--channels", "2", "--stall-timeout", "10")
     with dst:
         src = start_source(dst.uri, *SLOW, "--channels", "2", "--stall-timeout", "10")
         kids = channel_pids(dst.proc.pid, 2)
-        time.sleep(0.3)
+        wait_receiving(dst)
         dst.proc.kill()
         dst.proc.wait(10)
         assert gone(kids), "destination channel processes outlived their parent"
@@ -147,6 +153,7 @@ def test_socket_closed_inside_the_header_after_a_whole_packet() -> None:
     assert "multifd channel 0 packet header: connection closed after 100 of 1344 bytes" in dst.stderr
 
 
+@pytest.mark.slow
 def test_stalled_source_mid_stream_times_out() -> None:
     with Incoming("tcp:127.0.0.1:0", "--channels", "1", "--stall-timeout", "2") as dst:
         port = int(dst.uri.rsplit(":", 1)[1])
@@ -161,6 +168,7 @@ def test_stalled_source_mid_stream_times_out() -> None:
     assert "main channel: nothing received for 2s" in dst.stderr
 
 
+@pytest.mark.slow
 def test_stalled_destination_source_times_out() -> None:
     """A destination that accepts but never reads: the source gives up after --stall-timeout."""
     srv = socket.socket()
@@ -193,6 +201,7 @@ def test_port_scanner_does_not_break_an_incoming_migration() -> None:
     assert "dropped a connection" in dst.stderr
 
 
+@pytest.mark.slow
 def test_255_channels() -> None:
     with Incoming("tcp:127.0.0.1:0", "--channels", "255", "--json") as dst:
         src = run_engine("migrate", dst.uri, "--ram-size", "8M", "--channels", "255", "--json", timeout=120)
@@ -203,8 +212,8 @@ def test_255_channels() -> None:
     assert len(json.loads(src.stdout)["channels"]) == 255
 
 
-def test_guest_larger_than_dev_shm_is_refused_up_front() -> None:
-    src = run_engine("migrate", "tcp:127.0.0.1:1", "--ram-size", "64T")
+def test_guest_larger_than_dev_shm_is_refused_up_front(capsys) -> None:
+    src = run_main(capsys, "migrate", "tcp:127.0.0.1:1", "--ram-size", "64T")
     assert src.returncode == 1
     line = src.stderr.strip()
     assert line.startswith("engine: error: guest RAM of 70368744177664 bytes does not fit in /dev/shm (")
@@ -224,12 +233,13 @@ def test_fd_limit_is_checked_before_connecting() -> None:
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig, code, word", [(signal.SIGINT, 130, "SIGINT"), (signal.SIGTERM, 143, "SIGTERM")])
 def test_destination_signal_cancels_cleanly(sig: int, code: int, word: str) -> None:
     with Incoming("tcp:127.0.0.1:0", "--channels", "2", "--stall-timeout", "10") as dst:
         src = start_source(dst.uri, *SLOW, "--channels", "2", "--stall-timeout", "10")
         kids = channel_pids(dst.proc.pid, 2)
-        time.sleep(0.5)
+        wait_receiving(dst)
         dst.proc.send_signal(sig)
         assert dst.wait(30) == code
         assert dst.stderr.strip().splitlines()[-1] == f"engine: error: migration cancelled by {word}"

@@ -7,8 +7,9 @@ clean parse, never another exception, never a hang, never a write outside a RAM 
 are applied to bounds-checked numpy arrays), and never an allocation sized by an untrusted
 field (the tail is bounded; block sizes only become shared memory after the /dev/shm check).
 
-The number of cases per test is HYPOTHESIS_PROFILE-dependent (ci: FUZZ_CASES each); the
-coverage-guided counterpart is scripts/fuzz_atheris.py with the corpus in tests/fuzz_corpus/.
+Each test runs FUZZ_CASES cases (default 400; 100 with HYPOTHESIS_PROFILE=fast, the fast tier
+of ./scripts/test --fast); the coverage-guided counterpart is scripts/fuzz_atheris.py with the
+corpus in tests/fuzz_corpus/.
 """
 
 from __future__ import annotations
@@ -20,12 +21,12 @@ import numpy as np
 from hypothesis import given, settings, strategies as st, HealthCheck
 
 from engine.errors import MigrationError
+from engine.wire.encoder import StreamEncoder
 from engine.wire.stream import (
     MainStreamParser,
     RamMemSize,
     RamPage,
     RamZeroPages,
-    StreamEncoder,
     StreamReader,
 )
 from engine.wire.packet import (
@@ -38,7 +39,7 @@ from engine.wire.packet import (
 )
 from support import damaged
 
-FUZZ_CASES = int(os.environ.get("FUZZ_CASES", "400"))
+FUZZ_CASES = int(os.environ.get("FUZZ_CASES", "100" if os.environ.get("HYPOTHESIS_PROFILE") == "fast" else "400"))
 fuzz = settings(max_examples=FUZZ_CASES, deadline=None, suppress_health_check=list(HealthCheck))
 
 BLOCK_NAMES = ["pc.ram", "ram", "/rom@etc/acpi/tables", "x" * 255]

@@ -1,10 +1,11 @@
-"""Live precopy: a running guest, dirty tracking, convergence, limits, cancel. Real processes."""
+"""Live precopy: a running guest, dirty tracking, convergence, limits, cancel. Real processes.
+
+All slow (seconds of running guests each); the fast tier's live case is in test_api.py."""
 
 from __future__ import annotations
 
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,9 @@ from engine.source.migration import Migration
 from engine.memory.ram import block_digest
 from engine.memory.workload import fill_pages
 from engine.memory.workload import Workload, WorkloadSpec
-from support import ROOT, Incoming, _env, engine_cmd, start_source, wait_for
+from support import ROOT, Incoming, _env, engine_cmd, start_source, wait_for, wait_receiving
+
+pytestmark = pytest.mark.slow
 
 
 def _guest(size: int = 16 << 20, blocks: int = 2) -> GuestRam:
@@ -136,7 +139,7 @@ def test_cancel_keeps_guest_running_and_ram_intact() -> None:
             params = MigrationParams(max_bandwidth=4 << 20)
             with Migration(dst.uri, ram, params, tracker=log, guest=guest) as mig:
                 wait_for(lambda: mig.stats.status == "active", 10, "active")
-                time.sleep(0.3)
+                wait_receiving(dst, 1 << 20)
                 mig.cancel()
                 with pytest.raises(MigrationCancelled, match="migration cancelled"):
                     mig.wait(30)
@@ -151,7 +154,7 @@ def test_static_cancel_leaves_source_ram_untouched() -> None:
     with _guest(16 << 20, 2) as ram, Incoming("tcp:127.0.0.1:0") as dst:
         before = _digests(ram)
         with Migration(dst.uri, ram, MigrationParams(max_bandwidth=4 << 20)) as mig:
-            time.sleep(0.3)
+            wait_receiving(dst, 1 << 20)
             mig.cancel()
             with pytest.raises(MigrationCancelled):
                 mig.wait(30)
@@ -163,7 +166,7 @@ def test_static_cancel_leaves_source_ram_untouched() -> None:
 def test_cli_signal_cancels(tmp_path: Path, sig: int, code: int, word: str) -> None:
     with Incoming("tcp:127.0.0.1:0", "--stall-timeout", "20") as dst:
         src = start_source(dst.uri, "--ram-size", "32M", "--max-bandwidth", "4M", "--dirty-rate", "1M")
-        time.sleep(2.0)
+        wait_receiving(dst)
         src.send_signal(sig)
         out, err = src.communicate(timeout=30)
         assert src.returncode == code, err

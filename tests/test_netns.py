@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import time
 
 import pytest
 
@@ -16,11 +15,13 @@ from engine.source.migration import Migration
 from engine.memory.ram import block_digest
 from engine.memory.workload import fill_pages
 from engine.memory.workload import Workload, WorkloadSpec
-from support import Incoming
+from support import Incoming, wait_for
 
-pytestmark = pytest.mark.skipif(
-    os.geteuid() != 0 or shutil.which("ip") is None, reason="needs root and iproute2 for a network namespace"
-)
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(os.geteuid() != 0 or shutil.which("ip") is None,
+                       reason="needs root and iproute2 for a network namespace"),
+]
 
 
 def _ip(*args: str) -> None:
@@ -59,7 +60,7 @@ def test_live_migration_to_another_network_namespace(dest_host, monkeypatch) -> 
         fill_pages(ram.blocks[0], "mixed")
         log = DirtyLog(ram)
         with Workload(ram, WorkloadSpec(dirty_rate=8 << 20, writers=2), log) as guest:
-            time.sleep(0.2)
+            wait_for(lambda: guest.pages_written() > 100, 10, "the writers to start")
             with Migration(dst.uri, ram, MigrationParams(channels=4), tracker=log, guest=guest) as mig:
                 stats = mig.wait(120)
             assert stats.status == "completed"

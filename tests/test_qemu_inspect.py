@@ -23,7 +23,7 @@ from qemu_support import (
     ram_image,  # noqa: F401 - fixture
     needs_qemu,
 )
-from support import read_dump, run_engine
+from support import read_dump, run_engine, run_main
 
 
 #: bytes/s: QEMU cuts a ram section at each 100 ms rate-limit window, and at this rate ~45 MB of
@@ -135,35 +135,35 @@ def test_multifd_channels(multifd_capture: list[Path], ram_image: Image) -> None
 
 
 @needs_qemu
-def test_truncated_captures(tmp_path: Path, exec_capture: Path, multifd_capture: list[Path]) -> None:
+def test_truncated_captures(tmp_path: Path, exec_capture: Path, multifd_capture: list[Path], capsys) -> None:
     """A capture cut mid-record (as after a cancel) is summarised up to the cut; exit status 1."""
     main = tmp_path / "main-cut.bin"
     main.write_bytes(exec_capture.read_bytes()[: exec_capture.stat().st_size // 2])
     chan = tmp_path / "chan-cut.bin"
     chan.write_bytes(multifd_capture[1].read_bytes()[:100_000])
-    r = run_engine("inspect", "--json", str(main), str(chan))
+    r = run_main(capsys, "inspect", "--json", str(main), str(chan))
     assert r.returncode == 1, r.stderr
     m, c = json.loads(r.stdout)["files"]
     assert m["truncated"].startswith("main channel: end of stream inside ") and not m["eof"]
     assert m["ram_records"]["mem_size"] == 1 and m["ram_records"]["page"] > 0
     assert "ends inside the payload" in c["truncated"] or "into a packet header" in c["truncated"]
-    text = run_engine("inspect", str(main))
+    text = run_main(capsys, "inspect", str(main))
     assert text.returncode == 1 and "TRUNCATED:" in text.stdout
 
 
-def test_not_a_capture(tmp_path: Path) -> None:
+def test_not_a_capture(tmp_path: Path, capsys) -> None:
     junk = tmp_path / "junk.bin"
     junk.write_bytes(b"hello world")
-    r = run_engine("inspect", str(junk))
+    r = run_main(capsys, "inspect", str(junk))
     assert r.returncode == 1
     assert_error(r.stderr, rf"inspect: '{junk}' starts with 68656c6c, expected 5145564d \('QEVM', a main stream\)"
                            r" or 11223344 \(a multifd channel\)")
     missing = tmp_path / "missing.bin"
-    r = run_engine("inspect", str(missing))
+    r = run_main(capsys, "inspect", str(missing))
     assert r.returncode == 1
     assert_error(r.stderr, rf"inspect: cannot read '{missing}': No such file or directory")
     short = tmp_path / "short.bin"
     short.write_bytes(bytes.fromhex("11223344") + bytes(10))
-    r = run_engine("inspect", str(short))
+    r = run_main(capsys, "inspect", str(short))
     assert r.returncode == 1
     assert_error(r.stderr, rf"inspect: {short}: received 14 bytes, expected a 64-byte multifd handshake")

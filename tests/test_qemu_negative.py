@@ -107,6 +107,7 @@ def test_channel_never_sends_handshake(tmp_path: Path, ram_image: Image) -> None
         assert time.monotonic() - t0 < 30
 
 
+@pytest.mark.slow  # waits out a 1 s handshake timeout and a 3 s listen timeout
 def test_lone_silent_connection(tmp_path: Path) -> None:
     """Nothing but a connection that sends nothing: dropped after the handshake deadline, and
     the engine reports it when its listen deadline passes."""

@@ -132,6 +132,7 @@ def test_restore_into_existing_ram_zeroes_absent_pages(tmp_path: Path) -> None:
         assert_same(ram, target)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", method_names())
 def test_live_save_matches_ram_at_stop_and_copy(tmp_path: Path, method: str) -> None:
     """Writers dirtying a hot set; iterations forced, then converged: file == RAM when paused."""
@@ -175,6 +176,7 @@ def _explain_difference(ram: GuestRam, back: GuestRam) -> None:
                         f" RAM {[hex(int(v)) for v in x.words[p][w]]} file {[hex(int(v)) for v in y.words[p][w]]}")
 
 
+@pytest.mark.slow
 def test_live_save_with_checksum_tracker(tmp_path: Path) -> None:
     path = tmp_path / "ck.snap"
     with make_guest([("pc.ram", 8 << 20)]) as ram:
@@ -191,6 +193,7 @@ def test_live_save_with_checksum_tracker(tmp_path: Path) -> None:
                 assert digests(back) == frozen
 
 
+@pytest.mark.slow
 def test_not_converging_fails_removes_the_file_and_resumes(tmp_path: Path) -> None:
     path = tmp_path / "nc.snap"
     with running_guest() as (ram, log, guest):
@@ -204,6 +207,7 @@ def test_not_converging_fails_removes_the_file_and_resumes(tmp_path: Path) -> No
         assert not path.exists()
 
 
+@pytest.mark.slow
 def test_cancel_removes_the_file_and_the_guest_keeps_running(tmp_path: Path) -> None:
     path = tmp_path / "cancel.snap"
     with running_guest() as (ram, log, guest):
@@ -219,6 +223,7 @@ def test_cancel_removes_the_file_and_the_guest_keeps_running(tmp_path: Path) -> 
         wait_for(lambda: guest.pages_written() > before, 10, "the guest to keep running")
 
 
+@pytest.mark.slow
 def test_a_killed_channel_fails_the_save(tmp_path: Path) -> None:
     path = tmp_path / "killed.snap"
     with running_guest() as (ram, log, guest):
@@ -260,6 +265,7 @@ def test_save_into_a_missing_directory(tmp_path: Path) -> None:
     assert str(err.value) == f"snapshot {path}: cannot create: No such file or directory"
 
 
+@pytest.mark.slow
 def test_max_bandwidth_limits_the_rounds_before_stop_and_copy(tmp_path: Path) -> None:
     with make_guest([("pc.ram", 8 << 20)], fill="random") as ram:
         t0 = time.monotonic()

@@ -1,5 +1,6 @@
-"""The snapshot command line in real processes: save, restore, inspect, errors; and the routing of
-``migrate file:PATH`` / ``incoming file:PATH`` through :func:`engine.cli.snapshot.dispatch`."""
+"""The snapshot command line in real processes: save, restore, inspect; its errors (in this
+process); and the routing of ``migrate file:PATH`` / ``incoming file:PATH`` through
+:func:`engine.cli.snapshot.dispatch`."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import pytest
 
 from engine.cli.main import build_parser
 from engine.cli.snapshot import dispatch
-from support import ROOT, _env, assert_same_ram, image_args, make_image, read_dump
+from support import ROOT, _env, assert_same_ram, image_args, make_image, read_dump, run_main
 
 CODE = "import sys; from engine.cli.snapshot import main; sys.exit(main(sys.argv[1:]))"
 
@@ -20,6 +21,13 @@ CODE = "import sys; from engine.cli.snapshot import main; sys.exit(main(sys.argv
 def snap(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-c", CODE, *args], capture_output=True, text=True, timeout=timeout,
                           env=_env(), cwd=ROOT)
+
+
+def snap_here(capsys, *args: str) -> subprocess.CompletedProcess[str]:
+    """The entry point of :func:`snap`, run in this process."""
+    from engine.cli.snapshot import main
+
+    return run_main(capsys, *args, main=main)
 
 
 @pytest.fixture
@@ -50,6 +58,7 @@ def test_save_restore_dump(tmp_path: Path, images, method: str) -> None:
     assert_same_ram(read_dump(tmp_path / "dump"), data)
 
 
+@pytest.mark.slow
 def test_live_save_from_the_cli(tmp_path: Path) -> None:
     path = tmp_path / "live.snap"
     sv = snap("save", str(path), "--ram-size", "16M", "--dirty-rate", "32M", "--writers", "2", "--channels", "2",
@@ -78,27 +87,28 @@ def test_human_output_and_inspect(tmp_path: Path) -> None:
                                                "data-offset": 4096}
 
 
-def test_errors_are_one_line(tmp_path: Path) -> None:
+def test_errors_are_one_line(tmp_path: Path, capsys) -> None:
     path = tmp_path / "g.snap"
-    assert snap("save", str(path), "--ram-size", "2M").returncode == 0
+    assert snap_here(capsys, "save", str(path), "--ram-size", "2M").returncode == 0
     data = bytearray(path.read_bytes())
     data[4096 + 5000] ^= 1  # in page 1 of pc.ram (present: the mixed fill with seed 0 made it non-zero)
     path.write_bytes(bytes(data))
-    rs = snap("restore", str(path), "--json")
+    rs = snap_here(capsys, "restore", str(path), "--json")
     assert rs.returncode == 1 and rs.stdout == ""
     assert rs.stderr.count("\n") == 1
     assert rs.stderr.startswith(f"engine: error: snapshot {path}: block 'pc.ram' region at offset 0x0 checksum"
                                 " mismatch (received 0x")
-    missing = snap("restore", str(tmp_path / "nope.snap"))
+    missing = snap_here(capsys, "restore", str(tmp_path / "nope.snap"))
     assert (missing.returncode, missing.stderr) == (
         1, f"engine: error: snapshot {tmp_path / 'nope.snap'}: cannot open: No such file or directory\n")
-    ins = snap("inspect", str(tmp_path / "nope.snap"))
+    ins = snap_here(capsys, "inspect", str(tmp_path / "nope.snap"))
     assert (ins.returncode, ins.stderr) == (1, missing.stderr)
-    bad = snap("save", str(path), "--ram-size", "2M", "--compression", "gzip")
+    bad = snap_here(capsys, "save", str(path), "--ram-size", "2M", "--compression", "gzip")
     assert (bad.returncode, bad.stderr) == (
         1, "engine: error: unknown multifd-compression 'gzip', expected one of none, lz4, zlib, zstd\n")
-    usage = snap("save", str(path))
-    assert usage.returncode == 2 and usage.stderr.startswith("engine: error: one of the arguments --ram-image")
+    with pytest.raises(SystemExit) as usage:
+        snap_here(capsys, "save", str(path))
+    assert usage.value.code == 2 and capsys.readouterr().err.startswith("engine: error: one of the arguments --ram-image")
 
 
 def test_migrate_and_incoming_file_uris_route_to_save_and_restore(tmp_path: Path, capsys) -> None:

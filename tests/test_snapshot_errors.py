@@ -9,7 +9,6 @@ import signal
 import struct
 import subprocess
 import sys
-import time
 import zlib
 from pathlib import Path
 
@@ -31,7 +30,7 @@ from engine.snapshot.format import (
     read_snapshot,
 )
 from engine.errors import SnapshotCorruptError, SnapshotError
-from support import ROOT, _env
+from support import ROOT, _env, wait_for
 
 PAGE = 4096
 
@@ -201,13 +200,14 @@ def test_a_save_killed_midway_is_detected_as_incomplete(tmp_path: Path) -> None:
         [sys.executable, "-c", code, "save", str(path), "--ram-size", "16M", "--dirty-rate", "0",
          "--downtime-limit", "0", "--max-iterations", "1000000", "--channels", "2"],
         env=_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+    def writing() -> bool:
+        assert proc.poll() is None, proc.communicate(timeout=30)[1].decode()
+        return path.exists() and path.stat().st_blocks * 512 > 4 << 20
+
     try:
-        deadline = time.monotonic() + 30
-        while not (path.exists() and path.stat().st_blocks * 512 > 4 << 20):
-            assert proc.poll() is None, proc.communicate()[1].decode()
-            assert time.monotonic() < deadline, "the save did not start writing"
-            time.sleep(0.02)
-        time.sleep(0.2)
+        # the save never converges (downtime-limit 0): once it has written, any moment is midway
+        wait_for(writing, 30, "the save to write 4 MiB")
         proc.send_signal(signal.SIGKILL)
     finally:
         if proc.poll() is None:

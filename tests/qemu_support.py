@@ -103,8 +103,11 @@ def descendants(pid: int) -> set[int]:
 
 
 def shm_of(pid: int) -> list[str]:
-    """Shared-memory segments created by process ``pid`` (the engine names them mfd_<pid>_*)."""
-    return sorted(p.name for p in Path("/dev/shm").iterdir() if p.name.startswith(f"mfd_{pid}_"))
+    """Shared-memory segments created by process ``pid`` (the engine names them
+    mfd_[<MFD_SHM_TAG>_]<pid>_*; the test session sets a tag)."""
+    tag = os.environ.get("MFD_SHM_TAG", "")
+    prefix = f"mfd_{tag + '_' if tag else ''}{pid}_"
+    return sorted(p.name for p in Path("/dev/shm").iterdir() if p.name.startswith(prefix))
 
 
 def wait_gone(pids: set[int], timeout: float = 10.0) -> set[int]:

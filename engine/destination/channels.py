@@ -1,11 +1,11 @@
 """Destination side multifd channels: the receive loop and the ``multifd_recv_sync_main`` barrier.
 
 Each channel process owns one socket and one decompression context. It reads a header and
-validates every field against the RAM block table *before* touching memory; the header's byte
-offsets become page indices right there (or, on the plain path, go to ``pwrite`` as they are).
-Then it writes the pages into the segment (``none``: received into its buffer, one ``pwrite``
-per run) or through its decompressor, always before acting on the packet's SYNC flag (a merged
-data+SYNC packet, doc 2.4). On a SYNC packet it reports :class:`Synced` and blocks until
+validates every field against the RAM block table *before* touching memory. Then the pages go
+into guest RAM: ``none`` is received straight into views of the mapping (one copy, by the
+kernel), a compressed payload through its decompressor; always before acting on the packet's
+SYNC flag (a merged data+SYNC packet, doc 2.4). With pre-allocated RAM the channels start
+before the migration (standby) and map every page first, so no page faults during it. On a SYNC packet it reports :class:`Synced` and blocks until
 released: the loader releases all channels only when it has reached the matching EOS record
 *and* all of them have synced, so nothing of section k+1 is applied before all of section k,
 on any channel. EOF on a packet boundary is a clean end (:class:`Eof`), inside a packet an error.
@@ -18,6 +18,7 @@ import os
 import socket
 import time
 from dataclasses import dataclass
+from multiprocessing.reduction import recv_handle, send_handle
 from typing import Any, Sequence
 
 import numpy as np
@@ -28,16 +29,17 @@ from ..compression.base import Buffer
 from ..errors import ChannelError, MigrationTimeout
 from ..memory.ram import GuestRam, RamBlock, page_runs
 from ..runtime.buffers import aligned_bytes
-from ..runtime.channels import ChannelEnd, ChannelSet, Eof, Synced
+from ..runtime.channels import ChannelEnd, ChannelSet, Eof, Ready, Synced
 from ..runtime.procs import FORK, Connection
 from ..runtime.trace import BARRIER, DECOMPRESS, RECV_HEADER, RECV_PAYLOAD, WRITE, Trace, now_ns
-from ..runtime.transport import recv_at_least_into, recv_exact_into, recv_exact_into_many
+from ..runtime.transport import recv_at_least_into_many, recv_exact_into, recv_exact_into_many
 from ..stats import Counters
 from ..wire.packet import (MAX_PACKET_PAYLOAD, MULTIFD_FLAG_NOCOMP, PACKET_HEADER_SIZE, TARGET_PAGE_BITS,
-                           TARGET_PAGE_SIZE, decode_packet_header, plain_packet)
+                           TARGET_PAGE_SIZE, consecutive_runs, decode_packet_header, plain_packet)
 
 RELEASE = b"r"
 QUIT = b"q"
+SOCKET = b"s"  # a standby channel's socket follows (SCM_RIGHTS)
 # the counter columns a channel updates per packet
 _PACKETS, _PAGES, _ZERO, _BYTES = Counters.PACKETS, Counters.PAGES, Counters.ZERO, Counters.BYTES
 
@@ -48,26 +50,35 @@ class HeldData:
     while every channel waits, read by the channels and the main-stream loader.
 
     Zero pages (ZERO records on the main channel, or zero pages listed in packets) need a write
-    only where the segment holds data: a page never written is a hole of the tmpfs file and
-    reads as zero, and writing it would allocate it. So in a block that held none when the
-    section began (a migration into fresh memory, its first pass) zero pages cost nothing, and
-    elsewhere :meth:`RamBlock.zero_runs` asks the file where its data is; the channels keep no
-    per-page record of what they wrote."""
+    only where the block may hold data. In fresh memory a page never written is a hole of the
+    tmpfs file and reads as zero, so the segment itself says where data is
+    (:meth:`RamBlock.holds_data`); pre-allocated memory whose pages the channels mapped ahead
+    (``known_zero``) holds only the zeros of that allocation until a page arrives, so there the
+    writers' own marks (:meth:`mark_written`) say it. Elsewhere :meth:`RamBlock.zero_runs` asks
+    the file where its data is; the channels keep no per-page record of what they wrote."""
 
-    def __init__(self, ram: GuestRam) -> None:
+    def __init__(self, ram: GuestRam, *, known_zero: bool = False) -> None:
         self._ram = ram
-        self._mm = mmap.mmap(-1, max(len(ram), 1))
-        self.flags = np.frombuffer(self._mm, dtype=np.uint8, count=len(ram))
+        self.known_zero = known_zero
+        n = len(ram)
+        self._mm = mmap.mmap(-1, max(2 * n, 1))
+        self.flags = np.frombuffer(self._mm, dtype=np.uint8, count=n)
+        self.written = np.frombuffer(self._mm, dtype=np.uint8, count=n, offset=n)  # set by any writer
         self.refresh()
 
     def refresh(self) -> None:
         for i, block in enumerate(self._ram):
-            self.flags[i] = block.holds_data()
+            self.flags[i] = self.written[i] or (not self.known_zero and block.holds_data())
+
+    def mark_written(self, index: int) -> None:
+        """Pages of block ``index`` received data (any writer, any process)."""
+        if not self.written[index]:
+            self.written[index] = 1
 
     def zero_pages(self, name: str, idx: npt.NDArray[np.int64]) -> None:
         """Make pages ``idx`` of block ``name`` read as zero (ZERO records, zero pages listed in
-        packets): nothing to do in a block that held no data when the section began (every
-        page of it is still a hole), else :meth:`RamBlock.zero_runs`."""
+        packets): nothing to do in a block that held no data when the section began, else
+        :meth:`RamBlock.zero_runs`."""
         if self.flags[self._ram.index_of(name)]:
             self._ram[name].zero_runs(page_runs(idx))
 
@@ -79,8 +90,8 @@ class _Sink:
         self.sock = sock
         self.what = what
         self.payload_what = f"{what} payload"
-        # + the next header, read ahead; page-aligned, so that pwrite's copies run at full speed
-        self.payload_view = aligned_bytes(MAX_PACKET_PAYLOAD + PACKET_HEADER_SIZE)
+        # a compressed payload; page-aligned, so that pwrite's copies run at full speed
+        self.payload_view = aligned_bytes(MAX_PACKET_PAYLOAD)
         self.block: RamBlock | None = None
         self.idx: npt.NDArray[np.int64] = np.zeros(0, dtype=np.int64)
         self.next_packet_size = 0
@@ -122,22 +133,6 @@ class _Sink:
         if self.trace is not None:
             self.trace.span(RECV_PAYLOAD, t0)
 
-    def recv_plain(self, block: RamBlock, listed: tuple[int, ...]) -> int:
-        """A plain packet's pages, at the byte offsets its header lists (:func:`plain_packet`;
-        they go from the wire to ``pwrite`` as they are): received into the packet buffer
-        together with up to a header's worth of what follows (the next packet, usually there
-        already: one receive per packet instead of two), then one ``pwrite`` per run. Returns
-        how many bytes of the next header came, at ``payload_view[len(listed) * 4096:]``."""
-        size = len(listed) * TARGET_PAGE_SIZE
-        t0 = now_ns() if self.trace is not None else 0
-        got = recv_at_least_into(self.sock, self.payload_view[: size + PACKET_HEADER_SIZE], size, self.payload_what)
-        t1 = now_ns() if self.trace is not None else 0
-        block.pwrite_offsets(listed, self.payload_view)
-        if self.trace is not None:
-            self.trace.span(RECV_PAYLOAD, t0, t1)
-            self.trace.span(WRITE, t1)
-        return got - size
-
     def scatter(self, data: Buffer) -> None:
         assert self.block is not None
         t0 = now_ns()
@@ -166,7 +161,9 @@ class _Sink:
 class RecvSetup:
     """What a destination channel process works with (its release pipe is ``ChannelEnd.control``)."""
 
-    sock: socket.socket
+    #: None for a channel started ahead of its connection (pre-allocated RAM): it maps the RAM
+    #: first, reports :class:`Ready`, and then gets its socket through its control pipe
+    sock: socket.socket | None
     ram: GuestRam
     held: HeldData
     method: MultiFDMethod
@@ -178,8 +175,14 @@ def _channel_loop(me: ChannelEnd, setup: RecvSetup) -> None:
     """Packets until EOF. For ``none`` almost every packet is plain (raw pages of a known block,
     no flags): :func:`plain_packet` validates its offsets in C (no Python loop) and the pages are
     written as their runs are found (one pass over the offsets); only the other packets go
-    through the general decoder and the method's contract."""
+    through the general decoder and the method's contract. A plain packet's pages are received
+    straight into the mapping (one copy, by the kernel), together with up to a header's worth
+    of what follows: usually one ``recvmsg_into`` per packet."""
     ram, method, sock, mine = setup.ram, setup.method, setup.sock, me.counters
+    if sock is None:
+        sock = _standby(me, setup)
+        if sock is None:
+            return
     ctx = method.recv_setup()
     tr = Trace(f"destination channel {me.index}") if setup.tracing else None
     what = f"multifd channel {me.index}"
@@ -189,10 +192,11 @@ def _channel_loop(me: ChannelEnd, setup: RecvSetup) -> None:
     sink.trace = tr
     lengths = ram.lengths
     sock.settimeout(setup.stall_timeout)
-    plain_path = method.flag == MULTIFD_FLAG_NOCOMP and all(b.fd >= 0 for b in ram)
+    plain_path = method.flag == MULTIFD_FLAG_NOCOMP
     header_what = f"{what} packet header"
     ahead = 0  # bytes of the next header already received with the last payload
-    payload = sink.payload_view
+    held, index_of = setup.held, {b.name: i for i, b in enumerate(ram)}
+    page = TARGET_PAGE_SIZE
     try:
         while True:
             t0 = now_ns() if tr is not None else 0
@@ -206,10 +210,14 @@ def _channel_loop(me: ChannelEnd, setup: RecvSetup) -> None:
             plain = plain_packet(header, lengths) if plain_path else None
             if plain is not None:
                 pages = len(plain.listed)
-                ahead = sink.recv_plain(ram[plain.ramblock], plain.listed)
-                if ahead:
-                    end = pages * TARGET_PAGE_SIZE
-                    hview[:ahead] = payload[end:end + ahead]
+                held.mark_written(index_of[plain.ramblock])
+                buf = ram[plain.ramblock].buf
+                views = [buf[a:b] for a, b in consecutive_runs(plain.listed, page)]
+                views.append(hview)  # and up to a header's worth of what follows
+                t0 = now_ns() if tr is not None else 0
+                ahead = recv_at_least_into_many(sock, views, pages * page, sink.payload_what) - pages * page
+                if tr is not None:
+                    tr.span(RECV_PAYLOAD, t0)
                 mine[_PACKETS] += 1
                 mine[_PAGES] += pages
                 mine[_BYTES] += PACKET_HEADER_SIZE + pages * TARGET_PAGE_SIZE
@@ -226,6 +234,7 @@ def _channel_loop(me: ChannelEnd, setup: RecvSetup) -> None:
                 sink.idx = hdr.offsets >> TARGET_PAGE_BITS
                 sink.next_packet_size = hdr.next_packet_size or hdr.normal_pages * TARGET_PAGE_SIZE
                 ctx.recv_pages(sink)
+                held.mark_written(index_of[hdr.ramblock])
                 mine[_PAGES] += hdr.normal_pages
                 wire_bytes += sink.next_packet_size
             mine[_BYTES] += wire_bytes
@@ -240,6 +249,25 @@ def _channel_loop(me: ChannelEnd, setup: RecvSetup) -> None:
         ctx.recv_cleanup()
 
 
+def _standby(me: ChannelEnd, setup: RecvSetup) -> socket.socket | None:
+    """A channel started before its connection: map every page of the (pre-allocated) RAM now,
+    outside the migration (one page fault each would cost more than the copy of the page),
+    report :class:`Ready`, then wait for the socket; None when told to quit instead."""
+    for block in setup.ram:
+        block.populate_mapping()
+    me.send(Ready(me.index))
+    parent = os.getppid()
+    while not me.control.poll(1.0):
+        if os.getppid() != parent:
+            raise ChannelError(f"multifd channel {me.index}: parent process went away before the migration")
+    try:
+        if me.control.recv_bytes() != SOCKET:
+            return None
+        return socket.socket(fileno=recv_handle(me.control))
+    except EOFError:
+        return None
+
+
 def _wait_release(control: Connection, channel: int) -> bool:
     """Block at the sync barrier; True when released, False when told to quit."""
     parent = os.getppid()
@@ -252,24 +280,60 @@ def _wait_release(control: Connection, channel: int) -> bool:
 class RecvChannels(ChannelSet):
     """The destination's N channel processes and the sync barrier (``multifd_recv_state``)."""
 
-    def __init__(self, socks: Sequence[socket.socket], ram: GuestRam, method: MultiFDMethod, *,
+    def __init__(self, socks: Sequence[socket.socket] | int, ram: GuestRam, method: MultiFDMethod, *,
                  stall_timeout: float, close_in_children: Sequence[Any] = (), tracing: bool = False) -> None:
-        super().__init__(len(socks), "destination")
+        """``socks``: the channels' connections; or, for pre-allocated RAM, how many channels to
+        start ahead of them (standby: each maps all of the RAM now, :meth:`wait_ready`, and
+        receives plain packets straight into it once :meth:`attach` hands it its socket)."""
+        standby = isinstance(socks, int)
+        n = socks if isinstance(socks, int) else len(socks)
+        super().__init__(n, "destination")
         self.stall_timeout = stall_timeout
-        self.held = HeldData(ram)
+        self.held = HeldData(ram, known_zero=standby)
         self.synced: dict[int, int] = {}  # channel -> packet_num of its pending SYNC
         self.ended: set[int] = set()
         self.max_packet_num = 0
         self.barrier_wait = 0.0
         self.syncs = 0
         try:
-            for sock in socks:
-                setup = RecvSetup(sock, ram, self.held, method, stall_timeout, tracing)
-                self.start(_channel_loop, setup, FORK.Pipe(duplex=False), own=sock,
-                           others=[*socks, *close_in_children])
+            if isinstance(socks, int):
+                for _ in range(n):
+                    setup = RecvSetup(None, ram, self.held, method, stall_timeout, tracing)
+                    self.start(_channel_loop, setup, FORK.Pipe(duplex=True), others=close_in_children)
+            else:
+                for sock in socks:
+                    setup = RecvSetup(sock, ram, self.held, method, stall_timeout, tracing)
+                    self.start(_channel_loop, setup, FORK.Pipe(duplex=False), own=sock,
+                               others=[*socks, *close_in_children])
         except BaseException:
             self.close(graceful=False)
             raise
+
+    def wait_ready(self, timeout: float) -> None:
+        """Standby channels: wait until every one has mapped the RAM."""
+        ready: set[int] = set()
+        deadline = time.monotonic() + timeout
+        while len(ready) < self.n:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                missing = sorted(set(range(self.n)) - ready)
+                raise MigrationTimeout(f"multifd channels {missing} did not map the RAM within {timeout:g}s")
+            for ev in self.events(min(left, 1.0)):
+                if not isinstance(ev, Ready):
+                    self.unexpected(ev)
+                ready.add(ev.channel)
+
+    def attach(self, socks: Sequence[socket.socket]) -> None:
+        """Standby channels: hand channel i its connection ``socks[i]`` (this process's copy closes)."""
+        for conn, sock, pid in zip(self.control, socks, self.group.pids):
+            try:
+                conn.send_bytes(SOCKET)
+                send_handle(conn, sock.fileno(), pid)
+            except OSError:  # the channel is gone: say how it ended
+                self.events(1.0)
+                raise ChannelError("multifd channel (destination): it ended before its connection arrived") from None
+            finally:
+                sock.close()
 
     @property
     def event_handles(self) -> list[Any]:

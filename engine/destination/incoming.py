@@ -35,6 +35,7 @@ from ..runtime.transport import (
 from ..stats import MigrationStatus
 from ..wire.vmstate import parse_device_state, parse_tail
 from .accept import Log, accept_migration, stderr_log
+from .channels import RecvChannels
 from .loader import IncomingResult, Loader
 
 
@@ -60,31 +61,35 @@ def run_incoming(
     """
     addr = parse_uri(uri)
     ensure_fd_budget(params.channels, "destination")
-    declared_ram = None
-    if declared:
-        declared_ram = GuestRam.create(declared)
-        if prealloc:
-            for block in declared_ram:
-                # allocated, not mapped: the channels write with pwrite (nothing to fault in), and
-                # reserved pages still read as holes (HeldData: zero pages need no write)
-                prefault(block, populate=False)
-    elif prealloc:
-        declared_ram = None
+    if prealloc and not declared:
         raise ConfigError("--prealloc needs the destination's RAM blocks declared with --ram [NAME=]SIZE")
+    declared_ram = GuestRam.create(declared) if declared else None
+    standby: RecvChannels | None = None
+    trace = Trace("destination main") if trace_file else None
     try:
+        if declared_ram is not None and prealloc:
+            for block in declared_ram:
+                prefault(block, populate=False)  # allocated; the channels map (and zero) the pages
+            # The channels start now, before listening, as QEMU pre-allocates before -incoming:
+            # each maps all of the RAM, so the migration's pages arrive without a page fault.
+            standby = RecvChannels(params.channels, declared_ram, params.method, stall_timeout=params.stall_timeout,
+                                   tracing=trace is not None)
+            standby.wait_ready(max(60.0, params.stall_timeout))
         listener = listen(addr, backlog=params.channels + 1)
     except BaseException:
+        if standby is not None:
+            standby.close(graceful=False)
         if declared_ram is not None:
             declared_ram.close()
         raise
     loader: Loader | None = None
     handed_over = False  # the caller owns loader.ram once the result is returned
-    trace = Trace("destination main") if trace_file else None
     try:
         if on_listening:
             on_listening(bound_uri(listener, addr))
         acc = accept_migration(listener, params, listen_timeout=listen_timeout, log=log, cancel=cancel)
-        loader = Loader(acc, params, listener, log, declared=declared_ram, cancel=cancel, trace=trace)
+        loader = Loader(acc, params, listener, log, declared=declared_ram, cancel=cancel, trace=trace,
+                        standby=standby)
         if on_loader:
             on_loader(loader)
         ok = False
@@ -115,6 +120,8 @@ def run_incoming(
                 os.unlink(addr.path)
             except OSError:
                 pass
+        if standby is not None:  # not attached (the migration failed first), or already closed
+            standby.close(graceful=False)
         if loader is not None and loader.ram is not None and not handed_over:
             loader.ram.close()
         if declared_ram is not None and not handed_over:

@@ -70,7 +70,7 @@ class Loader:
 
     def __init__(self, acc: Accepted, params: MigrationParams, listener: socket.socket | None, log: Log, *,
                  declared: GuestRam | None = None, cancel: threading.Event | None = None,
-                 trace: Trace | None = None) -> None:
+                 trace: Trace | None = None, standby: RecvChannels | None = None) -> None:
         self.acc = acc
         self.params = params
         self.listener = listener
@@ -80,6 +80,7 @@ class Loader:
         self.trace = trace
         self.ram: GuestRam | None = None
         self.channels: RecvChannels | None = None
+        self.standby = standby  # channels started ahead for the declared RAM (prealloc)
         self.stats = MigrationStats()
         self.stats.start = acc.connect_time
         self.machine: str | None = None
@@ -220,9 +221,13 @@ class Loader:
         others: list[Any] = [self.acc.main]
         if self.listener is not None:
             others.append(self.listener)
-        self.channels = RecvChannels(self.acc.channels, self.ram, self.params.method,
-                                     stall_timeout=self.params.stall_timeout, close_in_children=others,
-                                     tracing=self.trace is not None)
+        if self.standby is not None:
+            self.standby.attach(self.acc.channels)
+            self.channels = self.standby
+        else:
+            self.channels = RecvChannels(self.acc.channels, self.ram, self.params.method,
+                                         stall_timeout=self.params.stall_timeout, close_in_children=others,
+                                         tracing=self.trace is not None)
         self.stats.setup_time = time.monotonic() - self.stats.start
         self.stats.status = MigrationStatus.ACTIVE
 
@@ -231,6 +236,7 @@ class Loader:
         idx = ev.offsets >> TARGET_PAGE_BITS
         if ev.fill:
             self.ram[ev.block].pages[idx] = ev.fill
+            self.channels.held.mark_written(self.ram.index_of(ev.block))
         else:
             self.channels.held.zero_pages(ev.block, idx)
         self.main_zero += len(ev.offsets)
@@ -239,6 +245,7 @@ class Loader:
         assert self.ram is not None and self.channels is not None
         i = ev.offset >> 12
         self.ram[ev.block].pages[i] = np.frombuffer(ev.data, dtype=np.uint8)
+        self.channels.held.mark_written(self.ram.index_of(ev.block))
         self.main_normal += 1
 
     def refresh(self, *, live: bool = True) -> MigrationStats:

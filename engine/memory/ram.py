@@ -175,6 +175,17 @@ class RamBlock:
                 f"RAM block {self.name!r}: another writer held the write lock for {WRITE_LOCK_TIMEOUT:g}s"
             )
 
+    def populate_mapping(self) -> None:
+        """Map every page of the block into this process now (``MADV_POPULATE_WRITE``): writes
+        through the mapping then take no page fault. Allocates (and zeroes) pages not yet
+        allocated; a no-op where the kernel lacks it (Linux < 5.14: pages fault in on first use)."""
+        mm = getattr(self._closer, "_mmap", None)
+        if mm is not None:
+            try:
+                mm.madvise(getattr(mmap, "MADV_POPULATE_WRITE", MADV_POPULATE_WRITE))
+            except OSError:
+                pass
+
     def read_once(self) -> None:
         """This process reads the block's pages once each, then drops their page-table entries
         (a source channel): ``MADV_SEQUENTIAL`` tells the kernel, so a drop does not also mark

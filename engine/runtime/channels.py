@@ -6,7 +6,7 @@ here, once, so a side keeps only its own protocol. :class:`ChannelSet` forks the
 through one :class:`~engine.runtime.procs.ChildGroup` (which owns their shutdown and turns an
 error or a death into one ``ChannelError``), and gives each its row of a shared counter block
 with named columns (:class:`~engine.stats.Counters`): statistics are read at any time without
-asking the children. A child talks back only in typed events (:class:`Synced`, :class:`Eof`,
+asking the children. A child talks back only in typed events (:class:`Ready`, :class:`Synced`, :class:`Eof`,
 :class:`Done`, :class:`Corrupt`, and ``procs.Failed`` for errors); the traces of a traced run
 come home as :class:`TraceData` when a channel ends and are set aside in ``traces``, so a side's
 event loop sees only the events of its own protocol.
@@ -35,6 +35,11 @@ class Synced(Event):
     """The channel has written (source) or read (destination) its SYNC packet ``packet_num``."""
 
     packet_num: int
+
+
+@dataclass(frozen=True)
+class Ready(Event):
+    """A channel started ahead of its connection has done its set-up and waits for its socket."""
 
 
 @dataclass(frozen=True)

@@ -318,6 +318,33 @@ def recv_exact_into_many(sock: socket.socket, views: list[memoryview], what: str
         raise ChannelError(f"{what}: receive failed: {exc.strerror or exc}") from exc
 
 
+def recv_at_least_into_many(sock: socket.socket, views: list[memoryview], need: int, what: str) -> int:
+    """Receive into ``views`` in order until at least ``need`` bytes are there (the first views,
+    e.g. runs of guest pages), taking whatever more is already in the socket into the views
+    after them (e.g. the next packet's header): usually one ``recvmsg_into`` per packet.
+    Never waits for more than ``need``. Returns the bytes received."""
+    got = 0
+    try:
+        while True:
+            r = sock.recvmsg_into(views)[0]
+            got += r
+            if got >= need:
+                return got
+            if r == 0:
+                raise TruncatedError(f"{what}: connection closed after {got} of {need} bytes")
+            while r >= len(views[0]):
+                r -= len(views[0])
+                views.pop(0)
+            if r:
+                views[0] = views[0][r:]
+    except socket.timeout as exc:
+        raise MigrationTimeout(f"{what}: nothing received for {sock.gettimeout():g}s") from exc
+    except OSError as exc:
+        if isinstance(exc, ChannelError):
+            raise
+        raise ChannelError(f"{what}: receive failed: {exc.strerror or exc}") from exc
+
+
 FDS_PER_CHANNEL = 6  # socket, job/control pipe, event pipe, sentinel, slack
 
 

@@ -31,7 +31,7 @@ from ..wire.stream import RAM_SECTION_IDSTR, RAM_SECTION_VERSION
 from .channels import SendChannels
 
 RAM_SECTION_ID = 2
-ZERO_SCAN_CHUNK = 4096  # pages per numpy zero scan (16 MiB)
+ZERO_SCAN_CHUNK = 1024  # pages per numpy zero scan (16 MiB)
 MAIN_FLUSH = 256 * 1024
 
 

@@ -50,6 +50,22 @@ def proc_cpu(pid: int, *, children: bool = False) -> float:
     return ticks / CLK_TCK
 
 
+def live_children(pid: int) -> list[int]:
+    """The child processes of ``pid`` still running (not yet reaped)."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(c) for c in f.read().split()]
+    except OSError:
+        return []
+
+
+def _cpu_or_zero(pid: int) -> float:
+    try:
+        return proc_cpu(pid)
+    except OSError:  # it ended meanwhile
+        return 0.0
+
+
 def proc_minflt(pid: int, *, children: bool = False) -> int:
     """Minor page faults of ``pid`` (all threads; with ``children`` plus its reaped children)."""
     with open(f"/proc/{pid}/stat") as f:
@@ -372,7 +388,8 @@ def run_engine(image: Path, size: int, *, channels: int, compression: str, level
         dst = EngineProcess(dst_args, workdir, "engine-destination", env, root)
         procs.append(dst)
         dst_uri = _wait_line(dst, "engine: listening on ", 60.0 + 10.0 * size / GiB)
-        dst_base = proc_cpu(dst.pid, children=True)
+        # + its live children: a pre-allocated destination's channels have mapped the RAM by now
+        dst_base = proc_cpu(dst.pid, children=True) + sum(_cpu_or_zero(c) for c in live_children(dst.pid))
         dst_flt0 = proc_minflt(dst.pid, children=True)
         src_flt0 = 0
         machine0 = machine_cpu()  # replaced when the source's migration starts

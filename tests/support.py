@@ -160,21 +160,6 @@ def channel_pids(pid: int, n: int, timeout: float = 10.0) -> list[int]:
     raise AssertionError(f"process {pid} did not start {n} channel processes")
 
 
-def mapping_flags(pid: int | str, segment: str = "") -> set[str]:
-    """The VmFlags (smaps) of a process's first mapping of an engine segment (``segment``: a
-    given one; default any); empty when it has none or has exited. ``pid`` may be "self"."""
-    try:
-        lines = Path(f"/proc/{pid}/smaps").read_text().splitlines()
-    except OSError:
-        return set()
-    path = f"/dev/shm/{segment}" if segment else "/dev/shm/mfd_"
-    for i, line in enumerate(lines):
-        if path in line:
-            flags = next(entry for entry in lines[i + 1:] if entry.startswith("VmFlags:"))
-            return set(flags.split()[1:])
-    return set()
-
-
 #: a source that takes about 3-4 s (64 MiB at 16 MiB/s): time to look at or strike its processes
 SLOW = ["--ram-size", "64M", "--max-bandwidth", "16M"]
 

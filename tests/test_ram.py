@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-from typing import Any
 
 import numpy as np
 import pytest
@@ -15,7 +14,6 @@ import engine.memory.ram as ram_mod
 from engine.errors import ChannelError
 from engine.memory.ram import BlockSpec, GuestRam, page_runs
 from engine.wire.packet import TARGET_PAGE_SIZE
-from support import mapping_flags
 
 PAGE = TARGET_PAGE_SIZE
 
@@ -177,32 +175,3 @@ def test_pwrite_offsets_writes_runs_in_any_order_byte_exact() -> None:
             expect[p] = k + 1
         assert np.array_equal(block.pages, expect)
 
-
-def _read_once_in_child(block: ram_mod.RamBlock, conn: Any) -> None:
-    block.read_once()
-    conn.send(sorted(mapping_flags("self", block.segment)))
-
-
-def test_read_once_advises_sequential_reads_on_this_mapping_only() -> None:
-    """A source channel's mapping says its pages are read once, so dropping its page-table
-    entries does not mark the pages recently used (smaps: ``sr``, VM_SEQ_READ). The parent's
-    mapping (the guest's) keeps its default, and the data is unchanged."""
-    ctx = multiprocessing.get_context("fork")
-    with GuestRam.create([BlockSpec("pc.ram", 64 * PAGE)]) as ram:
-        block = ram.blocks[0]
-        block.pages[5] = 3
-        parent, child = ctx.Pipe()
-        proc = ctx.Process(target=_read_once_in_child, args=(block, child))
-        proc.start()
-        try:
-            assert parent.poll(30)
-            assert "sr" in parent.recv()
-        finally:
-            proc.join(30)
-            parent.close()
-            child.close()
-        assert proc.exitcode == 0
-        assert "sr" not in mapping_flags("self", block.segment)
-        block.read_once()
-        block.unmap_pages(0, 64)
-        assert (block.pages[5] == 3).all() and not block.pages[6].any()

@@ -6,10 +6,9 @@ import socket
 import struct
 
 import numpy as np
-import pytest
 
 from engine.wire.encoder import StreamEncoder
-from engine.wire.packet import MULTIFD_FLAG_SYNC, MultiFDInit, encode_packet_header
+from engine.wire.packet import MultiFDInit, encode_packet_header
 from support import Incoming
 
 

@@ -30,7 +30,7 @@ from ..errors import ChannelError, MigrationTimeout
 from ..memory.ram import GuestRam, RamBlock, page_runs
 from ..runtime.buffers import aligned_bytes
 from ..runtime.channels import ChannelEnd, ChannelSet, Eof, Ready, Synced
-from ..runtime.procs import FORK, Connection
+from ..runtime.procs import FORK, Connection, self_usage
 from ..runtime.trace import BARRIER, DECOMPRESS, RECV_HEADER, RECV_PAYLOAD, WRITE, Trace, now_ns
 from ..runtime.transport import recv_at_least_into_many, recv_exact_into, recv_exact_into_many
 from ..stats import Counters
@@ -255,6 +255,7 @@ def _standby(me: ChannelEnd, setup: RecvSetup) -> socket.socket | None:
     report :class:`Ready`, then wait for the socket; None when told to quit instead."""
     for block in setup.ram:
         block.populate_mapping()
+    me.cpu_base_us = self_usage()[0]
     me.send(Ready(me.index))
     parent = os.getppid()
     while not me.control.poll(1.0):

@@ -186,22 +186,6 @@ class RamBlock:
             except OSError:
                 pass
 
-    def read_once(self) -> None:
-        """This process reads the block's pages once each, then drops their page-table entries
-        (a source channel): ``MADV_SEQUENTIAL`` tells the kernel, so a drop does not also mark
-        the page recently used (an LRU move per page). Only this process's mapping changes."""
-        mm = getattr(self._closer, "_mmap", None)
-        if mm is not None:
-            mm.madvise(mmap.MADV_SEQUENTIAL)
-
-    def unmap_pages(self, start: int, stop: int) -> None:
-        """Drop this process's page-table entries for pages ``[start, stop)`` (``MADV_DONTNEED``
-        on the shared mapping): the pages stay in the segment, only this process's RSS stops
-        counting them. A channel sending from views calls it every few packets."""
-        mm = getattr(self._closer, "_mmap", None)
-        if mm is not None and stop > start:
-            mm.madvise(mmap.MADV_DONTNEED, start * TARGET_PAGE_SIZE, (stop - start) * TARGET_PAGE_SIZE)
-
     def release_views(self) -> None:
         """Drop this object's numpy/memoryview exports (so the mapping can be closed)."""
         self.pages = self.words = None  # type: ignore[assignment]

@@ -42,11 +42,6 @@ from ..wire.packet import (MULTIFD_FLAG_NOCOMP, MULTIFD_FLAG_SYNC, PACKET_HEADER
 #: channel); with processes, a wake-up on a busy 2-core machine costs more than a thread
 #: switch, so a short queue keeps every socket busy. The wire format is unaffected.
 QUEUE_DEPTH = 2
-_PT_PAGES = 512  # pages per page table (2 MiB on x86-64)
-#: A channel drops the page-table entries its views brought in once the packets sent since the
-#: last drop span this many pages (8 MiB): one madvise per few packets instead of one each,
-#: and at most a few MiB of guest pages mapped in the channel at any time.
-_UNMAP_SPAN = 4 * _PT_PAGES
 
 JOB_DATA = 1
 JOB_SYNC = 2
@@ -69,40 +64,19 @@ _NO_PAGES: npt.NDArray[np.int64] = np.zeros(0, dtype=np.int64)
 
 class _Batch:
     """The pages of the packet being sent (implements ``compression.PageBatch``). For ``none``
-    they are views of guest RAM, whose page-table entries the channel drops again every few
-    packets so that its RSS does not grow (its mapping is advised ``MADV_SEQUENTIAL``, so a
-    drop does not also mark the pages recently used); other methods read them with preadv."""
+    they are views of guest RAM: the kernel copies them straight from the guest's pages into
+    the socket. Those pages stay mapped in the channel; they are the guest's memory, shared,
+    not the channel's own (its private memory is a few buffers). Other methods read them with
+    preadv into one reused buffer."""
 
     def __init__(self) -> None:
         self.scratch = aligned_pages(PAGES_PER_PACKET)  # preadv's copies from the page cache at full speed
         self.block: RamBlock | None = None
         self.idx: npt.NDArray[np.int64] = np.zeros(0, dtype=np.int64)
         self.gathered: npt.NDArray[np.uint8] | None = None  # this job's pages, already read
-        self._mapped: tuple[int, int] | None = None  # pages views() faulted into this process
-        self._unmap: tuple[RamBlock, int, int] | None = None  # mapped since the last drop
 
     def start(self, block: RamBlock, idx: npt.NDArray[np.int64]) -> None:
         self.block, self.idx, self.gathered = block, idx, None
-
-    def done(self) -> None:
-        """After the packet is sent: note the page-table entries :meth:`views` brought in, and
-        drop them all once they span :data:`_UNMAP_SPAN` pages or another block begins."""
-        if self._mapped is None:
-            return
-        block, (lo, hi) = self.block, self._mapped
-        assert block is not None
-        self._mapped = None
-        if self._unmap is not None:
-            was, wlo, whi = self._unmap
-            if was is block:
-                lo, hi = min(lo, wlo), max(hi, whi)
-            else:
-                was.unmap_pages(wlo, whi)
-        if hi - lo >= _UNMAP_SPAN:
-            block.unmap_pages(lo, hi)
-            self._unmap = None
-        else:
-            self._unmap = (block, lo, hi)
 
     def drop_zero_pages(self) -> npt.NDArray[np.int64]:
         """``zero-page-detection=multifd``: read the pages, keep the non-zero ones (in order,
@@ -137,13 +111,7 @@ class _Batch:
         out; at least one): the channel's common path for ``none``."""
         self.block, self.gathered = block, None
         buf, page = block.buf, TARGET_PAGE_SIZE
-        runs = consecutive_runs(pages)
-        # The pages about to be read through the mapping, in whole 2 MiB page tables: read
-        # faults map neighbouring pages too (fault-around, at most one page table's worth),
-        # and those must go as well or RSS would creep.
-        lo, hi = runs[0][0] // _PT_PAGES * _PT_PAGES, -(-runs[-1][1] // _PT_PAGES) * _PT_PAGES
-        self._mapped = (lo, min(hi, block.npages))
-        return [buf[a * page:b * page] for a, b in runs]
+        return [buf[a * page:b * page] for a, b in consecutive_runs(pages)]
 
     def gather(self) -> npt.NDArray[np.uint8]:
         """Copy the pages into the scratch buffer with positioned reads of the segment (the
@@ -206,9 +174,6 @@ class _Sender:
         self.detect_zero = setup.detect_zero
         self.lean = self.raw and not setup.detect_zero  # views straight from the job's pages
         self.prepare_span = GATHER if method.flag == 0 else COMPRESS
-        if self.lean:  # the only path that reads guest pages through the mapping (the others use preadv)
-            for block in self.blocks:
-                block.read_once()
 
     def run(self) -> None:
         """Jobs until QUIT, or until the parent closes the pipe (it is tearing the migration down)."""
@@ -273,7 +238,6 @@ class _Sender:
         if tr is not None:
             t0 = tr.span(self.prepare_span, t0)
         sent = send_all(self.sock, [header, *payload], self.what, PACKET_HEADER_SIZE + size)
-        batch.done()
         if tr is not None:
             t0 = tr.span(SEND, t0)
         mine = self.counters

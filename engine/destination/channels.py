@@ -97,6 +97,7 @@ class _Sink:
         self.next_packet_size = 0
         self.trace: Trace | None = None
         self._t = 0  # end of the last span (tracing)
+        self.mapped = False  # this process mapped all of guest RAM ahead (standby): copy into the mapping
 
     @property
     def normal_pages(self) -> int:
@@ -111,10 +112,10 @@ class _Sink:
         return view
 
     def _by_fd(self) -> bool:
-        """Write through the segment's file descriptor: on fresh shared memory faster than
-        faulting pages in through the mapping (tmpfs does not zero a page written whole), and
-        the channel never maps guest pages, so its RSS does not grow with the guest."""
-        return self.block is not None and self.block.fd >= 0
+        """Write decompressed pages through the segment's file descriptor: into fresh shared
+        memory faster than faulting pages in through the mapping (tmpfs does not zero a page
+        written whole); a standby channel has every page mapped already, so it copies into them."""
+        return self.block is not None and self.block.fd >= 0 and not self.mapped
 
     def recv_into_pages(self) -> None:
         block, idx, page = self.block, self.idx, TARGET_PAGE_SIZE
@@ -190,6 +191,7 @@ def _channel_loop(me: ChannelEnd, setup: RecvSetup) -> None:
     hview = memoryview(header)
     sink = _Sink(sock, what)
     sink.trace = tr
+    sink.mapped = setup.sock is None  # a standby channel has mapped every page
     lengths = ram.lengths
     sock.settimeout(setup.stall_timeout)
     plain_path = method.flag == MULTIFD_FLAG_NOCOMP

@@ -11,7 +11,7 @@ import numpy as np
 from engine.runtime.buffers import aligned_bytes, aligned_pages
 from engine.destination.channels import _Sink
 from engine.source.channels import _Batch
-from engine.wire.packet import MAX_PACKET_PAYLOAD, PACKET_HEADER_SIZE
+from engine.wire.packet import MAX_PACKET_PAYLOAD
 
 PAGE = 4096
 
@@ -50,10 +50,10 @@ def test_aligned_buffers_are_private_to_a_process() -> None:
 
 
 def test_channel_packet_buffers_are_page_aligned() -> None:
-    """The destination's receive buffer (pwrite source) and the source's gather buffer (preadv
+    """The destination's buffer for a compressed payload and the source's gather buffer (preadv
     target) start on a page boundary however the heap looks."""
     with socket.socket() as s:
         sink = _Sink(s, "multifd channel 0")
-    assert len(sink.payload_view) == MAX_PACKET_PAYLOAD + PACKET_HEADER_SIZE
+    assert len(sink.payload_view) == MAX_PACKET_PAYLOAD
     assert address(sink.payload_view) % PAGE == 0
     assert _Batch().scratch.ctypes.data % PAGE == 0

@@ -297,27 +297,6 @@ def recv_at_least_into(sock: socket.socket, view: memoryview, need: int, what: s
     return got
 
 
-def recv_exact_into_many(sock: socket.socket, views: list[memoryview], what: str) -> None:
-    """Fill several buffers in order (``recvmsg_into``), e.g. runs of guest pages."""
-    total = sum(len(v) for v in views)
-    got = 0
-    try:
-        while views:
-            r = sock.recvmsg_into(views)[0]
-            if r == 0:
-                raise TruncatedError(f"{what}: connection closed after {got} of {total} payload bytes")
-            got += r
-            while r and r >= len(views[0]):
-                r -= len(views[0])
-                views.pop(0)
-            if r:
-                views[0] = views[0][r:]
-    except socket.timeout as exc:
-        raise MigrationTimeout(f"{what}: nothing received for {sock.gettimeout():g}s") from exc
-    except OSError as exc:
-        raise ChannelError(f"{what}: receive failed: {exc.strerror or exc}") from exc
-
-
 def recv_at_least_into_many(sock: socket.socket, views: list[memoryview], need: int, what: str) -> int:
     """Receive into ``views`` in order until at least ``need`` bytes are there (the first views,
     e.g. runs of guest pages), taking whatever more is already in the socket into the views
@@ -340,9 +319,12 @@ def recv_at_least_into_many(sock: socket.socket, views: list[memoryview], need: 
     except socket.timeout as exc:
         raise MigrationTimeout(f"{what}: nothing received for {sock.gettimeout():g}s") from exc
     except OSError as exc:
-        if isinstance(exc, ChannelError):
-            raise
         raise ChannelError(f"{what}: receive failed: {exc.strerror or exc}") from exc
+
+
+def recv_exact_into_many(sock: socket.socket, views: list[memoryview], what: str) -> None:
+    """Fill several buffers in order (``recvmsg_into``), e.g. runs of guest pages."""
+    recv_at_least_into_many(sock, views, sum(len(v) for v in views), what)
 
 
 FDS_PER_CHANNEL = 6  # socket, job/control pipe, event pipe, sentinel, slack

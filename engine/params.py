@@ -51,6 +51,7 @@ class MigrationParams:
     machine: str = "none"  # -machine, sent in the configuration section
     zero_page_detection: str = "legacy"  # zero-page-detection (QEMU 9.0): legacy, multifd or none
     tcp_congestion: str = "auto"  # (engine) the source's TCP congestion control: auto or a name
+    zero_copy_send: bool = False  # the zero-copy-send capability: MSG_ZEROCOPY on the channel sockets
     handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT  # (engine) connect + each 64-byte handshake, s
     stall_timeout: float = DEFAULT_STALL_TIMEOUT  # (engine) any single wait on the peer or a channel, s
     max_bandwidth: int = 0  # max-bandwidth, bytes/s with headers; 0 = unlimited (QEMU: 128 MiB/s)
@@ -77,6 +78,12 @@ class MigrationParams:
             raise ConfigError(
                 f"zero-page-detection {self.zero_page_detection!r} is not supported, expected one of"
                 f" {', '.join(ZERO_PAGE_DETECTION)}"
+            )
+        if self.zero_copy_send and (self.compression != "none" or self.zero_page_detection == "multifd"):
+            raise ConfigError(
+                f"zero-copy-send needs multifd-compression none and zero-page-detection legacy or none,"
+                f" got {self.compression} and {self.zero_page_detection} (only guest RAM itself can be sent"
+                f" without a copy)"
             )
         if not _CONGESTION_NAME.match(self.tcp_congestion):
             raise ConfigError(

@@ -53,6 +53,7 @@ class Counters:
     PEAK_RSS: Column  # KiB (VmHWM)
     ANON_RSS: Column  # KiB (RssAnon at the end)
     ZERO: Column  # zero pages listed in packets (zero-page-detection=multifd)
+    ZERO_COPY_MISSED: Column  # SYNCs before which the kernel had copied zero-copy sends (zero-copy-send)
     COLUMNS: ClassVar[tuple[str, ...]] = ()  # every column's name, in index order
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -82,13 +83,14 @@ class ChannelStats:
     peak_rss_kib: int = 0  # VmHWM, including guest pages touched through the mapping
     private_rss_kib: int = 0  # RssAnon at the end
     zero_pages: int = 0  # listed in packets (zero-page-detection=multifd)
+    zero_copy_missed: int = 0  # dirty-sync-missed-zero-copy of this channel
 
     @classmethod
     def from_counters(cls, i: int, pid: int, c: npt.NDArray[np.uint64]) -> ChannelStats:
         """Channel ``i``'s figures from its row of counters (:class:`Counters` columns)."""
         C = Counters
         return cls(i, pid, int(c[C.PACKETS]), int(c[C.PAGES]), int(c[C.BYTES]), int(c[C.CPU_US]) / 1e6,
-                   int(c[C.PEAK_RSS]), int(c[C.ANON_RSS]), int(c[C.ZERO]))
+                   int(c[C.PEAK_RSS]), int(c[C.ANON_RSS]), int(c[C.ZERO]), int(c[C.ZERO_COPY_MISSED]))
 
 
 @dataclass
@@ -142,6 +144,7 @@ class MigrationStats:
                 "multifd-bytes": ram.multifd_bytes,
                 "pages-per-second": round((ram.normal + ram.duplicate) / t),
                 "dirty-sync-count": ram.dirty_sync_count,
+                "dirty-sync-missed-zero-copy": sum(c.zero_copy_missed for c in self.channels),
                 "page-size": TARGET_PAGE_SIZE,
             },
             "throughput-mib-s": round(ram.total / t / (1 << 20), 1),

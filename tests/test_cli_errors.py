@@ -62,7 +62,13 @@ def test_bad_uri(uri: str, fragment: str, capsys) -> None:
      (["--channels", "256"], "multifd-channels 256 is out of range"),
      (["--compression", "gzip"], "unknown multifd-compression 'gzip'"),
      (["--compression", "zlib", "--level", "10"], "multifd-zlib-level 10 is out of range, expected 0..9"),
-     (["--uuid", "xyz"], "invalid uuid 'xyz'")],
+     (["--uuid", "xyz"], "invalid uuid 'xyz'"),
+     (["--zero-copy-send", "--compression", "zstd"],
+      "zero-copy-send needs multifd-compression none and zero-page-detection legacy or none, got zstd and legacy"
+      " (only guest RAM itself can be sent without a copy)"),
+     (["--zero-copy-send", "--zero-page-detection", "multifd"],
+      "zero-copy-send needs multifd-compression none and zero-page-detection legacy or none, got none and"
+      " multifd")],
 )
 def test_bad_parameters(args: list[str], fragment: str, capsys) -> None:
     p = run_main(capsys, "migrate", "tcp:127.0.0.1:1", "--ram-size", "1M", *args)
@@ -149,3 +155,9 @@ def test_zero_page_detection_parameter_is_validated() -> None:
 
     with pytest.raises(ConfigError, match="zero-page-detection 'fast' is not supported, expected one of legacy, multifd, none"):
         MigrationParams(zero_page_detection="fast")
+
+
+def test_zero_copy_send_needs_tcp(tmp_path: Path, capsys) -> None:
+    """Refused before any connection is made (nothing listens on the path)."""
+    p = run_main(capsys, "migrate", f"unix:{tmp_path / 'nobody.sock'}", "--ram-size", "1M", "--zero-copy-send")
+    _one_line_error(p, f"zero-copy-send needs a tcp: URI, got 'unix:{tmp_path / 'nobody.sock'}'", code=1)

@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="legacy: the migration thread finds zero pages and sends ZERO records (QEMU 7.2);"
                           " multifd: the channels find them and list them in packets (QEMU 9.0; engine"
                           " destinations only); none: send every page whole (default legacy)")
+    mig.add_argument("--zero-copy-send", action="store_true", default=None,
+                     help="QEMU's zero-copy-send capability: the channels send guest pages with MSG_ZEROCOPY"
+                          " (Linux, tcp: URIs, multifd-compression none; the kernel still copies on loopback)")
     mig.add_argument("--tcp-congestion", default="auto", metavar="auto|NAME",
                      help="TCP congestion control of the source's sockets: auto uses cubic towards a destination"
                           " on this host (a pacing default such as bbr slows loopback) and the system's default"

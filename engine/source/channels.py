@@ -34,6 +34,7 @@ from ..runtime.channels import ChannelEnd, ChannelSet, Synced
 from ..runtime.procs import FORK
 from ..runtime.trace import COMPRESS, GATHER, SEND, WAIT, ZERO_SCAN, Trace, now_ns
 from ..runtime.transport import send_all
+from ..runtime.zerocopy import ZeroCopySender
 from ..stats import Counters
 from ..wire.packet import (MULTIFD_FLAG_NOCOMP, MULTIFD_FLAG_SYNC, PACKET_HEADER_SIZE, PAGES_PER_PACKET,
                            TARGET_PAGE_SIZE, PacketEncoder, consecutive_runs)
@@ -58,6 +59,7 @@ JOB_SIZE = PACKETS_PER_JOB * RECORD_SIZE
 _RECORDS = tuple(range(0, JOB_SIZE, RECORD_SIZE))
 # the counter columns a channel updates per packet
 _PACKETS, _PAGES, _ZERO, _BYTES = Counters.PACKETS, Counters.PAGES, Counters.ZERO, Counters.BYTES
+_ZC_MISSED = Counters.ZERO_COPY_MISSED
 
 _NO_PAGES: npt.NDArray[np.int64] = np.zeros(0, dtype=np.int64)
 
@@ -151,6 +153,8 @@ class SendSetup:
     #: zero-page-detection=multifd (QEMU 9.0): each channel finds the zero pages among those it
     #: reads and lists them in the header's ``zero_pages`` slots, so the scan runs in parallel
     detect_zero: bool
+    #: zero-copy-send: guest pages go with MSG_ZEROCOPY (the socket has SO_ZEROCOPY already)
+    zero_copy: bool = False
 
 
 def _channel_loop(me: ChannelEnd, setup: SendSetup) -> None:
@@ -174,6 +178,7 @@ class _Sender:
         self.detect_zero = setup.detect_zero
         self.lean = self.raw and not setup.detect_zero  # views straight from the job's pages
         self.prepare_span = GATHER if method.flag == 0 else COMPRESS
+        self.zc = ZeroCopySender(self.sock, self.what, self.sock.gettimeout() or 20.0) if setup.zero_copy else None
 
     def run(self) -> None:
         """Jobs until QUIT, or until the parent closes the pipe (it is tearing the migration down)."""
@@ -195,8 +200,11 @@ class _Sender:
                     sync(msg, t0)
                 else:  # JOB_QUIT
                     break
+            self.flush_zero_copy()
         finally:
             self.ctx.send_cleanup()
+            if self.zc is not None:
+                self.zc.close()
         self.me.hand_over(tr)
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)
@@ -237,7 +245,10 @@ class _Sender:
                                        pages=pages, next_packet_size=size, zero_pages=nzero)
         if tr is not None:
             t0 = tr.span(self.prepare_span, t0)
-        sent = send_all(self.sock, [header, *payload], self.what, PACKET_HEADER_SIZE + size)
+        if self.zc is not None and payload:  # the header copied, then guest RAM pinned (QEMU does the same)
+            sent = send_all(self.sock, [header], self.what, PACKET_HEADER_SIZE) + self.zc.send(payload, size)
+        else:
+            sent = send_all(self.sock, [header, *payload], self.what, PACKET_HEADER_SIZE + size)
         if tr is not None:
             t0 = tr.span(SEND, t0)
         mine = self.counters
@@ -247,9 +258,16 @@ class _Sender:
         mine[_BYTES] += sent
         return t0
 
+    def flush_zero_copy(self) -> None:
+        """Before a SYNC packet (and the end): the kernel is done reading every page sent."""
+        if self.zc is not None:
+            self.zc.flush()
+            self.counters[_ZC_MISSED] = self.zc.missed
+
     def sync(self, msg: bytes, t0: int) -> None:
         """A SYNC job: an empty packet with the SYNC flag, then :class:`Synced` to the parent."""
         packet_num = _JOB.unpack_from(msg)[3]
+        self.flush_zero_copy()
         header = self.enc.encode(flags=MULTIFD_FLAG_SYNC, packet_num=packet_num)
         self.counters[_BYTES] += send_all(self.sock, [header], self.what)
         self.counters[_PACKETS] += 1
@@ -270,7 +288,7 @@ class SendChannels(ChannelSet):
     def __init__(self, socks: Sequence[socket.socket], ram: GuestRam, method: MultiFDMethod, level: int, *,
                  stall_timeout: float, close_in_children: Sequence[socket.socket] = (),
                  queue_depth: int = QUEUE_DEPTH, should_stop: Callable[[], None] = lambda: None,
-                 tracing: bool = False, detect_zero: bool = False) -> None:
+                 tracing: bool = False, detect_zero: bool = False, zero_copy: bool = False) -> None:
         n = len(socks)
         super().__init__(n, "source")
         self.method, self.stall_timeout, self.queue_depth = method, stall_timeout, queue_depth
@@ -290,7 +308,7 @@ class SendChannels(ChannelSet):
         self.sync_wait = 0.0  # seconds spent waiting for SYNC rounds
         try:
             for sock in socks:
-                setup = SendSetup(sock, ram, method, level, self._ready, self._done, tracing, detect_zero)
+                setup = SendSetup(sock, ram, method, level, self._ready, self._done, tracing, detect_zero, zero_copy)
                 self.start(_channel_loop, setup, os.pipe(), own=sock, others=[*socks, *close_in_children])
         except BaseException:
             self.close(graceful=False)

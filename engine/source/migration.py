@@ -22,12 +22,21 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import ConfigError
 from ..memory.dirty import DirtyTracker, PageSets, count_pages
 from ..memory.ram import GuestRam
 from ..params import MigrationParams
 from ..precopy import RATE_WINDOW, BackgroundJob, Guest, RateLimiter
 from ..runtime.trace import STOP_COPY, Trace, now_ns, write_trace
-from ..runtime.transport import Deadline, connect, ensure_fd_budget, parse_uri, send_all
+from ..runtime.transport import (
+    Deadline,
+    TcpAddress,
+    connect,
+    ensure_fd_budget,
+    parse_uri,
+    send_all,
+)
+from ..runtime.zerocopy import enable_zero_copy
 from ..stats import MigrationStats
 from ..wire.encoder import StreamEncoder
 from ..wire.packet import PAGES_PER_PACKET, TARGET_PAGE_SIZE, MultiFDInit
@@ -101,6 +110,8 @@ class Migration(BackgroundJob):
         """Connect the main channel, write the stream header, connect and hand over the
         multifd channels (forking their processes)."""
         p = self.params
+        if p.zero_copy_send and not isinstance(self.addr, TcpAddress):
+            raise ConfigError(f"zero-copy-send needs a tcp: URI, got {self.addr.uri!r}")
         ensure_fd_budget(p.channels, "source")
         enc = StreamEncoder()
         self._enc = enc
@@ -117,12 +128,15 @@ class Migration(BackgroundJob):
             for i in range(p.channels):
                 sock = connect(self.addr, max(deadline.remaining(), 0.001), p.tcp_congestion)
                 socks.append(sock)
+                if p.zero_copy_send:
+                    enable_zero_copy(sock, f"multifd channel {i}")
                 sock.settimeout(p.stall_timeout)
                 send_all(sock, [MultiFDInit(i, p.uuid).pack()], f"multifd channel {i} handshake")
             self._channels = SendChannels(socks, self.ram, p.method, p.effective_level,
                                           stall_timeout=p.stall_timeout, close_in_children=[self._main],
                                           should_stop=self._check, tracing=self.trace is not None,
-                                          detect_zero=p.zero_page_detection == "multifd")
+                                          detect_zero=p.zero_page_detection == "multifd",
+                                          zero_copy=p.zero_copy_send)
         finally:
             if self._channels is None:
                 for s in socks:

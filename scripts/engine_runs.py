@@ -73,6 +73,13 @@ def proc_minflt(pid: int, *, children: bool = False) -> int:
     return int(fields[7]) + (int(fields[8]) if children else 0)  # minflt, cminflt (fields 10, 11)
 
 
+def _minflt_or_zero(pid: int) -> int:
+    try:
+        return proc_minflt(pid)
+    except OSError:  # it ended meanwhile
+        return 0
+
+
 def proc_memory(pid: int) -> dict[str, int]:
     """``VmHWM``, ``VmRSS``, ``RssAnon``, ``RssShmem`` (KiB) of ``pid``; empty if it is gone."""
     out: dict[str, int] = {}
@@ -390,7 +397,7 @@ def run_engine(image: Path, size: int, *, channels: int, compression: str, level
         dst_uri = _wait_line(dst, "engine: listening on ", 60.0 + 10.0 * size / GiB)
         # + its live children: a pre-allocated destination's channels have mapped the RAM by now
         dst_base = proc_cpu(dst.pid, children=True) + sum(_cpu_or_zero(c) for c in live_children(dst.pid))
-        dst_flt0 = proc_minflt(dst.pid, children=True)
+        dst_flt0 = proc_minflt(dst.pid, children=True) + sum(_minflt_or_zero(c) for c in live_children(dst.pid))
         src_flt0 = 0
         machine0 = machine_cpu()  # replaced when the source's migration starts
         vm0 = vmstat()

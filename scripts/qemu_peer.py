@@ -385,11 +385,11 @@ class QemuPeer:
 
 def source(workdir: Path, *, ram_image: Path, memory: str | None = None, machine: str = "none",
            channels: int = 2, compression: str = "none", uuid: str | None = None, name: str = "source",
-           extra_args: Sequence[str] = ()) -> QemuPeer:
+           extra_args: Sequence[str] = (), binary: str | None = None) -> QemuPeer:
     """A paused ``-M none`` source whose RAM is ``ram_image`` (size from the file unless given)."""
     mem = memory or f"{Path(ram_image).stat().st_size // (1 << 20)}M"
     peer = QemuPeer(workdir, name=name, machine=machine, memory=mem, mem_path=ram_image, uuid=uuid,
-                    extra_args=extra_args)
+                    extra_args=extra_args, binary=binary)
     try:
         peer.set_multifd(channels, compression)
     except BaseException:
@@ -400,10 +400,10 @@ def source(workdir: Path, *, ram_image: Path, memory: str | None = None, machine
 
 def destination(workdir: Path, *, memory: str = "64M", machine: str = "none", channels: int = 2,
                 compression: str = "none", uuid: str | None = None, name: str = "destination",
-                extra_args: Sequence[str] = ()) -> tuple[QemuPeer, str]:
+                extra_args: Sequence[str] = (), binary: str | None = None) -> tuple[QemuPeer, str]:
     """A paused ``-incoming defer`` destination, listening; returns it and its URI."""
     peer = QemuPeer(workdir, name=name, machine=machine, memory=memory, incoming=True, uuid=uuid,
-                    extra_args=extra_args)
+                    extra_args=extra_args, binary=binary)
     try:
         peer.set_multifd(channels, compression)
         uri = peer.migrate_incoming("tcp:127.0.0.1:0")

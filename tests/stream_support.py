@@ -14,6 +14,7 @@ from engine.wire.stream import (
     Event,
     MainStreamParser,
     RamEOS,
+    RamFlush,
     RamMemSize,
     RamPage,
     RamZeroPages,
@@ -22,6 +23,7 @@ from engine.wire.stream import (
     StreamHeader,
     StreamReader,
     StreamTail,
+    SwitchoverStart,
 )
 
 PAGE = 4096
@@ -76,6 +78,10 @@ def flat(events: Iterable[Event]) -> Iterator[Flat]:
                 yield ("page", ev.block, ev.offset, bytes(ev.data))
             case RamEOS():
                 yield ("eos", ev.section_id, ev.kind)
+            case RamFlush():
+                yield ("flush", ev.section_id)
+            case SwitchoverStart():
+                yield ("switchover-start",)
             case SectionFooter():
                 yield ("footer", ev.section_id)
             case StreamTail():

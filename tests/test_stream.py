@@ -557,3 +557,13 @@ def test_full_ram_section_is_parsed_as_ram() -> None:
     assert parser.ram_ended
 
 
+def test_parser_decodes_qemu_10_records() -> None:
+    """QEMU 10.0's dialect: a MULTIFD_FLUSH (0x200) before each EOS, and SWITCHOVER_START
+    (QEMU_VM_COMMAND 0x000b, no data) before the END section (observed from QEMU 10.0.2)."""
+    start = G_START[:-13] + word(0x200) + G_START[-13:]  # START = MEM_SIZE, MULTIFD_FLUSH, EOS, footer
+    end = b"\x08" + h("000b 0000") + G_END[:5] + word(0x200) + G_END[5:]
+    events = parse(G_HEADER + G_CONFIG + start + end + b"\x00")
+    kinds = [e[0] for e in events]
+    assert kinds == ["header", "config", "begin", "mem", "flush", "eos", "footer", "switchover-start", "begin",
+                     "flush", "eos", "footer", "tail"]
+    assert events[4] == ("flush", 2) and events[9] == ("flush", 2)

@@ -45,10 +45,19 @@ MALFORMED: dict[str, tuple[bytes, str]] = {
         f"section-type-{t:#04x}": (
             PRO + bytes([t]) + bytes(16),
             f"received section type {t:#04x} at byte {len(PRO)}, expected one of START 0x01, PART 0x02, END 0x03,"
-            " FULL 0x04, CONFIGURATION 0x07, EOF 0x00",
+            " FULL 0x04, CONFIGURATION 0x07, COMMAND 0x08, EOF 0x00",
         )
-        for t in (0x05, 0x06, 0x08, 0x09, 0x7E, 0xFF)
+        for t in (0x05, 0x06, 0x09, 0x7E, 0xFF)
     },
+    # QEMU 10.0's SWITCHOVER_START (0x000b, no data) is the one command a stream may carry
+    "command-postcopy-advise": (
+        PRO + b"\x08" + bytes.fromhex("0002 0000"),
+        f"received command 0x0002 with 0 bytes at byte {len(PRO)}, expected SWITCHOVER_START 0x000b with 0 bytes",
+    ),
+    "command-switchover-with-data": (
+        PRO + b"\x08" + bytes.fromhex("000b 0001") + b"\0",
+        f"received command 0x000b with 1 bytes at byte {len(PRO)}, expected SWITCHOVER_START 0x000b with 0 bytes",
+    ),
     "footer-byte": (
         PRO[:-5] + b"\x00" + be32(2),
         "received 0x00 where the footer of section 2 belongs, expected 0x7e",
@@ -118,13 +127,13 @@ MALFORMED: dict[str, tuple[bytes, str]] = {
         f"flags-{name}": (
             PRO + PART + NAMED0 + word(flags, PAGE) + bytes(16),
             f"received ram record flags {flags:#x} at byte {AT + len(NAMED0)}, expected MEM_SIZE 0x4, ZERO 0x2,"
-            " PAGE 0x8 or EOS 0x10 (with CONTINUE 0x20)",
+            " PAGE 0x8, MULTIFD_FLUSH 0x200 or EOS 0x10 (with CONTINUE 0x20)",
         )
         for name, flags in [
             ("xbzrle-0x40", 0x40), ("xbzrle-continue-0x60", 0x60), ("hook-0x80", 0x80),
             ("compress-page-0x100", 0x100), ("obsolete-full-0x01", 0x01), ("none-0x00", 0x00),
             ("continue-only-0x20", 0x20), ("zero-and-page-0x0a", 0x0A), ("eos-and-zero-0x12", 0x12),
-            ("multifd-flush-0x200", 0x200),
+            ("multifd-flush-with-continue-0x220", 0x220), ("multifd-flush-and-zero-0x202", 0x202),
         ]
     },
     "mem-size-block-exceeds-total": (

@@ -43,6 +43,7 @@ from ..wire.stream import (
     Configuration,
     MainStreamParser,
     RamEOS,
+    RamFlush,
     RamMemSize,
     RamPage,
     RamZeroPages,
@@ -90,6 +91,7 @@ class Loader:
         self.main_zero = 0  # ZERO records
         self.main_eof = False
         self.section = "the stream header"
+        self.flushes = False  # the stream has carried a MULTIFD_FLUSH (QEMU 8.0+)
 
     # -- reading the main socket while watching everything else
 
@@ -173,20 +175,17 @@ class Loader:
     def _run(self) -> None:
         reader = StreamReader(self._fill)
         parser = MainStreamParser(reader)
-        stats = self.stats
         for ev in parser.events():
             if isinstance(ev, RamZeroPages):
                 self._zero(ev)
             elif isinstance(ev, RamPage):
                 self._page(ev)
+            elif isinstance(ev, RamFlush):
+                self.flushes = True  # QEMU 8.0+: from now on the flushes are the sync points
+                self._barrier("MULTIFD_FLUSH")
             elif isinstance(ev, RamEOS):
-                if self.channels is None:
-                    raise RemoteProtocolError("main channel: received EOS before MEM_SIZE set up the RAM blocks")
-                t0 = now_ns()
-                self.channels.barrier(self.section)
-                if self.trace is not None:
-                    self.trace.span(BARRIER, t0)
-                stats.ram.dirty_sync_count += 1
+                if not self.flushes:  # QEMU 7.2: every EOS is a sync point
+                    self._barrier("EOS")
             elif isinstance(ev, SectionBegin):
                 self.section = f"ram section {ev.section_id} ({ev.kind_name})"
             elif isinstance(ev, RamMemSize):
@@ -230,6 +229,16 @@ class Loader:
                                          tracing=self.trace is not None)
         self.stats.setup_time = time.monotonic() - self.stats.start
         self.stats.status = MigrationStatus.ACTIVE
+
+    def _barrier(self, record: str) -> None:
+        """The multifd sync point (``multifd_recv_sync_main``): every channel's SYNC packet."""
+        if self.channels is None:
+            raise RemoteProtocolError(f"main channel: received {record} before MEM_SIZE set up the RAM blocks")
+        t0 = now_ns()
+        self.channels.barrier(self.section)
+        if self.trace is not None:
+            self.trace.span(BARRIER, t0)
+        self.stats.ram.dirty_sync_count += 1
 
     def _zero(self, ev: RamZeroPages) -> None:
         assert self.ram is not None and self.channels is not None

@@ -57,6 +57,8 @@ RAM_SAVE_FLAG_CONTINUE = 0x20
 RAM_SAVE_FLAG_XBZRLE = 0x40
 RAM_SAVE_FLAG_HOOK = 0x80
 RAM_SAVE_FLAG_COMPRESS_PAGE = 0x100
+RAM_SAVE_FLAG_MULTIFD_FLUSH = 0x200  # QEMU 8.0+: the multifd sync point (then EOS no longer is)
+MIG_CMD_SWITCHOVER_START = 0x000B  # QEMU 10.0: a QEMU_VM_COMMAND before the END section
 RAM_FLAGS_MASK = TARGET_PAGE_SIZE - 1
 
 RAM_SECTION_IDSTR = "ram"
@@ -145,6 +147,19 @@ class RamEOS:
 
 
 @dataclass(frozen=True)
+class RamFlush:
+    """``RAM_SAVE_FLAG_MULTIFD_FLUSH`` (QEMU 8.0+): the multifd sync point. Once a stream has
+    carried one, its EOS records are not sync points any more (QEMU's own rule)."""
+
+    section_id: int
+
+
+@dataclass(frozen=True)
+class SwitchoverStart:
+    """``MIG_CMD_SWITCHOVER_START`` (QEMU 10.0): the source is about to stop the guest."""
+
+
+@dataclass(frozen=True)
 class SectionFooter:
     section_id: int
 
@@ -156,7 +171,8 @@ class StreamTail:
     data: bytes
 
 
-Event = StreamHeader | Configuration | SectionBegin | RamMemSize | RamZeroPages | RamPage | RamEOS | SectionFooter | StreamTail
+Event = (StreamHeader | Configuration | SectionBegin | RamMemSize | RamZeroPages | RamPage | RamEOS | RamFlush
+         | SwitchoverStart | SectionFooter | StreamTail)
 
 
 # -------------------------------------------------------------------------- parser
@@ -234,14 +250,29 @@ class MainStreamParser:
                 yield self._footer(section_id)
                 if kind == QEMU_VM_SECTION_END:
                     self.ram_ended = True
+            elif kind == QEMU_VM_COMMAND:
+                yield self._command()
             elif kind == QEMU_VM_EOF:
                 yield StreamTail(bytes([QEMU_VM_EOF]) + self.r.read_to_eof(self.max_tail, "the stream tail"))
                 return
             else:
                 raise RemoteProtocolError(
                     f"main channel: received section type {kind:#04x} at byte {r.consumed - 1}, expected one of"
-                    " START 0x01, PART 0x02, END 0x03, FULL 0x04, CONFIGURATION 0x07, EOF 0x00"
+                    " START 0x01, PART 0x02, END 0x03, FULL 0x04, CONFIGURATION 0x07, COMMAND 0x08, EOF 0x00"
                 )
+
+    def _command(self) -> SwitchoverStart:
+        """A QEMU_VM_COMMAND between sections: only QEMU 10.0's SWITCHOVER_START carries no
+        state the engine needs; any other command (postcopy, packaged streams) is refused."""
+        at = self.r.consumed - 1
+        head = self.r.read(4, "a command header")
+        cmd, length = int.from_bytes(head[:2], "big"), int.from_bytes(head[2:], "big")
+        if cmd != MIG_CMD_SWITCHOVER_START or length != 0:
+            raise RemoteProtocolError(
+                f"main channel: received command {cmd:#06x} with {length} bytes at byte {at}, expected"
+                f" SWITCHOVER_START {MIG_CMD_SWITCHOVER_START:#06x} with 0 bytes"
+            )
+        return SwitchoverStart()
 
     def _tail(self, kind: int, section_id: int, idstr: bytes, instance_id: int, version_id: int) -> bytes:
         # Rebuilt from the raw idstr bytes: the tail must be exactly what was received.
@@ -324,10 +355,13 @@ class MainStreamParser:
             if base == RAM_SAVE_FLAG_MEM_SIZE:
                 yield self._mem_size(addr)
                 continue
+            if word == RAM_SAVE_FLAG_MULTIFD_FLUSH:
+                yield RamFlush(section_id)
+                continue
             if base not in (RAM_SAVE_FLAG_ZERO, RAM_SAVE_FLAG_PAGE):
                 raise RemoteProtocolError(
                     f"main channel: received ram record flags {flags:#x} at byte {r.consumed - 8},"
-                    " expected MEM_SIZE 0x4, ZERO 0x2, PAGE 0x8 or EOS 0x10 (with CONTINUE 0x20)"
+                    " expected MEM_SIZE 0x4, ZERO 0x2, PAGE 0x8, MULTIFD_FLUSH 0x200 or EOS 0x10 (with CONTINUE 0x20)"
                 )
             if flags & RAM_SAVE_FLAG_CONTINUE:
                 if ram.last_block is None:

@@ -25,10 +25,23 @@ DEFAULT_CHANNELS = 2
 DEFAULT_HANDSHAKE_TIMEOUT = 15.0
 DEFAULT_STALL_TIMEOUT = 60.0
 ZERO_PAGE_DETECTION = ("legacy", "multifd", "none")
+DEFAULT_COMPAT = "7.2"
+COMPAT_RANGE = ((7, 2), (10, 0))
+_VERSIONED_MACHINE = re.compile(r"^pc-(?:i440fx|q35)-(\d+)\.(\d+)$")
 _CONGESTION_NAME = re.compile(r"^[A-Za-z0-9_-]{1,15}$")  # TCP_CA_NAME_MAX is 16 with the NUL
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([bBkKmMgGtTpPeE]?)(?:i?[bB])?\s*$")
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50, "e": 1 << 60}
+
+
+def _compat_version(text: str) -> tuple[int, int]:
+    lo, hi = COMPAT_RANGE
+    m = re.match(r"^(\d+)\.(\d+)$", text.strip())
+    version = (int(m.group(1)), int(m.group(2))) if m else None
+    if version is None or not lo <= version <= hi:
+        raise ConfigError(f"compat {text!r} is not a QEMU version this engine speaks, expected"
+                          f" {lo[0]}.{lo[1]} .. {hi[0]}.{hi[1]}")
+    return version
 
 
 def parse_size(text: str, what: str = "size") -> int:
@@ -49,7 +62,13 @@ class MigrationParams:
     level: int | None = None  # multifd-zlib-level / multifd-zstd-level / lz4 acceleration (None: the method's default)
     uuid: bytes = bytes(16)  # -uuid, sent in every channel handshake
     machine: str = "none"  # -machine, sent in the configuration section
-    zero_page_detection: str = "legacy"  # zero-page-detection (QEMU 9.0): legacy, multifd or none
+    #: the QEMU version whose multifd dialect the source speaks, "7.2" .. "10.0" (None: from a
+    #: versioned machine type such as pc-i440fx-9.2, else 7.2); it sets the next three defaults
+    #: as QEMU's machine-type compat properties do
+    compat: str | None = None
+    zero_page_detection: str | None = None  # zero-page-detection: legacy (<= 8.2), multifd (9.0+) or none
+    multifd_flush_after_each_section: bool | None = None  # on up to 8.0: sync at every EOS, no 0x200 records
+    send_switchover_start: bool | None = None  # on from 10.0: SWITCHOVER_START before the END section
     tcp_congestion: str = "auto"  # (engine) the source's TCP congestion control: auto or a name
     zero_copy_send: bool = False  # the zero-copy-send capability: MSG_ZEROCOPY on the channel sockets
     handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT  # (engine) connect + each 64-byte handshake, s
@@ -74,6 +93,7 @@ class MigrationParams:
                 method.check_level(self.level)
             except Exception as exc:
                 raise ConfigError(str(exc)) from None
+        self._resolve_compat()
         if self.zero_page_detection not in ZERO_PAGE_DETECTION:
             raise ConfigError(
                 f"zero-page-detection {self.zero_page_detection!r} is not supported, expected one of"
@@ -109,6 +129,30 @@ class MigrationParams:
             raise ConfigError(f"max-iterations {self.max_iterations} must be >= 1")
         if self.max_time < 0:
             raise ConfigError(f"max-time {self.max_time} must be >= 0 (0 = no limit)")
+
+    def _resolve_compat(self) -> None:
+        """Fill the dialect's unset settings from ``compat`` (frozen: set once, here)."""
+        compat = self.compat
+        if compat is None:
+            m = _VERSIONED_MACHINE.match(self.machine)
+            compat = f"{int(m.group(1))}.{int(m.group(2))}" if m else DEFAULT_COMPAT
+        version = _compat_version(compat)
+        defaults = {
+            "compat": f"{version[0]}.{version[1]}",
+            "zero_page_detection": "legacy" if version < (9, 0) else "multifd",
+            "multifd_flush_after_each_section": version <= (8, 0),
+            "send_switchover_start": version >= (10, 0),
+        }
+        for name, value in defaults.items():
+            if name == "compat" or getattr(self, name) is None:
+                object.__setattr__(self, name, value)
+
+    @property
+    def dialect(self) -> dict[str, object]:
+        """What the source speaks, with QEMU's names (for ``--json`` and the summary)."""
+        return {"compat": self.compat, "zero-page-detection": self.zero_page_detection,
+                "multifd-flush-after-each-section": self.multifd_flush_after_each_section,
+                "send-switchover-start": self.send_switchover_start}
 
     @property
     def effective_level(self) -> int:

@@ -178,6 +178,11 @@ def human_summary(stats: dict[str, Any], role: str) -> str:
             f"  channel {c['id']:<3} pid {c['pid']:<7} packets {c['packets']:<7} normal_pages {c['normal_pages']:<8}"
             f" bytes {c['bytes']}"
         )
+    if "dialect" in stats:
+        d = stats["dialect"]
+        lines.append(f"  dialect          QEMU {d['compat']}: zero-page-detection {d['zero-page-detection']},"
+                     f" flush-after-each-section {'on' if d['multifd-flush-after-each-section'] else 'off'},"
+                     f" switchover-start {'on' if d['send-switchover-start'] else 'off'}")
     if "error-desc" in stats:
         lines.append(f"  error            {stats['error-desc']}")
     return "\n".join(lines)

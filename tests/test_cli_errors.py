@@ -63,6 +63,8 @@ def test_bad_uri(uri: str, fragment: str, capsys) -> None:
      (["--compression", "gzip"], "unknown multifd-compression 'gzip'"),
      (["--compression", "zlib", "--level", "10"], "multifd-zlib-level 10 is out of range, expected 0..9"),
      (["--uuid", "xyz"], "invalid uuid 'xyz'"),
+     (["--compat", "6.0"], "compat '6.0' is not a QEMU version this engine speaks, expected 7.2 .. 10.0"),
+     (["--compat", "10.x"], "compat '10.x' is not a QEMU version this engine speaks, expected 7.2 .. 10.0"),
      (["--zero-copy-send", "--compression", "zstd"],
       "zero-copy-send needs multifd-compression none and zero-page-detection legacy or none, got zstd and legacy"
       " (only guest RAM itself can be sent without a copy)"),

@@ -1,4 +1,5 @@
-"""QEMU 10.0 at its defaults into the engine, byte-exact, with no engine option (issue 18).
+"""QEMU 10.0 at its defaults into the engine, byte-exact, with no engine option; the engine
+with ``--compat 10.0`` into QEMU 10.0 at its defaults (issue 18).
 
 QEMU 10.0.2 (``scripts/install-qemu10``, which ``./scripts/test`` runs) speaks a newer dialect:
 one MULTIFD_FLUSH record (0x200) per pass over RAM is the sync point instead of every EOS, zero
@@ -16,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from qemu_support import NONE_RAM, Image, compare_pages, incoming, qemu_peer, ram_image  # noqa: F401 - fixture
-from support import ROOT, read_dump
+from support import ROOT, read_dump, run_engine
 
 QEMU10 = ROOT / ".qemu" / "10.0" / "qemu-system-x86_64"
 
@@ -49,3 +50,22 @@ def test_qemu10_source_to_engine(tmp_path: Path, ram_image: Image, method: str, 
     assert sum(c["zero_pages"] for c in out["channels"]) > 0  # zero pages listed in packets
     devices = json.loads((dump / "devices.json").read_text())
     assert "globalstate" in [s["name"] for s in devices["sections"]]
+
+
+@pytest.mark.parametrize("method,channels", MATRIX, ids=[f"{m}-{c}" for m, c in MATRIX])
+def test_engine_compat_10_to_qemu10(tmp_path: Path, ram_image: Image, method: str, channels: int) -> None:
+    image, raw = ram_image
+    peer, uri = qemu_peer.destination(tmp_path, memory="64M", channels=channels, compression=method,
+                                      binary=str(QEMU10))
+    with peer:
+        r = run_engine("migrate", uri, "--ram-image", f"ram={image}", "--channels", str(channels),
+                       "--compression", method, "--compat", "10.0", "--json")
+        assert r.returncode == 0, r.stderr
+        info = peer.wait_migration(timeout=60)
+        assert info["status"] == "completed", (info, peer.log())
+        got = peer.pmemsave(0, NONE_RAM, tmp_path / "pmem.bin")
+    compare_pages("QEMU 10.0 destination RAM", got, raw)
+    out = json.loads(r.stdout)
+    assert out["status"] == "completed"
+    assert out["dialect"] == {"compat": "10.0", "zero-page-detection": "multifd",
+                              "multifd-flush-after-each-section": False, "send-switchover-start": True}

@@ -102,6 +102,9 @@ def params_from_args(args: argparse.Namespace) -> MigrationParams:
     given = {name: value for name, value in vars(args).items() if name in names and value is not None}
     if "uuid" in given:
         given["uuid"] = MigrationParams.uuid_from_text(given["uuid"])
+    for name in ("multifd_flush_after_each_section", "send_switchover_start"):
+        if name in given:
+            given[name] = given[name] == "on"
     if "max_bandwidth" in given:
         given["max_bandwidth"] = parse_size(given["max_bandwidth"], "--max-bandwidth")
     return MigrationParams(**given)

@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = Parser(prog="python -m engine", description="QEMU 7.2-compatible multifd migration engine")
+    parser = Parser(prog="python -m engine", description="QEMU-compatible (7.2 and 10.0) multifd migration engine")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     inc = sub.add_parser("incoming", help="wait for one migration and receive it")
@@ -61,10 +61,18 @@ def build_parser() -> argparse.ArgumentParser:
     mig.add_argument("--level", type=int, default=None,
                      help="multifd-zlib-level / multifd-zstd-level / lz4 acceleration (default 1)")
     mig.add_argument("--machine", default="none", help="machine name for the configuration section (default none)")
-    mig.add_argument("--zero-page-detection", choices=ZERO_PAGE_DETECTION, default="legacy",
+    mig.add_argument("--compat", metavar="VERSION", default=None,
+                     help="speak the multifd dialect of this QEMU version, 7.2 .. 10.0 (default 7.2, or the"
+                          " version of a --machine pc-i440fx-X.Y / pc-q35-X.Y); sets the next three")
+    mig.add_argument("--zero-page-detection", choices=ZERO_PAGE_DETECTION, default=None,
                      help="legacy: the migration thread finds zero pages and sends ZERO records (QEMU 7.2);"
-                          " multifd: the channels find them and list them in packets (QEMU 9.0; engine"
-                          " destinations only); none: send every page whole (default legacy)")
+                          " multifd: the channels find them and list them in packets (QEMU 9.0); none: send"
+                          " every page whole (default: legacy up to --compat 8.2, multifd from 9.0)")
+    mig.add_argument("--multifd-flush-after-each-section", choices=("on", "off"), default=None,
+                     help="on: the destination syncs at every EOS (QEMU up to 8.0); off: at MULTIFD_FLUSH"
+                          " records (default: on up to --compat 8.0)")
+    mig.add_argument("--send-switchover-start", choices=("on", "off"), default=None,
+                     help="SWITCHOVER_START before the END section (default: on from --compat 10.0)")
     mig.add_argument("--zero-copy-send", action="store_true", default=None,
                      help="QEMU's zero-copy-send capability: the channels send guest pages with MSG_ZEROCOPY"
                           " (Linux, tcp: URIs, multifd-compression none; the kernel still copies on loopback)")

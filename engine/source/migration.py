@@ -81,6 +81,7 @@ class Migration(BackgroundJob):
     def _refresh(self, st: MigrationStats) -> None:
         """Page counts are the channels' (``normal``: pages they sent whole; zero pages they
         listed in packets) plus the ZERO records of the migration thread."""
+        st.extra["dialect"] = self.params.dialect
         if self._channels is not None:
             st.channels = self._channels.stats()
             st.ram.multifd_bytes = sum(c.bytes for c in st.channels)
@@ -158,7 +159,9 @@ class Migration(BackgroundJob):
                                 PAGES_PER_PACKET, ZERO_SCAN_CHUNK))
         saver = RamSaver(self._main_send, self._enc, self._channels, self.ram, self.stats,
                          after_chunk=after_chunk, chunk_pages=chunk,
-                         scan_zero=self.params.zero_page_detection == "legacy")
+                         scan_zero=self.params.zero_page_detection == "legacy",
+                         flush_records=not self.params.multifd_flush_after_each_section,
+                         switchover_start=bool(self.params.send_switchover_start))
         saver.trace = self.trace
         return saver
 

@@ -80,7 +80,8 @@ class RamSaver:
 
     def __init__(self, main_send: Callable[[bytes], None], enc: StreamEncoder, channels: SendChannels,
                  ram: GuestRam, stats: MigrationStats, *, after_chunk: Callable[[], None] = lambda: None,
-                 chunk_pages: int = ZERO_SCAN_CHUNK, scan_zero: bool = True) -> None:
+                 chunk_pages: int = ZERO_SCAN_CHUNK, scan_zero: bool = True, flush_records: bool = False,
+                 switchover_start: bool = False) -> None:
         self._send = main_send
         self.enc = enc
         self.channels = channels
@@ -92,6 +93,8 @@ class RamSaver:
         self.after_chunk = after_chunk  # rate limiting and cancellation, between chunks
         self.chunk_pages = chunk_pages
         self.scan_zero = scan_zero  # zero-page-detection=legacy; else every page goes to the channels
+        self.flush_records = flush_records  # a MULTIFD_FLUSH record marks each sync (QEMU 8.0+ off-mode)
+        self.switchover_start = switchover_start  # SWITCHOVER_START before the END section (QEMU 10.0)
         self.zero_records = 0  # zero pages sent as ZERO records (the channels count the rest)
         self.trace: Trace | None = None
 
@@ -108,6 +111,8 @@ class RamSaver:
         self.channels.sync()
         if self.trace is not None:
             self.trace.span(SYNC_WAIT, t0)
+        if self.flush_records:  # the destination syncs here, not at the EOS
+            self.enc.ram_multifd_flush()
         self.enc.ram_eos()
         self.enc.footer(RAM_SECTION_ID)
         self._flush_main(force=True)
@@ -124,6 +129,8 @@ class RamSaver:
 
         ``None`` means every page of every block. Page indices must be sorted and unique.
         """
+        if end and self.switchover_start:
+            self.enc.switchover_start()
         self.enc.section_part(RAM_SECTION_ID, end=end)
         self.pages_done = 0
         for block_idx, block in enumerate(self.ram):

@@ -24,6 +24,8 @@ from .packet import MAX_RAMBLOCK_NAME, TARGET_PAGE_SIZE
 from .stream import (
     _ZERO_CONT,
     _ZERO_RUN,
+    MIG_CMD_SWITCHOVER_START,
+    QEMU_VM_COMMAND,
     QEMU_VM_CONFIGURATION,
     QEMU_VM_EOF,
     QEMU_VM_FILE_MAGIC,
@@ -37,10 +39,12 @@ from .stream import (
     RAM_SAVE_FLAG_CONTINUE,
     RAM_SAVE_FLAG_EOS,
     RAM_SAVE_FLAG_MEM_SIZE,
+    RAM_SAVE_FLAG_MULTIFD_FLUSH,
     RAM_SAVE_FLAG_PAGE,
     RAM_SAVE_FLAG_ZERO,
 )
 
+_BE16 = struct.Struct(">H")
 _BE32 = struct.Struct(">I")
 _BE64 = struct.Struct(">Q")
 
@@ -116,6 +120,14 @@ class StreamEncoder:
 
     def ram_eos(self) -> None:
         self.out += _BE64.pack(RAM_SAVE_FLAG_EOS)
+
+    def ram_multifd_flush(self) -> None:
+        """QEMU 8.0+'s sync point (multifd-flush-after-each-section off): after the SYNC packets."""
+        self.out += _BE64.pack(RAM_SAVE_FLAG_MULTIFD_FLUSH)
+
+    def switchover_start(self) -> None:
+        """QEMU 10.0's MIG_CMD_SWITCHOVER_START, before the END section (send-switchover-start)."""
+        self.out += bytes([QEMU_VM_COMMAND]) + _BE16.pack(MIG_CMD_SWITCHOVER_START) + _BE16.pack(0)
 
     def eof(self) -> None:
         self.out += bytes([QEMU_VM_EOF])

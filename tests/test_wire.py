@@ -497,3 +497,18 @@ def test_encode_pages_checks_as_encode_does() -> None:
     with pytest.raises(LocalProtocolError, match=r"^packet with 3 zero pages among 2 offsets$"):
         PacketEncoder().encode_pages(flags=0, packet_num=0, ramblock=b"x", pages=np.arange(2), next_packet_size=0,
                                      zero_pages=3)
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [(4 << 1, "received compression flags 0x8 (qpl, QEMU 10.0), expected 0x2 (zlib): this engine has no qpl"),
+     (8 << 1, "received compression flags 0x10 (uadk, QEMU 10.0), expected 0x2 (zlib): this engine has no uadk"),
+     (16 << 1, "received compression flags 0x20 (qatzip, QEMU 10.0), expected 0x2 (zlib): this engine has no qatzip"),
+     (32 << 1, "received a DEVICE_STATE packet (flags 0x40: VFIO device state, QEMU 10.0), expected RAM pages:"
+               " this engine migrates no VFIO device")],
+    ids=["qpl", "uadk", "qatzip", "device-state"],
+)
+def test_qemu_10_packets_the_engine_lacks_are_named(flags: int, message: str) -> None:
+    with pytest.raises(RemoteProtocolError) as exc:
+        _decode(_valid(flags=flags))
+    assert str(exc.value) == WHERE + message

@@ -44,6 +44,9 @@ MULTIFD_FLAG_NOCOMP = 0 << 1
 MULTIFD_FLAG_ZLIB = 1 << 1
 MULTIFD_FLAG_ZSTD = 2 << 1
 MULTIFD_FLAG_LZ4 = 3 << 1  # this engine's extension; QEMU 7.2 does not know it
+#: QEMU 10.0's further methods and its VFIO device-state packets: named in the refusal
+QEMU10_METHODS = {4 << 1: "qpl", 8 << 1: "uadk", 16 << 1: "qatzip"}
+MULTIFD_FLAG_DEVICE_STATE = 32 << 1
 
 MULTIFD_PACKET_SIZE = 512 * 1024
 PAGES_PER_PACKET = MULTIFD_PACKET_SIZE // TARGET_PAGE_SIZE  # 128
@@ -268,6 +271,18 @@ def decode_packet_header(
         raise RemoteProtocolError(
             f"{where}: received zero_pages {zero_pages}, expected <= pages_alloc - normal_pages"
             f" {pages_alloc - normal_pages}"
+        )
+    if flags & MULTIFD_FLAG_DEVICE_STATE and (normal_pages or zero_pages):  # empty: stale bits (doc 2.2)
+        raise RemoteProtocolError(
+            f"{where}: received a DEVICE_STATE packet (flags {flags:#x}: VFIO device state, QEMU 10.0),"
+            " expected RAM pages: this engine migrates no VFIO device"
+        )
+    other = next((name for bit, name in QEMU10_METHODS.items() if flags & (0x1F << 1) == bit), None)
+    if other is not None and (normal_pages or zero_pages):
+        raise RemoteProtocolError(
+            f"{where}: received compression flags {flags & (0x1F << 1):#x} ({other}, QEMU 10.0), expected"
+            f" {expected_compression:#x}" + (f" ({expected_name})" if expected_name else "")
+            + f": this engine has no {other}"
         )
     if normal_pages == 0 and zero_pages == 0:
         # ramblock, next_packet_size and the compression bits are stale here (doc 2.2).

@@ -16,7 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from qemu_support import NONE_RAM, Image, compare_pages, incoming, qemu_peer, ram_image  # noqa: F401 - fixture
+from qemu_support import (  # noqa: F401 - ram_image is a fixture
+    NONE_RAM, CaptureProxy, Image, compare_pages, host_port, incoming, qemu_peer, ram_image,
+)
 from support import ROOT, read_dump, run_engine
 
 QEMU10 = ROOT / ".qemu" / "10.0" / "qemu-system-x86_64"
@@ -26,7 +28,7 @@ pytestmark = [
     pytest.mark.skipif(not QEMU10.exists(), reason="QEMU 10.0 is not installed (scripts/install-qemu10)"),
 ]
 
-MATRIX = [("none", 1), ("none", 4), ("zlib", 2), ("zstd", 3)]
+MATRIX = [("none", 1), ("none", 4), ("zlib", 2), ("zstd", 3), ("none", 16)]
 
 
 @pytest.mark.parametrize("method,channels", MATRIX, ids=[f"{m}-{c}" for m, c in MATRIX])
@@ -69,3 +71,28 @@ def test_engine_compat_10_to_qemu10(tmp_path: Path, ram_image: Image, method: st
     assert out["status"] == "completed"
     assert out["dialect"] == {"compat": "10.0", "zero-page-detection": "multifd",
                               "multifd-flush-after-each-section": False, "send-switchover-start": True}
+
+
+def test_inspect_decodes_a_qemu10_capture(tmp_path: Path, ram_image: Image) -> None:
+    """inspect takes QEMU 10.0's streams: MULTIFD_FLUSH records are the sync points, one SYNC
+    packet per channel each; zero pages listed in packets."""
+    image, raw = ram_image
+    with qemu_peer.source(tmp_path, ram_image=image, channels=2, compression="zstd", binary=str(QEMU10)) as src:
+        src.set_parameters(max_bandwidth=10 << 30)
+        with incoming("--channels", "2", "--compression", "zstd", "--dump", str(tmp_path / "dst")) as dst:
+            with CaptureProxy(host_port(dst.uri), tmp_path / "cap") as proxy:
+                src.migrate(proxy.uri)
+                assert src.wait_migration(timeout=60)["status"] == "completed"
+                assert dst.wait(60) == 0, dst.stderr
+            files = proxy.files()
+    compare_pages("ram through the proxy", read_dump(tmp_path / "dst")["ram"], raw)
+    r = run_engine("inspect", "--json", *map(str, files))
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    main = report["files"][0]
+    assert main["ram_records"]["multifd_flush"] >= 2 and main["ram_records"]["zero_pages"] == 0
+    t = report["totals"]
+    assert t["sync_point"] == "MULTIFD_FLUSH" and t["sync_consistent"]
+    assert t["sync_rounds"] == main["ram_records"]["multifd_flush"]
+    text = run_engine("inspect", *map(str, files))
+    assert "every channel has one SYNC per MULTIFD_FLUSH" in text.stdout

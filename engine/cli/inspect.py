@@ -5,7 +5,8 @@ Each file is one connection's bytes as the source sent them, told apart by its f
 stream goes through the destination's own parser, so inspect accepts exactly what ``incoming``
 accepts; a channel is walked packet by packet, every payload through the channel's
 decompressor; then the files are cross-checked (pages repeated within a sync round or resent
-later, one SYNC packet per channel per EOS record). A capture cut mid-record is summarised up
+later, one SYNC packet per channel per sync point: each EOS, or each MULTIFD_FLUSH in QEMU 8.0+
+streams). A capture cut mid-record is summarised up
 to the cut and marked ``truncated`` (:func:`run_inspect` returns 1); bytes that are not
 migration bytes (:class:`ConfigError`) or break the format (:class:`RemoteProtocolError`) end
 it with one line. What is counted, and how to capture: docs/architecture.md, "inspect".
@@ -26,34 +27,12 @@ from ..compression.base import Buffer
 from ..compression.registry import method_name_for_flag
 from ..errors import ConfigError, MigrationError, RemoteProtocolError, TruncatedError
 from ..wire.packet import (
-    INIT_SIZE,
-    MULTIFD_FLAG_COMPRESSION_MASK,
-    MULTIFD_FLAG_SYNC,
-    MULTIFD_MAGIC,
-    MULTIFD_VERSION,
-    PACKET_FIXED,
-    PACKET_FIXED_SIZE,
-    PACKET_HEADER_SIZE,
-    PAGES_PER_PACKET,
-    TARGET_PAGE_SIZE,
-    MultiFDInit,
-    format_uuid,
+    INIT_SIZE, MULTIFD_FLAG_COMPRESSION_MASK, MULTIFD_FLAG_SYNC, MULTIFD_MAGIC, MULTIFD_VERSION, PACKET_FIXED,
+    PACKET_FIXED_SIZE, PACKET_HEADER_SIZE, PAGES_PER_PACKET, TARGET_PAGE_SIZE, MultiFDInit, format_uuid,
 )
 from ..wire.stream import (
-    QEMU_VM_FILE_MAGIC,
-    RAM_SAVE_FLAG_CONTINUE,
-    RAM_SAVE_FLAG_EOS,
-    Configuration,
-    MainStreamParser,
-    RamEOS,
-    RamMemSize,
-    RamPage,
-    RamZeroPages,
-    SectionBegin,
-    SectionFooter,
-    StreamHeader,
-    StreamReader,
-    StreamTail,
+    QEMU_VM_FILE_MAGIC, RAM_SAVE_FLAG_CONTINUE, RAM_SAVE_FLAG_EOS, Configuration, MainStreamParser, RamEOS, RamFlush,
+    RamMemSize, RamPage, RamZeroPages, SectionBegin, SectionFooter, StreamHeader, StreamReader, StreamTail,
 )
 from ..wire.vmstate import parse_device_state, parse_tail
 
@@ -94,6 +73,8 @@ def inspect_main(path: Path, data: bytes) -> dict[str, Any]:
                 per_block.setdefault(ev.block, Counter())["page"] += 1
             elif isinstance(ev, RamEOS):
                 records["eos"] += 1
+            elif isinstance(ev, RamFlush):
+                records["multifd_flush"] += 1  # QEMU 8.0+: the sync points, instead of the EOS
             elif isinstance(ev, SectionBegin):
                 sections.setdefault(ev.idstr, Counter())[ev.kind_name] += 1
                 first = int.from_bytes(data[reader.consumed:reader.consumed + 8], "big")
@@ -118,6 +99,8 @@ def inspect_main(path: Path, data: bytes) -> dict[str, Any]:
     out["blocks"] = blocks
     out["sections"] = {idstr: dict(c) for idstr, c in sections.items()}
     out["ram_records"] = {k: records[k] for k in ("mem_size", "zero_pages", "page", "eos")}
+    if records["multifd_flush"]:
+        out["ram_records"]["multifd_flush"] = records["multifd_flush"]
     out["sections_opening_with_continue"] = continued
     out["ram_pages_by_block"] = {name: {"zero": c["zero"], "page": c["page"]} for name, c in per_block.items()}
     part_bytes = {"header": header_end, "ram": max(0, ram_end - header_end), "device_state": 0, "vmdesc": 0}
@@ -360,9 +343,11 @@ def inspect_files(files: Sequence[Path]) -> dict[str, Any]:
         totals["pages_repeated_within_round"] = within
         totals["pages_resent_in_later_round"] = again
     if len(mains) == 1 and chans:
-        eos = mains[0]["ram_records"]["eos"]
-        off = {r["channel"]: r["syncs"] for r in chans if r["syncs"] != eos}
-        totals["sync_rounds"] = eos
+        rec = mains[0]["ram_records"]
+        points = rec.get("multifd_flush", rec["eos"])
+        off = {r["channel"]: r["syncs"] for r in chans if r["syncs"] != points}
+        totals["sync_point"] = "MULTIFD_FLUSH" if "multifd_flush" in rec else "EOS"
+        totals["sync_rounds"] = points
         totals["sync_consistent"] = not off
         if off:
             totals["sync_mismatch"] = {str(ch): n for ch, n in off.items()}
@@ -386,8 +371,10 @@ def render(report: dict[str, Any]) -> str:
                 lines.append(f"  sections {idstr}: " + ", ".join(f"{k} {n}" for k, n in kinds.items()))
             rec = r["ram_records"]
             lines.append(f"  ram records: MEM_SIZE {rec['mem_size']}, ZERO {rec['zero_pages']} pages,"
-                         f" PAGE {rec['page']}, EOS {rec['eos']} (sync points);"
-                         f" {r['sections_opening_with_continue']} sections open with CONTINUE")
+                         f" PAGE {rec['page']}, "
+                         + (f"MULTIFD_FLUSH {rec['multifd_flush']} (sync points), EOS {rec['eos']};"
+                            if "multifd_flush" in rec else f"EOS {rec['eos']} (sync points);")
+                         + f" {r['sections_opening_with_continue']} sections open with CONTINUE")
             for name, c in r["ram_pages_by_block"].items():
                 lines.append(f"    {name}: {c['zero']} zero pages, {c['page']} PAGE records")
             if r["device_sections"]:
@@ -429,7 +416,7 @@ def render(report: dict[str, Any]) -> str:
                     f" resent in a later round {t['pages_resent_in_later_round']}")
     if "sync_rounds" in t:
         summary += (f"; {t['sync_rounds']} sync rounds, "
-                    + ("every channel has one SYNC per EOS" if t["sync_consistent"]
+                    + (f"every channel has one SYNC per {t['sync_point']}" if t["sync_consistent"]
                        else f"MISMATCH (SYNC packets per channel: {t['sync_mismatch']})"))
     lines.append(summary)
     return "\n".join(lines)

@@ -67,6 +67,36 @@ def incoming(*args: str, listen_timeout: float = 60.0) -> Incoming:
     return Incoming("tcp:127.0.0.1:0", *args, "--listen-timeout", f"{listen_timeout:g}")
 
 
+def qemu_into_engine(tmp_path: Path, image: Path, method: str, channels: int, dump: Path,
+                     binary: str | None = None) -> tuple[Incoming, str]:
+    """A paused ``-M none`` QEMU source migrates ``image`` into an engine destination, which must
+    exit 0 after dumping to ``dump``; returns the destination and the source's run state after."""
+    with qemu_peer.source(tmp_path, ram_image=image, channels=channels, compression=method, binary=binary) as src:
+        src.set_parameters(max_bandwidth=10 << 30)
+        with incoming("--channels", str(channels), "--compression", method, "--json", "--dump", str(dump)) as dst:
+            src.migrate(dst.uri)
+            info = src.wait_migration(timeout=60)
+            assert dst.wait(60) == 0, dst.stderr
+        assert info["status"] == "completed", info
+        return dst, src.status()
+
+
+def engine_into_qemu(tmp_path: Path, image: Path, method: str, channels: int, *args: str,
+                     binary: str | None = None) -> tuple[Any, bytes]:
+    """The engine migrates ``image`` into a paused ``-M none -m 64M`` QEMU destination, which must
+    complete; returns the engine's run and the destination's RAM (``pmemsave``)."""
+    from support import run_engine
+
+    peer, uri = qemu_peer.destination(tmp_path, memory="64M", channels=channels, compression=method, binary=binary)
+    with peer:
+        r = run_engine("migrate", uri, "--ram-image", f"ram={image}", "--channels", str(channels),
+                       "--compression", method, *args)
+        assert r.returncode == 0, r.stderr
+        info = peer.wait_migration(timeout=60)
+        assert info["status"] == "completed", (info, peer.log())
+        return r, peer.pmemsave(0, NONE_RAM, tmp_path / "pmem.bin")
+
+
 def host_port(uri: str) -> tuple[str, int]:
     host, port = uri.removeprefix("tcp:").rsplit(":", 1)
     return host, int(port)

@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 
 from qemu_support import (  # noqa: F401 - ram_image is a fixture
-    NONE_RAM, CaptureProxy, Image, compare_pages, host_port, incoming, qemu_peer, ram_image,
+    NONE_RAM, CaptureProxy, Image, compare_pages, engine_into_qemu, host_port, incoming, qemu_into_engine, qemu_peer,
+    ram_image,
 )
 from support import ROOT, read_dump, run_engine
 
@@ -35,14 +36,7 @@ MATRIX = [("none", 1), ("none", 4), ("zlib", 2), ("zstd", 3), ("none", 16)]
 def test_qemu10_source_to_engine(tmp_path: Path, ram_image: Image, method: str, channels: int) -> None:
     image, raw = ram_image
     dump = tmp_path / "dst"
-    with qemu_peer.source(tmp_path, ram_image=image, channels=channels, compression=method,
-                          binary=str(QEMU10)) as src:
-        src.set_parameters(max_bandwidth=10 << 30)
-        with incoming("--channels", str(channels), "--compression", method, "--json", "--dump", str(dump)) as dst:
-            src.migrate(dst.uri)
-            info = src.wait_migration(timeout=60)
-            assert dst.wait(60) == 0, dst.stderr
-        assert info["status"] == "completed", info
+    dst, _ = qemu_into_engine(tmp_path, image, method, channels, dump, binary=str(QEMU10))
     compare_pages("ram", read_dump(dump)["ram"], raw)
     out = dst.json()
     assert out["status"] == "completed"
@@ -57,15 +51,7 @@ def test_qemu10_source_to_engine(tmp_path: Path, ram_image: Image, method: str, 
 @pytest.mark.parametrize("method,channels", MATRIX, ids=[f"{m}-{c}" for m, c in MATRIX])
 def test_engine_compat_10_to_qemu10(tmp_path: Path, ram_image: Image, method: str, channels: int) -> None:
     image, raw = ram_image
-    peer, uri = qemu_peer.destination(tmp_path, memory="64M", channels=channels, compression=method,
-                                      binary=str(QEMU10))
-    with peer:
-        r = run_engine("migrate", uri, "--ram-image", f"ram={image}", "--channels", str(channels),
-                       "--compression", method, "--compat", "10.0", "--json")
-        assert r.returncode == 0, r.stderr
-        info = peer.wait_migration(timeout=60)
-        assert info["status"] == "completed", (info, peer.log())
-        got = peer.pmemsave(0, NONE_RAM, tmp_path / "pmem.bin")
+    r, got = engine_into_qemu(tmp_path, image, method, channels, "--compat", "10.0", "--json", binary=str(QEMU10))
     compare_pages("QEMU 10.0 destination RAM", got, raw)
     out = json.loads(r.stdout)
     assert out["status"] == "completed"

@@ -20,6 +20,8 @@ import pytest
 
 from engine.wire.packet import MultiFDInit, encode_packet_header, MULTIFD_FLAG_SYNC
 from qemu_support import (
+    engine_into_qemu,
+    qemu_into_engine,
     NONE_RAM,
     QemuPeer,
     compare_pages,
@@ -52,14 +54,8 @@ def _runstate(devices: dict[str, Any]) -> str:
 def test_qemu_source_to_engine(tmp_path: Path, ram_image: Image, method: str, channels: int) -> None:
     image, raw = ram_image
     dump = tmp_path / "dst"
-    with qemu_peer.source(tmp_path, ram_image=image, channels=channels, compression=method) as src:
-        src.set_parameters(max_bandwidth=10 << 30)
-        with incoming("--channels", str(channels), "--compression", method, "--json", "--dump", str(dump)) as dst:
-            src.migrate(dst.uri)
-            info = src.wait_migration(timeout=60)
-            assert dst.wait(60) == 0, dst.stderr
-        assert info["status"] == "completed", info
-        assert src.status() == "postmigrate"
+    dst, state = qemu_into_engine(tmp_path, image, method, channels, dump)
+    assert state == "postmigrate"
     compare_pages("ram", read_dump(dump)["ram"], raw)
     out = dst.json()
     assert out["status"] == "completed"
@@ -82,14 +78,7 @@ def test_qemu_source_to_engine(tmp_path: Path, ram_image: Image, method: str, ch
 @pytest.mark.parametrize("method,channels", MATRIX, ids=[f"{m}-{c}" for m, c in MATRIX])
 def test_engine_source_to_qemu(tmp_path: Path, ram_image: Image, method: str, channels: int) -> None:
     image, raw = ram_image
-    peer, uri = qemu_peer.destination(tmp_path, memory="64M", channels=channels, compression=method)
-    with peer:
-        r = run_engine("migrate", uri, "--ram-image", f"ram={image}", "--channels", str(channels),
-                       "--compression", method, "--machine", "none", "--json")
-        assert r.returncode == 0, r.stderr
-        info = peer.wait_migration(timeout=60)
-        assert info["status"] == "completed", (info, peer.log())
-        got = peer.pmemsave(0, NONE_RAM, tmp_path / "pmem.bin")
+    r, got = engine_into_qemu(tmp_path, image, method, channels, "--machine", "none", "--json")
     compare_pages("QEMU destination RAM", got, raw)
     out = json.loads(r.stdout)
     assert out["status"] == "completed" and len(out["channels"]) == channels

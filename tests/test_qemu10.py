@@ -82,3 +82,49 @@ def test_inspect_decodes_a_qemu10_capture(tmp_path: Path, ram_image: Image) -> N
     assert t["sync_rounds"] == main["ram_records"]["multifd_flush"]
     text = run_engine("inspect", *map(str, files))
     assert "every channel has one SYNC per MULTIFD_FLUSH" in text.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("method", ["none", "zstd"])
+def test_live_qemu10_guest_to_engine(tmp_path: Path, method: str) -> None:
+    """test_qemu_live's guest (it dirties 1..100 MiB while it migrates, and cannot converge until
+    the limits are raised) on QEMU 10.0 at its defaults: many passes, one MULTIFD_FLUSH each."""
+    from test_qemu_live import GUEST_RAM, HOLE, _check_pattern
+
+    from qemu_support import QemuPeer, boot_sector, wait_serial
+
+    channels = 8
+    boot = boot_sector(tmp_path)
+    serial, backing, dump = tmp_path / "serial.txt", tmp_path / "pc.ram", tmp_path / "dst"
+    extra = [
+        "-drive", f"file={boot},format=raw,if=ide",
+        "-object", f"memory-backend-file,id=pc.ram,size=150M,mem-path={backing},share=on",
+    ]
+    with QemuPeer(tmp_path, name="guest", machine="pc,memory-backend=pc.ram", memory="150M", paused=False,
+                  serial=serial, extra_args=extra, binary=str(QEMU10)) as src:
+        wait_serial(serial, b"A", peer=src)
+        src.set_multifd(channels, method, max_bandwidth=30_000_000, downtime_limit=1)
+        with incoming("--channels", str(channels), "--compression", method, "--json", "--dump", str(dump)) as dst:
+            src.migrate(dst.uri)
+            first = src.wait_dirty_sync(2, timeout=90)
+            assert first["status"] == "active"
+            passes = src.wait_dirty_sync(first["ram"]["dirty-sync-count"] + 1, timeout=90)
+            assert passes["status"] == "active", "converged while it should not have"
+            src.set_parameters(max_bandwidth=1_000_000_000, downtime_limit=30_000)
+            info = src.wait_migration(timeout=120)
+            assert info["status"] == "completed", info
+            assert dst.wait(120) == 0, dst.stderr
+        low = src.pmemsave(0, HOLE[0], tmp_path / "low.bin")
+        high = src.pmemsave(HOLE[1], GUEST_RAM - HOLE[1], tmp_path / "high.bin")
+        whole = backing.read_bytes()
+    ram = read_dump(dump)["pc.ram"]
+    compare_pages("pc.ram vs the source's RAMBlock", ram, whole)
+    compare_pages("pc.ram below 640K vs pmemsave", ram[:HOLE[0]], low)
+    compare_pages("pc.ram above 1M vs pmemsave", ram[HOLE[1]:], high)
+    _check_pattern(ram)
+    out = dst.json()
+    assert out["status"] == "completed"
+    assert out["ram"]["dirty-sync-count"] >= 3  # setup and at least two passes, one flush each
+    names = [s["name"] for s in json.loads((dump / "devices.json").read_text())["sections"]]
+    assert "serial" in names and "cpu" in names

@@ -71,6 +71,22 @@ def test_generated_guest_and_default_settings(tmp_path: Path) -> None:
     assert_same_ram(read_dump(tmp_path / "src"), read_dump(tmp_path / "dst"))
 
 
+@pytest.mark.parametrize("compat, syncs", [("8.0", 3), ("8.2", 3), ("9.0", 3)])
+def test_every_compat_engine_to_engine(tmp_path: Path, compat: str, syncs: int) -> None:
+    """The destination takes every dialect --compat speaks, with no option: EOS sync points (8.0),
+    MULTIFD_FLUSH with ZERO records (8.2), MULTIFD_FLUSH with zero pages in packets (9.0)."""
+    import json
+
+    with Incoming("tcp:127.0.0.1:0", "--channels", "2", "--json", "--dump", str(tmp_path / "dst")) as dst:
+        src = run_engine("migrate", dst.uri, "--ram-size", "4M", "--channels", "2", "--compat", compat, "--json",
+                         "--dump", str(tmp_path / "src"))
+        assert src.returncode == 0, src.stderr
+        assert dst.wait() == 0, dst.stderr
+    assert_same_ram(read_dump(tmp_path / "src"), read_dump(tmp_path / "dst"))
+    assert json.loads(src.stdout)["dialect"]["compat"] == compat
+    assert json.loads(dst.stdout)["ram"]["dirty-sync-count"] == syncs
+
+
 def test_compat_10_engine_to_engine(tmp_path: Path) -> None:
     """--compat 10.0: MULTIFD_FLUSH sync points, zero pages in packets, SWITCHOVER_START; the
     destination detects the dialect by itself."""

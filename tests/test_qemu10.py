@@ -163,3 +163,16 @@ def test_live_engine_compat_10_to_qemu10(tmp_path: Path, ram_image: Image, metho
     # live: a pass while the guest ran, then the pages it dirtied meanwhile at stop-and-copy
     assert out["iterations"] and out["ram"]["dirty-sync-count"] >= 2, out
     compare_pages("QEMU 10.0 destination RAM vs the stopped guest", got, read_dump(tmp_path / "src")["ram"])
+
+
+def test_qemu10_through_the_engine_into_qemu72(tmp_path: Path, ram_image: Image) -> None:
+    """QEMU 10.0 -> engine -> QEMU 7.2, two migrations, each at the other end's dialect: the
+    engine's received RAM goes on into a QEMU 7.2 destination (the engine's default, --compat
+    7.2), and QEMU 7.2 ends with QEMU 10.0's guest RAM, byte-exact."""
+    image, raw = ram_image
+    qemu_into_engine(tmp_path / "in", image, "zstd", 4, tmp_path / "dst", binary=str(QEMU10))
+    received = read_dump(tmp_path / "dst")["ram"]
+    (tmp_path / "received.img").write_bytes(received)
+    r, got = engine_into_qemu(tmp_path / "out", tmp_path / "received.img", "zlib", 2, "--json")
+    assert json.loads(r.stdout)["dialect"]["compat"] == "7.2"
+    compare_pages("QEMU 7.2 RAM vs QEMU 10.0's", got, raw)

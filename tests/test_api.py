@@ -103,3 +103,22 @@ def test_total_time_ends_when_the_last_byte_is_written(monkeypatch: pytest.Monke
         assert stats.status == "failed" and stats.total_time >= 0.5
     else:
         assert stats.status == "completed" and wall - stats.total_time >= 0.5
+
+
+def test_compat_sets_the_dialect_as_qemu_machine_types_do() -> None:
+    """--compat X.Y (or a versioned machine type) sets the three settings QEMU's hw_compat
+    properties set; each setting given on its own wins."""
+    def dialect(**kw: object) -> tuple[object, ...]:
+        d = MigrationParams(**kw).dialect  # type: ignore[arg-type]
+        return (d["compat"], d["zero-page-detection"], d["multifd-flush-after-each-section"], d["send-switchover-start"])
+
+    assert dialect() == ("7.2", "legacy", True, False)
+    assert dialect(compat="8.0") == ("8.0", "legacy", True, False)
+    assert dialect(compat="8.1") == ("8.1", "legacy", False, False)
+    assert dialect(compat="9.0") == ("9.0", "multifd", False, False)
+    assert dialect(compat="10.0") == ("10.0", "multifd", False, True)
+    assert dialect(machine="pc-i440fx-9.2") == ("9.2", "multifd", False, False)
+    assert dialect(machine="pc-q35-10.0", compat="7.2") == ("7.2", "legacy", True, False)
+    assert dialect(machine="pc") == ("7.2", "legacy", True, False)
+    assert dialect(compat="10.0", zero_page_detection="legacy", send_switchover_start=False) == (
+        "10.0", "legacy", False, False)

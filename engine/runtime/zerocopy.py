@@ -20,7 +20,7 @@ import select
 import socket
 import struct
 import time
-from typing import Sequence
+from typing import Any, Sequence
 
 from ..errors import ChannelError, ConfigError, MigrationTimeout
 
@@ -61,9 +61,9 @@ class ZeroCopySender:
         self._copied_at_flush = 0
         self.missed = 0  # flushes that saw a copy (dirty-sync-missed-zero-copy)
 
-    def send(self, buffers: Sequence[memoryview], total: int) -> int:
+    def send(self, buffers: Sequence[Any], total: int) -> int:
         """Send every buffer (views of guest RAM) with as few calls as the kernel allows."""
-        views = list(buffers)
+        views = [memoryview(b).cast("B") for b in buffers]
         done = 0
         try:
             while done < total:

@@ -81,19 +81,19 @@ class _Batch:
         self.block, self.idx, self.gathered = block, idx, None
 
     def drop_zero_pages(self) -> npt.NDArray[np.int64]:
-        """``zero-page-detection=multifd``: read the pages, keep the non-zero ones (in order,
-        compacted in the buffer) as this batch and return the zero pages' indices."""
-        pages = self.gather()
-        zero = zero_pages(pages.view(np.uint64))
+        """``zero-page-detection=multifd``: find the zero pages by reading them in guest RAM
+        (one numpy scan per run of pages, no copy), keep the others as this batch (in order)
+        and return the zero pages' indices."""
+        block = self.block
+        assert block is not None
+        words, idx = block.words, self.idx
+        runs = page_runs(idx)
+        zero = zero_pages(words[runs[0][0]:runs[0][1]]) if len(runs) == 1 else np.concatenate(
+            [zero_pages(words[a:b]) for a, b in runs])
         if not zero.any():
             return _NO_PAGES
-        keep = ~zero
-        zeros = self.idx[zero]
-        self.idx = self.idx[keep]
-        n = len(self.idx)
-        if n:
-            pages[:n] = pages[keep]
-        self.gathered = pages[:n]
+        zeros = idx[zero]
+        self.idx = idx[~zero]
         return zeros
 
     @property

@@ -13,15 +13,7 @@ import lz4.block
 
 from ..errors import CompressionError
 from ..wire.packet import MULTIFD_FLAG_LZ4, TARGET_PAGE_SIZE
-from .base import (
-    Buffer,
-    MultiFDMethod,
-    PacketSink,
-    PageBatch,
-    RecvContext,
-    SendContext,
-    expect_size,
-)
+from .base import Buffer, MultiFDMethod, PacketSink, PageBatch, RecvContext, SendContext, expect_size
 from .registry import register_method
 
 

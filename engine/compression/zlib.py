@@ -13,15 +13,7 @@ from typing import Sequence
 
 from ..errors import CompressionError
 from ..wire.packet import MULTIFD_FLAG_ZLIB, TARGET_PAGE_SIZE
-from .base import (
-    Buffer,
-    MultiFDMethod,
-    PacketSink,
-    PageBatch,
-    RecvContext,
-    SendContext,
-    expect_size,
-)
+from .base import Buffer, MultiFDMethod, PacketSink, PageBatch, RecvContext, SendContext, expect_size
 from .registry import register_method
 
 

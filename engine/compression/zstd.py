@@ -21,15 +21,7 @@ else:  # the backport of Python 3.14's compression.zstd: decompress() takes max_
 
 from ..errors import CompressionError
 from ..wire.packet import MULTIFD_FLAG_ZSTD, TARGET_PAGE_SIZE
-from .base import (
-    Buffer,
-    MultiFDMethod,
-    PacketSink,
-    PageBatch,
-    RecvContext,
-    SendContext,
-    expect_size,
-)
+from .base import Buffer, MultiFDMethod, PacketSink, PageBatch, RecvContext, SendContext, expect_size
 from .registry import register_method
 
 

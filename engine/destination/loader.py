@@ -36,19 +36,9 @@ from ..memory.ram import BlockSpec, GuestRam
 from ..params import MigrationParams
 from ..runtime.trace import BARRIER, Trace, now_ns, write_trace
 from ..stats import MigrationStats, MigrationStatus
-from ..wire.packet import (
-    TARGET_PAGE_BITS,
-)
+from ..wire.packet import TARGET_PAGE_BITS
 from ..wire.stream import (
-    Configuration,
-    MainStreamParser,
-    RamEOS,
-    RamFlush,
-    RamMemSize,
-    RamPage,
-    RamZeroPages,
-    SectionBegin,
-    StreamReader,
+    Configuration, MainStreamParser, RamEOS, RamFlush, RamMemSize, RamPage, RamZeroPages, SectionBegin, StreamReader,
     StreamTail,
 )
 from .accept import Accepted, Log, classify

@@ -92,7 +92,7 @@ class _Batch:
             [zero_pages(words[a:b]) for a, b in runs])
         if not zero.any():
             return _NO_PAGES
-        zeros = idx[zero]
+        zeros: npt.NDArray[np.int64] = idx[zero]
         self.idx = idx[~zero]
         return zeros
 

@@ -3,9 +3,10 @@
 :class:`MigrationParams` is frozen: one value describes a whole job, and a change while it runs
 (``set_parameters``, QEMU's ``migrate-set-parameters``) replaces it. Field names are QEMU's
 parameter names with underscores (``channels`` is ``multifd-channels``) and the defaults are
-QEMU's, except ``max_bandwidth`` (0 = unlimited, not 128 MiB/s) and ``zero_page_detection``
-(``legacy``, QEMU 7.2's only behaviour, so that a QEMU 7.2 destination needs no extra
-setting; QEMU 9.0 defaults to ``multifd``). The engine adds ``tcp_congestion``,
+QEMU's, except ``max_bandwidth`` (0 = unlimited; QEMU limits by default) and the multifd
+dialect: ``compat`` (default 7.2, so that a QEMU 7.2 destination needs no extra setting) sets
+``zero_page_detection``, ``multifd_flush_after_each_section`` and ``send_switchover_start`` as
+QEMU's machine-type compat properties do. The engine adds ``tcp_congestion``,
 ``max_iterations``, ``max_time`` and two deadlines (QEMU has none and can hang). Every check
 raises :class:`ConfigError` naming the received and the accepted values.
 Every parameter (QEMU name, CLI flag, field, default, meaning): docs/parameters.md.
@@ -73,7 +74,7 @@ class MigrationParams:
     zero_copy_send: bool = False  # the zero-copy-send capability: MSG_ZEROCOPY on the channel sockets
     handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT  # (engine) connect + each 64-byte handshake, s
     stall_timeout: float = DEFAULT_STALL_TIMEOUT  # (engine) any single wait on the peer or a channel, s
-    max_bandwidth: int = 0  # max-bandwidth, bytes/s with headers; 0 = unlimited (QEMU: 128 MiB/s)
+    max_bandwidth: int = 0  # max-bandwidth, bytes/s with headers; 0 = unlimited (QEMU has a default limit)
     downtime_limit: int = 300  # downtime-limit, ms
     auto_converge: bool = False  # the auto-converge capability
     cpu_throttle_initial: int = 20  # cpu-throttle-initial, %

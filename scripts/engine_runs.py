@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -59,13 +59,6 @@ def live_children(pid: int) -> list[int]:
         return []
 
 
-def _cpu_or_zero(pid: int) -> float:
-    try:
-        return proc_cpu(pid)
-    except OSError:  # it ended meanwhile
-        return 0.0
-
-
 def proc_minflt(pid: int, *, children: bool = False) -> int:
     """Minor page faults of ``pid`` (all threads; with ``children`` plus its reaped children)."""
     with open(f"/proc/{pid}/stat") as f:
@@ -73,11 +66,16 @@ def proc_minflt(pid: int, *, children: bool = False) -> int:
     return int(fields[7]) + (int(fields[8]) if children else 0)  # minflt, cminflt (fields 10, 11)
 
 
-def _minflt_or_zero(pid: int) -> int:
-    try:
-        return proc_minflt(pid)
-    except OSError:  # it ended meanwhile
-        return 0
+def with_live_children(read: Callable[..., Any], pid: int) -> Any:
+    """``read(pid, children=True)`` plus ``read(child)`` of every child still running: what a
+    process and its children have used so far, reaped or not."""
+    total = read(pid, children=True)
+    for child in live_children(pid):
+        try:
+            total += read(child)
+        except OSError:  # it ended meanwhile
+            pass
+    return total
 
 
 def proc_memory(pid: int) -> dict[str, int]:
@@ -396,8 +394,8 @@ def run_engine(image: Path, size: int, *, channels: int, compression: str, level
         procs.append(dst)
         dst_uri = _wait_line(dst, "engine: listening on ", 60.0 + 10.0 * size / GiB)
         # + its live children: a pre-allocated destination's channels have mapped the RAM by now
-        dst_base = proc_cpu(dst.pid, children=True) + sum(_cpu_or_zero(c) for c in live_children(dst.pid))
-        dst_flt0 = proc_minflt(dst.pid, children=True) + sum(_minflt_or_zero(c) for c in live_children(dst.pid))
+        dst_base = with_live_children(proc_cpu, dst.pid)
+        dst_flt0 = with_live_children(proc_minflt, dst.pid)
         src_flt0 = 0
         machine0 = machine_cpu()  # replaced when the source's migration starts
         vm0 = vmstat()

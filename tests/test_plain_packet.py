@@ -46,8 +46,7 @@ def _header(pages: list[int], *, name: bytes = b"pc.ram", size: int | None = Non
 
 
 def _runs(plain: PlainPacket) -> list[tuple[int, int]]:
-    """The runs of pages the destination writes for ``plain`` (RamBlock.pwrite_offsets finds
-    the same ones as it writes)."""
+    """The runs of pages the destination receives ``plain``'s pages into."""
     return [(a >> 12, b >> 12) for a, b in consecutive_runs(plain.listed, PAGE)]
 
 

@@ -162,14 +162,14 @@ def test_zero_runs_on_a_block_without_a_file_descriptor_zeroes_through_the_mappi
         assert (block.pages[[0, 1, 5, 9, 11, 15]] == 9).all()
 
 
-def test_pwrite_offsets_writes_runs_in_any_order_byte_exact() -> None:
+def test_pwrite_pages_writes_runs_in_any_order_byte_exact() -> None:
     """One pass finds the runs while writing them: offsets out of order, runs of one page and
     of many, a run that ends the list."""
     pages = [7, 8, 9, 2, 40, 41, 3, 100, 101, 102, 103, 0]
     with GuestRam.create([BlockSpec("pc.ram", 128 * PAGE)]) as ram:
         block = ram.blocks[0]
         data = np.repeat(np.arange(1, len(pages) + 1, dtype=np.uint8), PAGE)
-        block.pwrite_offsets(tuple(p * PAGE for p in pages), memoryview(data))
+        block.pwrite_pages(np.array(pages, dtype=np.int64), memoryview(data))
         expect = np.zeros((128, PAGE), dtype=np.uint8)
         for k, p in enumerate(pages):
             expect[p] = k + 1

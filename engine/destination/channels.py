@@ -118,19 +118,13 @@ class _Sink:
         return self.block is not None and self.block.fd >= 0 and not self.mapped
 
     def recv_into_pages(self) -> None:
-        block, idx, page = self.block, self.idx, TARGET_PAGE_SIZE
+        """``none`` pages of a packet that is not plain (merged data+SYNC, zero pages listed):
+        received straight into guest RAM, like the plain ones."""
+        block, page = self.block, TARGET_PAGE_SIZE
         assert block is not None
         t0 = now_ns()
-        if self._by_fd():  # into the (cache-hot) packet buffer, then one pwrite per run of pages
-            recv_exact_into(self.sock, self.payload_view[:len(idx) * page], self.payload_what)
-            t1 = now_ns() if self.trace is not None else 0
-            block.pwrite_pages(idx, self.payload_view)
-            if self.trace is not None:
-                self.trace.span(RECV_PAYLOAD, t0, t1)
-                self.trace.span(WRITE, t1)
-            return
         buf = block.buf
-        recv_exact_into_many(self.sock, [buf[a * page:b * page] for a, b in page_runs(idx)], self.payload_what)
+        recv_exact_into_many(self.sock, [buf[a * page:b * page] for a, b in page_runs(self.idx)], self.payload_what)
         if self.trace is not None:
             self.trace.span(RECV_PAYLOAD, t0)
 
@@ -229,7 +223,7 @@ def _channel_loop(me: ChannelEnd, setup: RecvSetup) -> None:
             mine[_PACKETS] += 1
             wire_bytes = PACKET_HEADER_SIZE
             if hdr.zero_pages:  # zero-page-detection=multifd: before the data, as QEMU 9.0 does
-                setup.held.zero_pages(hdr.ramblock, hdr.zero_offsets >> TARGET_PAGE_BITS)
+                held.zero_pages(hdr.ramblock, hdr.zero_offsets >> TARGET_PAGE_BITS)
                 mine[_ZERO] += hdr.zero_pages
             if hdr.normal_pages:
                 sink.block = ram[hdr.ramblock]
@@ -259,12 +253,8 @@ def _standby(me: ChannelEnd, setup: RecvSetup) -> socket.socket | None:
         block.populate_mapping()
     me.cpu_base_us = self_usage()[0]
     me.send(Ready(me.index))
-    parent = os.getppid()
-    while not me.control.poll(1.0):
-        if os.getppid() != parent:
-            raise ChannelError(f"multifd channel {me.index}: parent process went away before the migration")
     try:
-        if me.control.recv_bytes() != SOCKET:
+        if _wait_command(me.control, me.index, "before the migration") != SOCKET:
             return None
         return socket.socket(fileno=recv_handle(me.control))
     except EOFError:
@@ -273,11 +263,16 @@ def _standby(me: ChannelEnd, setup: RecvSetup) -> socket.socket | None:
 
 def _wait_release(control: Connection, channel: int) -> bool:
     """Block at the sync barrier; True when released, False when told to quit."""
+    return _wait_command(control, channel, "at the sync barrier") == RELEASE
+
+
+def _wait_command(control: Connection, channel: int, where: str) -> bytes:
+    """The parent's next command; a channel whose parent died fails instead of waiting forever."""
     parent = os.getppid()
     while not control.poll(1.0):
         if os.getppid() != parent:
-            raise ChannelError(f"multifd channel {channel}: parent process went away at the sync barrier")
-    return control.recv_bytes() == RELEASE
+            raise ChannelError(f"multifd channel {channel}: parent process went away {where}")
+    return control.recv_bytes()
 
 
 class RecvChannels(ChannelSet):

@@ -10,7 +10,7 @@ Non-owners (a user's writer processes) map segments with :func:`attach`, untrack
 Concurrent writers: ``pwrite`` into one segment takes the kernel's per-file lock, which spins
 while its holder runs on the other CPU; so each block has a sleeping cross-process lock
 (:attr:`RamBlock.write_lock`, made before the channels fork), held by
-:meth:`RamBlock.pwrite_offsets` for a whole packet (measured: docs/performance.md).
+:meth:`RamBlock.pwrite_pages` for a whole packet (measured: docs/performance.md).
 """
 
 from __future__ import annotations
@@ -30,14 +30,12 @@ from ..errors import ChannelError, ConfigError
 from ..runtime.procs import FORK
 from ..wire.packet import (
     MAX_RAMBLOCK_NAME,
-    TARGET_PAGE_BITS,
     TARGET_PAGE_SIZE,
     consecutive_runs,
 )
 
 SEGMENT_PREFIX = "mfd"
 _ZERO_CHUNK = memoryview(bytes(128 * TARGET_PAGE_SIZE))  # source of zero-fills (read only)
-_END = (-1,)  # no page offset: ends the last run in RamBlock.pwrite_offsets
 #: A writer holds a block's write lock for one packet (well under a second); waiting longer
 #: means the holder died with it held, and the parent is already tearing the migration down.
 WRITE_LOCK_TIMEOUT = 30.0
@@ -92,27 +90,17 @@ class RamBlock:
         return int(getattr(self._closer, "_fd", -1))
 
     def pwrite_pages(self, idx: npt.NDArray[np.int64], data: memoryview) -> None:
-        """Write ``len(idx)`` pages of ``data`` (contiguous) to pages ``idx``."""
-        self.pwrite_offsets(byte_offsets(idx), data)
-
-    def pwrite_offsets(self, offsets: tuple[int, ...], data: memoryview) -> None:
-        """Write ``data`` (contiguous pages) to the pages at byte ``offsets`` (at least one,
-        in any order), one positioned write per run of consecutive pages, found in the same
-        pass; holding the block's write lock (see the module docstring)."""
-        fd, pwrite, page = self.fd, os.pwrite, TARGET_PAGE_SIZE
+        """Write ``len(idx)`` pages of ``data`` (contiguous) to pages ``idx`` (in any order), one
+        positioned write per run of consecutive pages, holding the block's write lock (see the
+        module docstring)."""
+        fd, page = self.fd, TARGET_PAGE_SIZE
         self._acquire()  # not a context manager: this runs for every packet
         try:
             pos = 0
-            start = stop = offsets[0]
-            for off in offsets + _END:  # the end marker closes the last run (a chain() costs 2 us more)
-                if off != stop:  # a run ends: write it
-                    n = stop - start
-                    done = pwrite(fd, data[pos:pos + n], start)
-                    if done != n:  # a short write: finish the run
-                        pwrite_all(fd, data[pos + done:pos + n], start + done)
-                    pos += n
-                    start = off
-                stop = off + page
+            for a, b in page_runs(idx):
+                n = (b - a) * page
+                pwrite_all(fd, data[pos:pos + n], a * page)
+                pos += n
         finally:
             self.write_lock.release()
 
@@ -397,11 +385,6 @@ def page_runs(idx: npt.NDArray[np.int64]) -> list[tuple[int, int]]:
     """Coalesce page indices into runs of consecutive pages: ``[(start, stop), ...]``, stops
     exclusive, in the given order (indices from the wire need not be sorted)."""
     return consecutive_runs(idx.tolist())
-
-
-def byte_offsets(idx: npt.NDArray[np.int64]) -> tuple[int, ...]:
-    """Page indices as the byte offsets :meth:`RamBlock.pwrite_offsets` takes."""
-    return tuple((idx << TARGET_PAGE_BITS).tolist())
 
 
 def safe_file_name(index: int, name: str) -> str:

@@ -75,10 +75,9 @@ class _Batch:
         self.scratch = aligned_pages(PAGES_PER_PACKET)  # preadv's copies from the page cache at full speed
         self.block: RamBlock | None = None
         self.idx: npt.NDArray[np.int64] = np.zeros(0, dtype=np.int64)
-        self.gathered: npt.NDArray[np.uint8] | None = None  # this job's pages, already read
 
     def start(self, block: RamBlock, idx: npt.NDArray[np.int64]) -> None:
-        self.block, self.idx, self.gathered = block, idx, None
+        self.block, self.idx = block, idx
 
     def drop_zero_pages(self) -> npt.NDArray[np.int64]:
         """``zero-page-detection=multifd``: find the zero pages by reading them in guest RAM
@@ -101,29 +100,23 @@ class _Batch:
         return len(self.idx)
 
     def views(self) -> Sequence[Any]:
-        """Views of the pages in guest RAM, one per run; or, when the channel has already read
-        them (its own zero-page scan), that copy: the same bytes, not read twice."""
+        """Views of the pages in guest RAM, one per run (what zlib and zstd compress from)."""
         assert self.block is not None
-        if self.gathered is not None:
-            return [self.gathered]
         return self.views_at(self.block, self.idx.tolist()) if len(self.idx) else []
 
     def views_at(self, block: RamBlock, pages: Sequence[int]) -> list[memoryview]:
         """:meth:`views` for a job's page indices (sorted, as RamSaver.save_section hands them
         out; at least one): the channel's common path for ``none``."""
-        self.block, self.gathered = block, None
         buf, page = block.buf, TARGET_PAGE_SIZE
         return [buf[a * page:b * page] for a, b in consecutive_runs(pages)]
 
     def gather(self) -> npt.NDArray[np.uint8]:
-        """Copy the pages into the scratch buffer with positioned reads of the segment (the
-        channel never maps guest pages, so its RSS does not grow with the guest); falls back
-        to a numpy gather from the mapping for segments without a file descriptor."""
-        if self.gathered is not None:
-            return self.gathered
+        """Copy the pages into the scratch buffer, for a method that needs them contiguous
+        (lz4's block format): positioned reads of the segment, one per run; a numpy gather
+        from the mapping for segments without a file descriptor."""
         block = self.block
         assert block is not None
-        out = self.gathered = self.scratch[: len(self.idx)]
+        out = self.scratch[: len(self.idx)]
         fd = block.fd
         if fd < 0:
             np.take(block.pages, self.idx, axis=0, out=out)

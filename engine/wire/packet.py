@@ -336,8 +336,7 @@ def _block_name(field: bytes) -> str:
 class PlainPacket(NamedTuple):
     """A packet read by :func:`plain_packet`: its block and its page offsets in bytes, as
     listed on the wire (checked). A named tuple: made once per packet, so it is cheap to make;
-    the destination writes the pages straight from ``listed`` (:meth:`RamBlock.pwrite_offsets`
-    finds the runs while it writes them)."""
+    the destination receives the pages into the runs of guest RAM that ``listed`` names."""
 
     ramblock: str
     listed: tuple[int, ...]

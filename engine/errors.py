@@ -11,7 +11,8 @@ carries a one-line message that names what was wrong (received vs expected).
     ├── CompressionError       a (de)compressor failed or produced the wrong size
     ├── ChannelError           a channel process or its socket failed
     │   ├── ChannelClosed          the peer closed at a packet boundary (a clean end)
-    │   └── TruncatedError         the peer closed in the middle of a message
+    │   ├── TruncatedError         the peer closed in the middle of a message
+    │   └── TlsError               a TLS handshake, certificate or authorization check failed
     ├── MigrationTimeout       a deadline passed (handshake, sync, stall)
     ├── MigrationCancelled     the user cancelled (API cancel(), SIGINT, SIGTERM)
     └── SnapshotError          a snapshot file cannot be saved or restored
@@ -56,6 +57,10 @@ class ChannelClosed(ChannelError):
 
 class TruncatedError(ChannelError):
     """The peer closed the connection in the middle of a message."""
+
+
+class TlsError(ChannelError):
+    """A TLS session could not be set up: the handshake, a certificate check or tls-authz failed."""
 
 
 class MigrationTimeout(MigrationError):

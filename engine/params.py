@@ -72,6 +72,11 @@ class MigrationParams:
     send_switchover_start: bool | None = None  # on from 10.0: SWITCHOVER_START before the END section
     tcp_congestion: str = "auto"  # (engine) the source's TCP congestion control: auto or a name
     zero_copy_send: bool = False  # the zero-copy-send capability: MSG_ZEROCOPY on the channel sockets
+    #: tls-creds: a directory as QEMU's tls-creds-x509 reads it (ca-cert.pem and the endpoint's
+    #: certificate and key); TLS on every channel. None: plain text
+    tls_creds: str | None = None
+    tls_hostname: str | None = None  # tls-hostname: the name the destination's certificate must carry (source)
+    tls_authz: tuple[str, ...] = ()  # tls-authz: client DNs allowed, exact or glob (destination); empty: any
     handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT  # (engine) connect + each 64-byte handshake, s
     stall_timeout: float = DEFAULT_STALL_TIMEOUT  # (engine) any single wait on the peer or a channel, s
     max_bandwidth: int = 0  # max-bandwidth, bytes/s with headers; 0 = unlimited (QEMU has a default limit)
@@ -106,6 +111,7 @@ class MigrationParams:
                 f" got {self.compression} and {self.zero_page_detection} (only guest RAM itself can be sent"
                 f" without a copy)"
             )
+        self._check_tls()
         if not _CONGESTION_NAME.match(self.tcp_congestion):
             raise ConfigError(
                 f"tcp-congestion {self.tcp_congestion!r} is not a congestion control name: expected auto or"
@@ -130,6 +136,23 @@ class MigrationParams:
             raise ConfigError(f"max-iterations {self.max_iterations} must be >= 1")
         if self.max_time < 0:
             raise ConfigError(f"max-time {self.max_time} must be >= 0 (0 = no limit)")
+
+    def _check_tls(self) -> None:
+        if isinstance(self.tls_authz, str):  # one pattern given as a string
+            object.__setattr__(self, "tls_authz", (self.tls_authz,))
+        if self.tls_creds is None:
+            for name in ("tls_hostname", "tls_authz"):
+                if getattr(self, name):
+                    raise ConfigError(f"{name.replace('_', '-')} {getattr(self, name)!r} needs tls-creds"
+                                      " (a directory with ca-cert.pem and the endpoint's certificate and key)")
+            return
+        if not self.tls_creds:
+            raise ConfigError("tls-creds is empty, expected a directory (or leave it unset for plain text)")
+        if self.zero_copy_send:
+            raise ConfigError("zero-copy-send is not available with tls-creds: TLS encrypts every byte in user"
+                              " space, so there is nothing for the kernel to send in place (as in QEMU)")
+        if self.tls_hostname is not None and not self.tls_hostname.strip():
+            raise ConfigError("tls-hostname is empty, expected the name in the destination's certificate")
 
     def _resolve_compat(self) -> None:
         """Fill the dialect's unset settings from ``compat`` (frozen: set once, here)."""

@@ -385,13 +385,15 @@ class QemuPeer:
 
 def source(workdir: Path, *, ram_image: Path, memory: str | None = None, machine: str = "none",
            channels: int = 2, compression: str = "none", uuid: str | None = None, name: str = "source",
-           extra_args: Sequence[str] = (), binary: str | None = None) -> QemuPeer:
-    """A paused ``-M none`` source whose RAM is ``ram_image`` (size from the file unless given)."""
+           extra_args: Sequence[str] = (), binary: str | None = None,
+           parameters: dict[str, Any] | None = None) -> QemuPeer:
+    """A paused ``-M none`` source whose RAM is ``ram_image`` (size from the file unless given);
+    ``parameters``: more migration parameters (e.g. ``tls_creds``)."""
     mem = memory or f"{Path(ram_image).stat().st_size // (1 << 20)}M"
     peer = QemuPeer(workdir, name=name, machine=machine, memory=mem, mem_path=ram_image, uuid=uuid,
                     extra_args=extra_args, binary=binary)
     try:
-        peer.set_multifd(channels, compression)
+        peer.set_multifd(channels, compression, **(parameters or {}))
     except BaseException:
         peer.close()
         raise
@@ -400,12 +402,13 @@ def source(workdir: Path, *, ram_image: Path, memory: str | None = None, machine
 
 def destination(workdir: Path, *, memory: str = "64M", machine: str = "none", channels: int = 2,
                 compression: str = "none", uuid: str | None = None, name: str = "destination",
-                extra_args: Sequence[str] = (), binary: str | None = None) -> tuple[QemuPeer, str]:
+                extra_args: Sequence[str] = (), binary: str | None = None,
+                parameters: dict[str, Any] | None = None) -> tuple[QemuPeer, str]:
     """A paused ``-incoming defer`` destination, listening; returns it and its URI."""
     peer = QemuPeer(workdir, name=name, machine=machine, memory=memory, incoming=True, uuid=uuid,
                     extra_args=extra_args, binary=binary)
     try:
-        peer.set_multifd(channels, compression)
+        peer.set_multifd(channels, compression, **(parameters or {}))
         uri = peer.migrate_incoming("tcp:127.0.0.1:0")
     except BaseException:
         peer.close()

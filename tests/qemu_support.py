@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 import numpy as np
 import pytest
@@ -68,12 +68,17 @@ def incoming(*args: str, listen_timeout: float = 60.0) -> Incoming:
 
 
 def qemu_into_engine(tmp_path: Path, image: Path, method: str, channels: int, dump: Path,
-                     binary: str | None = None) -> tuple[Incoming, str]:
+                     binary: str | None = None, *, qemu_args: Sequence[str] = (),
+                     qemu_params: dict[str, Any] | None = None, engine_args: Sequence[str] = ()) -> tuple[Incoming, str]:
     """A paused ``-M none`` QEMU source migrates ``image`` into an engine destination, which must
-    exit 0 after dumping to ``dump``; returns the destination and the source's run state after."""
-    with qemu_peer.source(tmp_path, ram_image=image, channels=channels, compression=method, binary=binary) as src:
+    exit 0 after dumping to ``dump``; returns the destination and the source's run state after.
+    ``qemu_args``/``qemu_params``: more QEMU options and migration parameters; ``engine_args``:
+    more ``incoming`` options."""
+    with qemu_peer.source(tmp_path, ram_image=image, channels=channels, compression=method, binary=binary,
+                          extra_args=qemu_args, parameters=qemu_params) as src:
         src.set_parameters(max_bandwidth=10 << 30)
-        with incoming("--channels", str(channels), "--compression", method, "--json", "--dump", str(dump)) as dst:
+        with incoming("--channels", str(channels), "--compression", method, "--json", "--dump", str(dump),
+                      *engine_args) as dst:
             src.migrate(dst.uri)
             info = src.wait_migration(timeout=60)
             assert dst.wait(60) == 0, dst.stderr
@@ -82,12 +87,14 @@ def qemu_into_engine(tmp_path: Path, image: Path, method: str, channels: int, du
 
 
 def engine_into_qemu(tmp_path: Path, image: Path, method: str, channels: int, *args: str,
-                     binary: str | None = None) -> tuple[Any, bytes]:
+                     binary: str | None = None, qemu_args: Sequence[str] = (),
+                     qemu_params: dict[str, Any] | None = None) -> tuple[Any, bytes]:
     """The engine migrates ``image`` into a paused ``-M none -m 64M`` QEMU destination, which must
     complete; returns the engine's run and the destination's RAM (``pmemsave``)."""
     from support import run_engine
 
-    peer, uri = qemu_peer.destination(tmp_path, memory="64M", channels=channels, compression=method, binary=binary)
+    peer, uri = qemu_peer.destination(tmp_path, memory="64M", channels=channels, compression=method, binary=binary,
+                                      extra_args=qemu_args, parameters=qemu_params)
     with peer:
         r = run_engine("migrate", uri, "--ram-image", f"ram={image}", "--channels", str(channels),
                        "--compression", method, *args)

@@ -24,6 +24,7 @@ from .common import (
     LISTENING,
     Parser,
     add_channel_args,
+    add_tls_args,
     add_guest_args,
     add_precopy_args,
     dump_ram,
@@ -53,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="declare a RAM block up front (repeat, in order; like QEMU's -m); MEM_SIZE must match")
     inc.add_argument("--prealloc", action="store_true",
                      help="pre-fault the declared RAM before listening (QEMU's prealloc=on)")
+    add_tls_args(inc, "server")
 
     mig = sub.add_parser("migrate", help="migrate a guest's RAM to a destination")
     mig.add_argument("uri", help="tcp:HOST:PORT, tcp:[IPV6]:PORT or unix:PATH")
@@ -80,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="TCP congestion control of the source's sockets: auto uses cubic towards a destination"
                           " on this host (a pacing default such as bbr slows loopback) and the system's default"
                           " otherwise; NAME (cubic, reno, bbr, ...) for every connection (default auto)")
+    add_tls_args(mig, "client")
     add_precopy_args(mig.add_argument_group("live guest (precopy)"),
                      "max-bandwidth, headers included (K/M/G suffixes; default 0 = unlimited; QEMU's is 128M)")
 

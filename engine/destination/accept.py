@@ -6,6 +6,9 @@ multifd channel, mapped by the id in its handshake), so the order of connects do
 sends neither within the handshake deadline, or sends something else, is dropped without
 disturbing the migration (and counted in the error if the migration's own channels then fail
 to arrive in time: a QEMU 7.2 destination would freeze on such a connection instead).
+With ``tls-creds`` every connection first completes a TLS handshake, non-blocking, here (the
+first bytes are inside the session); a connection that fails it, or whose certificate's DN is
+not in ``tls-authz``, is refused the same way, logged with the reason.
 """
 
 from __future__ import annotations
@@ -20,11 +23,13 @@ from typing import Callable
 
 from ..errors import MigrationCancelled, MigrationTimeout
 from ..params import MigrationParams
+from ..runtime.tls import TlsCreds, TlsRefused, TlsSocket, authorized, peer_dn, server_session
 from ..runtime.transport import Deadline
 from ..wire.packet import INIT_SIZE, MULTIFD_MAGIC, MultiFDInit, validate_init
 
 QEVM = b"QEVM"
 MULTIFD_MAGIC_BYTES = MULTIFD_MAGIC.to_bytes(4, "big")
+TLS_HANDSHAKE = b"\x16\x03"  # a TLS record: handshake, version 3.x
 
 Log = Callable[[str], None]
 
@@ -40,18 +45,56 @@ class Accepted:
     connect_time: float
     #: connections accepted but not yet identified when the migration's own were complete
     pending: dict[socket.socket, float] = field(default_factory=dict)
+    tls: TlsCreds | None = None
 
 
-def classify(conn: socket.socket, params: MigrationParams, chans: dict[int, socket.socket]) -> str | None:
-    """'main', 'multifd', 'stray' or None (need more bytes). Raises on a bad multifd handshake."""
+def admit(listener: socket.socket, tls: TlsCreds | None) -> socket.socket:
+    """Accept a connection, non-blocking until it is identified (in a TLS session if ``tls``)."""
+    conn, _ = listener.accept()
+    conn.setblocking(False)
+    return server_session(conn, tls) if tls is not None else conn
+
+
+def peer_name(conn: socket.socket) -> str:
     try:
-        head = conn.recv(INIT_SIZE, socket.MSG_PEEK)
+        peer = conn.getpeername()
+    except OSError:
+        return "a connection"
+    return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "a connection"
+
+
+def _first_bytes(conn: socket.socket, params: MigrationParams) -> bytes | None:
+    """Up to INIT_SIZE first bytes, left to be read again; b"" at EOF, None if none yet. A TLS
+    connection first completes its handshake and ``tls-authz`` (else :class:`TlsRefused`)."""
+    if isinstance(conn, TlsSocket):
+        if not conn.established:
+            if not conn.handshake_step():
+                return None
+            if params.tls_authz:
+                dn = peer_dn(conn.getpeercert() or {})
+                if not authorized(dn, params.tls_authz):
+                    raise TlsRefused(f"client certificate {dn!r} is not in tls-authz")
+        head, eof = conn.peek_nowait(INIT_SIZE)
+        return head if head or eof else None
+    try:
+        return conn.recv(INIT_SIZE, socket.MSG_PEEK)
     except BlockingIOError:
         return None
     except OSError:
-        return "stray"
+        return b""
+
+
+def classify(conn: socket.socket, params: MigrationParams, chans: dict[int, socket.socket]) -> str | None:
+    """'main', 'multifd', 'stray', 'tls' (a TLS client; this destination has no tls-creds) or
+    None (need more bytes). Raises on a bad multifd handshake, :class:`TlsRefused` on a refused
+    TLS session."""
+    head = _first_bytes(conn, params)
+    if head is None:
+        return None
     if not head:
         return "stray"
+    if not isinstance(conn, TlsSocket) and TLS_HANDSHAKE.startswith(head[:2]):
+        return "tls" if len(head) >= 2 else None
     if len(head) < 4:
         return None if QEVM.startswith(head) or MULTIFD_MAGIC_BYTES.startswith(head) else "stray"
     if head[:4] == QEVM:
@@ -66,8 +109,15 @@ def classify(conn: socket.socket, params: MigrationParams, chans: dict[int, sock
     return "stray"
 
 
+DROPPED = {
+    "stray": "dropped a connection that is neither a main nor a multifd channel",
+    "tls": "dropped a TLS connection: this destination has no tls-creds (plain text)",
+    "main": "dropped a second main-channel connection",
+}
+
+
 def accept_migration(listener: socket.socket, params: MigrationParams, *, listen_timeout: float, log: Log,
-                     cancel: threading.Event | None = None) -> Accepted:
+                     cancel: threading.Event | None = None, tls: TlsCreds | None = None) -> Accepted:
     """Wait for one migration: its main channel and all N multifd channels."""
     pending: dict[socket.socket, float] = {}
     chans: dict[int, socket.socket] = {}
@@ -76,13 +126,17 @@ def accept_migration(listener: socket.socket, params: MigrationParams, *, listen
     wait_all: Deadline | None = None
     listen_deadline = Deadline(listen_timeout)
     silent = 0  # connections dropped because they sent no handshake in time
+    refused: list[str] = []  # why each refused TLS session was refused
     ok = False
 
     def no_handshake() -> str:
         n = silent + len(pending)  # still-unidentified connections have been silent as long
-        if not n:
-            return ""
-        return f"; {n} connection{'s' if n > 1 else ''} sent no handshake within {params.handshake_timeout:g}s"
+        out = ""
+        if n:
+            out = f"; {n} connection{'s' if n > 1 else ''} sent no handshake within {params.handshake_timeout:g}s"
+        if refused:
+            out += f"; {len(refused)} connection{'s' if len(refused) > 1 else ''} refused, the last: {refused[-1]}"
+        return out
 
     try:
         while main is None or len(chans) < params.channels:
@@ -107,14 +161,18 @@ def accept_migration(listener: socket.socket, params: MigrationParams, *, listen
             ready = mpc.wait([listener, *pending], 0.2)
             for obj in ready:
                 if obj is listener:
-                    conn, _ = listener.accept()
-                    conn.setblocking(False)
+                    conn = admit(listener, tls)
                     pending[conn] = time.monotonic() + params.handshake_timeout
                     if first is None:
                         first = time.monotonic()
                     continue
                 conn = obj  # type: ignore[assignment]
-                kind = classify(conn, params, chans)
+                try:
+                    kind = classify(conn, params, chans)
+                except TlsRefused as exc:
+                    refused.append(str(exc))
+                    log(f"refused {peer_name(conn)}: {exc}")
+                    kind = "refused"
                 if kind is None:
                     continue
                 del pending[conn]
@@ -123,8 +181,8 @@ def accept_migration(listener: socket.socket, params: MigrationParams, *, listen
                 elif kind == "multifd":
                     pass
                 else:
-                    log("dropped a connection that is neither a main nor a multifd channel" if kind == "stray"
-                        else "dropped a second main-channel connection")
+                    if kind != "refused":
+                        log(DROPPED[kind])
                     conn.close()
                     continue
                 if wait_all is None:
@@ -142,4 +200,4 @@ def accept_migration(listener: socket.socket, params: MigrationParams, *, listen
     socks = [chans[i] for i in range(params.channels)]
     for s in [main, *socks]:
         s.setblocking(True)
-    return Accepted(main, socks, first, pending)
+    return Accepted(main, socks, first, pending, tls)

@@ -24,6 +24,7 @@ from typing import Any, Callable, Sequence
 from ..errors import ConfigError, MigrationError, MigrationTimeout
 from ..memory.ram import BlockSpec, GuestRam, prefault
 from ..params import MigrationParams
+from ..runtime.tls import TlsCreds
 from ..runtime.trace import Trace
 from ..runtime.transport import (
     UnixAddress,
@@ -63,11 +64,17 @@ def run_incoming(
     ensure_fd_budget(params.channels, "destination")
     if prealloc and not declared:
         raise ConfigError("--prealloc needs the destination's RAM blocks declared with --ram [NAME=]SIZE")
+    tls = TlsCreds.load(params.tls_creds, "server") if params.tls_creds else None
     declared_ram = GuestRam.create(declared) if declared else None
     standby: RecvChannels | None = None
     trace = Trace("destination main") if trace_file else None
     try:
-        if declared_ram is not None and prealloc:
+        # A TLS session cannot move into a process started before it (runtime/tls.py), so with
+        # TLS the channels start after the handshakes and fault the pre-allocated pages in.
+        if declared_ram is not None and prealloc and tls is not None:
+            for block in declared_ram:
+                prefault(block, populate=False)
+        elif declared_ram is not None and prealloc:
             for block in declared_ram:
                 prefault(block, populate=False)  # allocated; the channels map (and zero) the pages
             # The channels start now, before listening, as QEMU pre-allocates before -incoming:
@@ -87,7 +94,7 @@ def run_incoming(
     try:
         if on_listening:
             on_listening(bound_uri(listener, addr))
-        acc = accept_migration(listener, params, listen_timeout=listen_timeout, log=log, cancel=cancel)
+        acc = accept_migration(listener, params, listen_timeout=listen_timeout, log=log, cancel=cancel, tls=tls)
         loader = Loader(acc, params, listener, log, declared=declared_ram, cancel=cancel, trace=trace,
                         standby=standby)
         if on_loader:

@@ -34,6 +34,7 @@ from ..errors import (
 )
 from ..memory.ram import BlockSpec, GuestRam
 from ..params import MigrationParams
+from ..runtime.tls import TlsRefused, buffered
 from ..runtime.trace import BARRIER, Trace, now_ns, write_trace
 from ..stats import MigrationStats, MigrationStatus
 from ..wire.packet import TARGET_PAGE_BITS
@@ -41,7 +42,7 @@ from ..wire.stream import (
     Configuration, MainStreamParser, RamEOS, RamFlush, RamMemSize, RamPage, RamZeroPages, SectionBegin, StreamReader,
     StreamTail,
 )
-from .accept import Accepted, Log, classify
+from .accept import Accepted, Log, admit, classify, peer_name
 from .channels import RecvChannels
 
 
@@ -102,12 +103,12 @@ class Loader:
                 )
             if self.cancel is not None and self.cancel.is_set():
                 raise MigrationCancelled("incoming migration cancelled")
-            ready = mpc.wait(handles, min(left, 0.5))
+            # a TLS session may hold decrypted bytes the socket no longer shows as readable
+            ready = [main] if buffered(main) else mpc.wait(handles, min(left, 0.5))
             if self.channels is not None and any(h is not main and h is not self.listener for h in ready):
                 self.channels.poll(0)
             if self.listener is not None and self.listener in ready:
-                conn, _ = self.listener.accept()
-                conn.setblocking(False)
+                conn = admit(self.listener, self.acc.tls)
                 self.acc.pending[conn] = time.monotonic() + self.params.handshake_timeout
             for h in ready:
                 if h in self.acc.pending:
@@ -136,6 +137,11 @@ class Loader:
         everyone = {i: conn for i in range(self.params.channels)}
         try:
             kind = classify(conn, self.params, everyone)
+        except TlsRefused as exc:
+            del self.acc.pending[conn]
+            self.log(f"refused {peer_name(conn)}: {exc}")
+            conn.close()
+            return
         except BaseException:
             del self.acc.pending[conn]
             conn.close()

@@ -32,6 +32,7 @@ from ..memory.ram import GuestRam, RamBlock, page_runs, zero_pages
 from ..runtime.buffers import aligned_pages
 from ..runtime.channels import ChannelEnd, ChannelSet, Synced
 from ..runtime.procs import FORK
+from ..runtime.tls import close_notify
 from ..runtime.trace import COMPRESS, GATHER, SEND, WAIT, ZERO_SCAN, Trace, now_ns
 from ..runtime.transport import send_all
 from ..runtime.zerocopy import ZeroCopySender
@@ -199,6 +200,7 @@ class _Sender:
             if self.zc is not None:
                 self.zc.close()
         self.me.hand_over(tr)
+        close_notify(self.sock)
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)
         self.sock.close()

@@ -27,8 +27,10 @@ from ..memory.dirty import DirtyTracker, PageSets, count_pages
 from ..memory.ram import GuestRam
 from ..params import MigrationParams
 from ..precopy import RATE_WINDOW, BackgroundJob, Guest, RateLimiter
+from ..runtime.tls import TlsCreds, client_session, close_notify
 from ..runtime.trace import STOP_COPY, Trace, now_ns, write_trace
 from ..runtime.transport import (
+    Address,
     Deadline,
     TcpAddress,
     connect,
@@ -116,7 +118,14 @@ class Migration(BackgroundJob):
         ensure_fd_budget(p.channels, "source")
         enc = StreamEncoder()
         self._enc = enc
-        self._main = connect(self.addr, p.handshake_timeout, p.tcp_congestion)
+        tls = TlsCreds.load(p.tls_creds, "client") if p.tls_creds else None
+        hostname = tls_hostname(p, self.addr) if tls else ""
+
+        def open_channel(what: str, timeout: float) -> Any:
+            sock = connect(self.addr, timeout, p.tcp_congestion)
+            return client_session(sock, tls, hostname, f"{what} to {self.addr.uri}") if tls else sock
+
+        self._main = open_channel("main channel", p.handshake_timeout)
         self._main.settimeout(p.stall_timeout)
         enc.header()
         enc.configuration(p.machine)
@@ -127,7 +136,7 @@ class Migration(BackgroundJob):
         deadline = Deadline(p.handshake_timeout)
         try:
             for i in range(p.channels):
-                sock = connect(self.addr, max(deadline.remaining(), 0.001), p.tcp_congestion)
+                sock = open_channel(f"multifd channel {i}", max(deadline.remaining(), 0.001))
                 socks.append(sock)
                 if p.zero_copy_send:
                     enable_zero_copy(sock, f"multifd channel {i}")
@@ -215,6 +224,8 @@ class Migration(BackgroundJob):
         if self.trace is not None and self.trace_file is not None:
             self._write_trace()
         if self._main is not None:
+            if ok:
+                close_notify(self._main)
             try:
                 self._main.shutdown(2)
             except OSError:
@@ -232,6 +243,16 @@ class Migration(BackgroundJob):
             write_trace(self.trace_file, tracks, "multifd source")
         except OSError as exc:
             self.stats.extra["trace-error"] = f"cannot write {str(self.trace_file)!r}: {exc.strerror}"
+
+
+def tls_hostname(params: MigrationParams, addr: Address) -> str:
+    """The name the destination's certificate must carry: ``tls-hostname``, else the URI's host (as QEMU)."""
+    if params.tls_hostname:
+        return params.tls_hostname
+    if isinstance(addr, TcpAddress):
+        return addr.host
+    raise ConfigError(f"tls-creds with {addr.uri!r} needs tls-hostname: a unix: URI has no host name to check"
+                      " the destination's certificate against")
 
 
 def vmdesc_json() -> bytes:

@@ -72,7 +72,11 @@ busy the machine was during every run (``others-cpu-s``: CPU seconds used by pro
 are not this run's, measured from ``/proc/stat``).
 
 Targets (the table's last column): issue 5's against a QEMU older than 10.0 (written against 7.2),
-issue 17's against QEMU 10.0 and later.
+issue 17's against QEMU 10.0 and later; with ``--tls``, issue 20's (not slower than QEMU 7.2).
+
+``--tls``: every migration, QEMU's and the engine's, runs over TLS on every channel with the
+same throw-away CA and certificates (``scripts/tls_creds.py``, made in the work directory):
+``-object tls-creds-x509`` and ``tls-creds`` for QEMU, ``--tls-creds`` for the engine.
 
 ``--results`` also writes the summary to ``benchmarks/results/DATE-compare-qemu-REVISION.md``
 (revision, machine, QEMU versions, command, the table as printed) and every run next to it
@@ -111,6 +115,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 import qemu_peer  # noqa: E402
+import tls_creds  # noqa: E402
 from engine.runtime.transport import LOCAL_CONGESTION, congestion_setting  # noqa: E402
 from engine_runs import (  # noqa: E402
     CASES, GiB, MiB, RunFailed, add_run_args, check_run_args, loadavg, machine_busy, machine_cpu, make_image,
@@ -267,22 +272,32 @@ def _qemu_level(compression: str, level: int | None) -> dict[str, Any]:
 
 
 def run_qemu(image: Path, size: int, *, channels: int, compression: str, level: int | None, prealloc: bool,
-             workdir: Path, timeout: float, binary: str | None = None) -> dict[str, Any]:
-    """One QEMU -> QEMU migration of ``image`` (both sides ``binary``, default ``QEMU_BINARY``).
+             workdir: Path, timeout: float, binary: str | None = None,
+             tls: tuple[Path, Path] | None = None) -> dict[str, Any]:
+    """One QEMU -> QEMU migration of ``image`` (both sides ``binary``, default ``QEMU_BINARY``),
+    over TLS with ``tls`` (the server's and the client's creds directories).
     Returns its measurements; raises :class:`RunFailed`. Both QEMUs are always quit (or killed)
     and reaped by ``QemuPeer``."""
     workdir.mkdir(parents=True, exist_ok=True)
+    tls_args: dict[str, list[str]] = {"server": [], "client": []}
+    tls_params: dict[str, Any] = {}
+    if tls is not None:
+        for endpoint, directory in zip(("server", "client"), tls):
+            tls_args[endpoint] = ["-object", f"tls-creds-x509,id=tls0,dir={directory},endpoint={endpoint}"]
+        tls_params = {"tls_creds": "tls0"}
     start_timeout = 30.0 + 10.0 * size / GiB  # -mem-prealloc happens before QMP answers
     try:
         src = qemu_peer.QemuPeer(workdir, name="qemu-source", memory=f"{size // MiB}M", mem_path=image,
-                                 extra_args=["-mem-prealloc"], timeout=start_timeout, binary=binary)
+                                 extra_args=["-mem-prealloc", *tls_args["client"]], timeout=start_timeout,
+                                 binary=binary)
         with src:
-            src.set_multifd(channels, compression, max_bandwidth=QEMU_MAX_BANDWIDTH, **_qemu_level(compression, level))
+            src.set_multifd(channels, compression, max_bandwidth=QEMU_MAX_BANDWIDTH, **_qemu_level(compression, level),
+                            **tls_params)
             dst = qemu_peer.QemuPeer(workdir, name="qemu-destination", memory=f"{size // MiB}M", incoming=True,
-                                     extra_args=["-mem-prealloc"] if prealloc else [], timeout=start_timeout,
-                                     binary=binary)
+                                     extra_args=(["-mem-prealloc"] if prealloc else []) + tls_args["server"],
+                                     timeout=start_timeout, binary=binary)
             with dst:
-                dst.set_multifd(channels, compression, **_qemu_level(compression, level))
+                dst.set_multifd(channels, compression, **_qemu_level(compression, level), **tls_params)
                 uri = dst.migrate_incoming("tcp:127.0.0.1:0")
                 load = loadavg()
                 base = proc_cpu(src.pid) + proc_cpu(dst.pid)
@@ -380,9 +395,13 @@ TARGETS_QEMU10: dict[tuple[str, str], float] = {
 }
 
 
-def targets(qemu: Qemu, case: str, mode: str, vs: dict[str, Any]) -> list[dict[str, Any]]:
+def targets(qemu: Qemu, case: str, mode: str, vs: dict[str, Any], tls: bool = False) -> list[dict[str, Any]]:
     """Which targets this comparison has and whether each was met."""
     checks = []
+    if tls:  # issue 20: not slower than QEMU 7.2 with TLS
+        if qemu.series < (10, 0) and vs["ratio"] is not None:
+            checks.append(("throughput >= 1x", vs["ratio"] >= 1.0))
+        return [{"target": t, "met": ok} for t, ok in checks]
     if qemu.series >= (10, 0):
         target = TARGETS_QEMU10.get((case, mode))
         if target is not None and vs["ratio"] is not None:
@@ -404,7 +423,7 @@ def _med(values: Sequence[float]) -> float | None:
 
 
 def summarize(results: dict[Job, list[dict[str, Any]]], cases: Sequence[str], modes: Sequence[str],
-              size: int, qemus: Sequence[Qemu]) -> list[dict[str, Any]]:
+              size: int, qemus: Sequence[Qemu], tls: bool = False) -> list[dict[str, Any]]:
     """One row per (case, mode): medians of the engine and of each QEMU, the engine's ratios to
     each QEMU (``vs``, in ``qemus`` order), targets. The row's top-level ``qemu``, ``reference``,
     ``ratio``, ``cpu-ratio``, ``bytes-ratio`` and ``targets`` are those against the first QEMU
@@ -446,7 +465,7 @@ def summarize(results: dict[Job, list[dict[str, Any]]], cases: Sequence[str], mo
                     "cpu-ratio": ratio(e["cpu-s-per-gib"], q["cpu-s-per-gib"]),
                     "bytes-ratio": ratio(e["transferred"], q["transferred"]),
                 }
-                one["targets"] = targets(qemu, case, mode, one)
+                one["targets"] = targets(qemu, case, mode, one, tls)
                 vs.append(one)
             first = vs[0]
             rows.append({"case": case, "mode": mode, "reference": first["reference"], "qemu": first["qemu"],
@@ -683,6 +702,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--quiet-wait", type=float, default=10.0, metavar="SECONDS",
                    help="how long to wait for that per round (default 10; 0 = do not wait)")
     p.add_argument("--workdir", type=Path, default=None, help="where image and logs go (default a temp dir, removed)")
+    p.add_argument("--tls", action="store_true",
+                   help="every migration over TLS on every channel (tls-creds-x509 for QEMU, --tls-creds for the"
+                        " engine), with a throw-away CA and certificates made in the work directory")
     args = check_run_args(p, p.parse_args(argv))
     if args.note is not None and (not args.results or not args.note.replace("-", "").isalnum()):
         p.error("--note needs --results and one word of letters, digits and '-'")
@@ -735,6 +757,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             make_image(image, size)
             print(f"compare-qemu: {size / GiB:g} GiB image generated in {time.monotonic() - t0:.1f}s ({image})",
                   file=sys.stderr)
+        tls = tls_creds.make_pair(workdir / "tls") if args.tls else None
+        engine_tls: dict[str, Any] = {}
+        if tls is not None:
+            engine_tls = {"extra_dst": ["--tls-creds", str(tls[0])], "extra_src": ["--tls-creds", str(tls[1])]}
         groups = plan(args.cases, args.modes, qemus)
         width = max(24, *(len(j.key) for g in groups for j in g))
         print(f"compare-qemu: {args.rounds} rounds of {sum(len(g) for g in groups)} runs, {args.channels} channels,"
@@ -756,10 +782,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                         if job.impl == "qemu":
                             qemu = by_id[job.qemu]
                             r = run_qemu(image, size, workdir=workdir / f"qemu{'-' + qemu.id if qemu.id else ''}",
-                                         binary=qemu.path, **kw)
+                                         binary=qemu.path, tls=tls, **kw)
                             r["qemu-version"] = qemu.version
                         else:
-                            r = run_engine(image, size, workdir=workdir / "engine", tag=tag, **kw)
+                            r = run_engine(image, size, workdir=workdir / "engine", tag=tag, **engine_tls, **kw)
                     except RunFailed as exc:
                         r = {"impl": job.impl, "status": "failed", "error": str(exc)}
                         if job.impl == "qemu":
@@ -787,12 +813,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             (workdir / "ram.img").unlink(missing_ok=True)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
-    rows = summarize(results, args.cases, args.modes, size, qemus)
+    rows = summarize(results, args.cases, args.modes, size, qemus, args.tls)
     slow = f" ({', '.join(sorted(SLOW & set(args.cases)))}: {min(args.slow_rounds, args.rounds)})" \
         if SLOW & set(args.cases) and 0 < args.slow_rounds < args.rounds else ""
     names = " and ".join(q.short if len(qemus) > 1 and i else f"QEMU {q.short}" for i, q in enumerate(qemus))
-    title = (f"{names} vs engine: {size / MiB:g} MiB guest, {args.channels} multifd channels, TCP loopback,"
-             f" medians of {args.rounds} interleaved rounds{slow}")
+    title = (f"{names} vs engine: {size / MiB:g} MiB guest, {args.channels} multifd channels, TCP loopback"
+             f"{', TLS on every channel' if args.tls else ''}, medians of {args.rounds} interleaved rounds{slow}")
     summary = [f"{title}\n", table(rows, args.channels, qemus)]
     loads = [r["load"] for runs in results.values() for r in runs if "load" in r]
     others = [r["others-cpu-s"] for runs in results.values() for r in runs if "others-cpu-s" in r]
@@ -812,6 +838,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "started": started,
         "config": {"size": args.size_bytes, "rounds": args.rounds, "cases": args.cases, "modes": args.modes,
                    "channels": args.channels, "level": args.level, "transport": "tcp:127.0.0.1",
+                   "tls": args.tls,
                    "qemu-max-bandwidth": QEMU_MAX_BANDWIDTH, "cpus": os.cpu_count(),
                    "tcp-congestion": {"qemu": system_cc, "engine": "auto"}},
         "qemu-version": qemus[0].version_line,

@@ -279,15 +279,17 @@ class RecvChannels(ChannelSet):
     """The destination's N channel processes and the sync barrier (``multifd_recv_state``)."""
 
     def __init__(self, socks: Sequence[socket.socket] | int, ram: GuestRam, method: MultiFDMethod, *,
-                 stall_timeout: float, close_in_children: Sequence[Any] = (), tracing: bool = False) -> None:
+                 stall_timeout: float, close_in_children: Sequence[Any] = (), tracing: bool = False,
+                 known_zero: bool = False) -> None:
         """``socks``: the channels' connections; or, for pre-allocated RAM, how many channels to
         start ahead of them (standby: each maps all of the RAM now, :meth:`wait_ready`, and
-        receives plain packets straight into it once :meth:`attach` hands it its socket)."""
+        receives plain packets straight into it once :meth:`attach` hands it its socket).
+        ``known_zero``: ``ram`` is fresh, nothing has written it (standby RAM always is)."""
         standby = isinstance(socks, int)
         n = socks if isinstance(socks, int) else len(socks)
         super().__init__(n, "destination")
         self.stall_timeout = stall_timeout
-        self.held = HeldData(ram, known_zero=standby)
+        self.held = HeldData(ram, known_zero=standby or known_zero)
         self.synced: dict[int, int] = {}  # channel -> packet_num of its pending SYNC
         self.ended: set[int] = set()
         self.max_packet_num = 0

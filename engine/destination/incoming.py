@@ -69,14 +69,13 @@ def run_incoming(
     standby: RecvChannels | None = None
     trace = Trace("destination main") if trace_file else None
     try:
-        # A TLS session cannot move into a process started before it (runtime/tls.py), so with
-        # TLS the channels start after the handshakes and fault the pre-allocated pages in.
-        if declared_ram is not None and prealloc and tls is not None:
+        if declared_ram is not None and prealloc:
+            # Allocated; standby channels map (and so zero) the pages. A TLS session cannot move
+            # into a process started before it (runtime/tls.py): with TLS the channels start
+            # after the handshakes, so the pages are zeroed here and only mapped by them.
             for block in declared_ram:
-                prefault(block, populate=False)
-        elif declared_ram is not None and prealloc:
-            for block in declared_ram:
-                prefault(block, populate=False)  # allocated; the channels map (and zero) the pages
+                prefault(block, populate=tls is not None)
+        if declared_ram is not None and prealloc and tls is None:
             # The channels start now, before listening, as QEMU pre-allocates before -incoming:
             # each maps all of the RAM, so the migration's pages arrive without a page fault.
             standby = RecvChannels(params.channels, declared_ram, params.method, stall_timeout=params.stall_timeout,

@@ -222,7 +222,7 @@ class Loader:
         else:
             self.channels = RecvChannels(self.acc.channels, self.ram, self.params.method,
                                          stall_timeout=self.params.stall_timeout, close_in_children=others,
-                                         tracing=self.trace is not None)
+                                         tracing=self.trace is not None, known_zero=self.declared is not None)
         self.stats.setup_time = time.monotonic() - self.stats.start
         self.stats.status = MigrationStatus.ACTIVE
 

@@ -152,11 +152,16 @@ class TlsSocket(ssl.SSLSocket):
         if ancdata or flags or address is not None:
             raise OSError(errno.EOPNOTSUPP, "TLS channels take plain sends only")
         total = 0
+        cork = self.family != socket.AF_UNIX
         try:
+            if cork:  # one write per TLS record: let TCP send them as full segments, not one each
+                self.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
             for b in buffers:
                 view = memoryview(b).cast("B")
                 self.sendall(view)
                 total += len(view)
+            if cork:
+                self.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 0)
         except ssl.SSLError as exc:
             raise OSError(errno.EPROTO, describe(exc)) from None
         except (BrokenPipeError, ConnectionResetError) as exc:

@@ -40,6 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
+import tls_creds  # noqa: E402
 from engine_runs import (  # noqa: E402
     GiB, MiB, RunFailed, add_run_args, check_run_args, exit_status, make_image, remove_leftover_segments,
     run_engine, shm_tag, write_json,
@@ -133,6 +134,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--new", default=None, metavar="REV",
                    help="the revision to compare (default: this checkout as it is, uncommitted changes included)")
     add_run_args(p, default_cases="none")
+    p.add_argument("--tls", action="store_true",
+                   help="both revisions over TLS (--tls-creds, a throw-away CA made in the work directory)")
     return check_run_args(p, p.parse_args(argv))
 
 
@@ -158,6 +161,10 @@ def run_rounds(args: argparse.Namespace, image: Path, roots: dict[str, Path], re
                tag: str, results: dict[tuple[str, str, str], list[dict[str, Any]]]) -> None:
     """Every case once per side per round, the side that goes first alternating."""
     size = args.size_bytes
+    tls: dict[str, Any] = {}
+    if args.tls:
+        server, client = tls_creds.make_pair(workdir / "tls")
+        tls = {"extra_dst": ["--tls-creds", str(server)], "extra_src": ["--tls-creds", str(client)]}
     for rnd in range(args.rounds):
         print(f"{PROG}: round {rnd + 1}/{args.rounds}", file=sys.stderr)
         for k, (mode, case) in enumerate(itertools.product(args.modes, args.cases)):
@@ -165,7 +172,7 @@ def run_rounds(args: argparse.Namespace, image: Path, roots: dict[str, Path], re
                 try:
                     r = run_engine(image, size, channels=args.channels, compression=case,
                                    level=args.level if case != "none" else None, prealloc=mode == "prealloc",
-                                   workdir=workdir / "runs", timeout=args.timeout, tag=tag, root=roots[side])
+                                   workdir=workdir / "runs", timeout=args.timeout, tag=tag, root=roots[side], **tls)
                 except RunFailed as exc:
                     r = {"status": "failed", "error": str(exc)}
                     print(f"{PROG}: {side}/{case}/{mode} round {rnd + 1} failed: {exc}", file=sys.stderr)
@@ -210,7 +217,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     rows = summarize(results, args.cases, args.modes, size)
     title = (f"engine {revs.get('new', '?')} (new) vs {revs.get('base', '?')} (base): {size / MiB:g} MiB guest,"
-             f" {args.channels} multifd channels, TCP loopback, medians of {args.rounds} interleaved rounds")
+             f" {args.channels} multifd channels, TCP loopback{', TLS on every channel' if args.tls else ''},"
+             f" medians of {args.rounds} interleaved rounds")
     print(f"\n{title}\n")
     print(table(rows))
     runs = [r for side_runs in results.values() for r in side_runs]

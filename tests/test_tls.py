@@ -14,21 +14,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
-from support import (
-    ROOT,
-    Incoming,
-    assert_same_ram,
-    make_image,
-    read_dump,
-    run_engine,
-    run_main,
-    start_source,
-)
 
+from engine import BlockSpec, GuestRam, IncomingMigration, MigrationParams, migrate
 from engine.errors import ConfigError
-from engine.params import MigrationParams
+from engine.memory.workload import fill_pages
 from engine.runtime.tls import TlsCreds, authorized, peer_dn
+from support import ROOT, Incoming, assert_same_ram, make_image, read_dump, run_engine, run_main, start_source
 
 sys.path.insert(0, str(ROOT / "scripts"))
 import tls_creds  # noqa: E402
@@ -123,7 +116,28 @@ def test_unix_uri_needs_tls_hostname(pki: Pki, tmp_path: Path, capsys: Any) -> N
         " to check the destination's certificate against"]
 
 
+def test_snapshot_files_take_no_tls(pki: Pki, tmp_path: Path, capsys: Any) -> None:
+    p = run_main(capsys, "migrate", f"file:{tmp_path}/g.snap", "--ram-size", "1M", "--tls-creds", str(pki.client))
+    assert p.returncode != 0 and not (tmp_path / "g.snap").exists()
+    assert _error_lines(p.stderr) == [f"engine: error: --tls-creds secures tcp: and unix: migrations;"
+                                      f" 'file:{tmp_path}/g.snap' is a snapshot file, which is not encrypted"]
+
+
 # ------------------------------------------------------------------ migrations
+
+
+def test_python_api_with_tls(pki: Pki) -> None:
+    """Both sides as objects in one process: the MigrationParams fields are the CLI's options."""
+    dst_params = MigrationParams(channels=2, tls_creds=str(pki.server), tls_authz=("CN=source.example.com,*",))
+    src_params = MigrationParams(channels=2, tls_creds=str(pki.client), tls_hostname="localhost")
+    with GuestRam.create([BlockSpec("pc.ram", 8 << 20)]) as ram, \
+            IncomingMigration("tcp:127.0.0.1:0", dst_params) as dst:
+        fill_pages(ram.blocks[0], "mixed")
+        assert dst.uri is not None
+        migrate(dst.uri, ram, src_params, timeout=60)
+        result = dst.wait(60)
+        assert result.ram is not None
+        assert np.array_equal(ram.blocks[0].pages, result.ram.blocks[0].pages)
 
 
 @pytest.mark.parametrize("method,channels,transport", [("none", 4, "tcp"), ("zstd", 2, "tcp"), ("none", 2, "unix")])

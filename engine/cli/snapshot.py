@@ -90,9 +90,16 @@ def dispatch(args: argparse.Namespace) -> int | None:
     return None
 
 
+def _no_tls(args: argparse.Namespace, path: Path) -> None:
+    if getattr(args, "tls_creds", None) is not None:
+        raise ConfigError(f"--tls-creds secures tcp: and unix: migrations; 'file:{path}' is a snapshot file,"
+                          " which is not encrypted")
+
+
 def cmd_save(args: argparse.Namespace, path: Path) -> int:
     from ..snapshot.jobs import SnapshotSave
 
+    _no_tls(args, path)
     params = params_from_args(args)
     fsync = not getattr(args, "no_fsync", False)
     out = run_live_job(args, lambda ram, log, guest: SnapshotSave(path, ram, params, tracker=log, guest=guest,
@@ -104,6 +111,7 @@ def cmd_save(args: argparse.Namespace, path: Path) -> int:
 def cmd_restore(args: argparse.Namespace, path: Path) -> int:
     from ..snapshot.jobs import SnapshotRestore
 
+    _no_tls(args, path)
     job = SnapshotRestore(path, params_from_args(args))
     with job.run() as ram:
         out = job.stats.to_json()

@@ -18,6 +18,7 @@ from __future__ import annotations
 import errno
 import fnmatch
 import os
+import select
 import socket
 import ssl
 from dataclasses import dataclass
@@ -170,19 +171,41 @@ class TlsSocket(ssl.SSLSocket):
 
     def recvmsg_into(  # type: ignore[override]
             self, buffers: Any, ancbufsize: int = 0, flags: int = 0) -> tuple[int, list[Any], int, Any]:
-        views = [memoryview(b).cast("B") for b in buffers]
+        """Wait (up to the timeout) for the first record, then decrypt every record already
+        received into the buffers in order, without waiting again: one call per burst of
+        records rather than per record, as ``recvmsg_into`` takes what the socket holds."""
+        if self._early:
+            return self.recv_into(buffers[0]), [], 0, None
+        read, timeout = self._sslobj.read, self.gettimeout()  # type: ignore[attr-defined]
         got = 0
-        for v in views:
-            pos = 0
-            while pos < len(v) and (not got or self.buffered):
-                n = self.recv_into(v[pos:] if pos else v)
-                if n == 0:
-                    return got, [], 0, None
-                pos += n
-                got += n
-            if pos < len(v):
-                break
+        self.settimeout(0.0)  # every read below returns at once; the one wait is the select
+        try:
+            for b in buffers:
+                n, pos = memoryview(b).nbytes, 0
+                while pos < n:
+                    try:
+                        r = read(n - pos, b[pos:] if pos else b)
+                    except (ssl.SSLWantReadError, ssl.SSLWantWriteError) as want:
+                        if got:
+                            return got, [], 0, None
+                        self._wait(isinstance(want, ssl.SSLWantWriteError), timeout)
+                        continue
+                    if not r:  # the end of the session
+                        return got, [], 0, None
+                    pos += r
+                    got += r
+        except ssl.SSLError as exc:
+            if exc.args[0] != ssl.SSL_ERROR_EOF:
+                raise OSError(errno.EPROTO, describe(exc)) from None
+        finally:
+            self.settimeout(timeout)
         return got, [], 0, None
+
+    def _wait(self, write: bool, timeout: float | None) -> None:
+        fd = [self.fileno()]
+        ready = select.select([], fd, [], timeout) if write else select.select(fd, [], [], timeout)
+        if not any(ready):
+            raise TimeoutError("timed out")
 
     def recv_into(self, buffer: Any, nbytes: int | None = None, flags: int = 0) -> int:
         if self._early:

@@ -105,7 +105,7 @@ def _usage_error(capsys, *args: str):
 
 def test_argparse_errors_are_one_line(capsys) -> None:
     p = _usage_error(capsys, "migrate", "tcp:127.0.0.1:1")
-    _one_line_error(p, "one of the arguments --ram-image --ram-size is required", code=2)
+    _one_line_error(p, "one of the arguments --snapshot --ram-image --ram-size is required", code=2)
 
 
 def test_compression_mismatch_fails_cleanly(tmp_path: Path) -> None:

@@ -246,7 +246,7 @@ def test_save_overwrites_and_reports_the_file(tmp_path: Path) -> None:
         with SnapshotSave(path, ram, MigrationParams(channels=1)) as sv:
             sv.wait(30)
         q = sv.query()
-    assert q["status"] == "completed" and q["file"] == str(path) and q["format-version"] == 1
+    assert q["status"] == "completed" and q["file"] == str(path) and q["format-version"] == 2
     assert q["file-size"] == os.stat(path).st_size
     assert path.read_bytes()[:8] == MAGIC
     fd = open_snapshot(path)

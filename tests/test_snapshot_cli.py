@@ -80,7 +80,7 @@ def test_human_output_and_inspect(tmp_path: Path) -> None:
     assert f"  file             {path}: 8.0 MiB, on disk 0.0 MiB, compression none" in sv.stdout
     ins = snap("inspect", str(path))
     assert ins.returncode == 0, ins.stderr
-    assert ins.stdout.startswith(f"{path}: snapshot (format version 1), complete\n")
+    assert ins.stdout.startswith(f"{path}: snapshot (format version 2), complete\n")
     js = json.loads(snap("inspect", str(path), "--json").stdout)
     assert js["files"][0]["blocks"][0] | {} == {"name": "pc.ram", "size": 8 << 20, "pages": 2048, "present-pages": 0,
                                                "zero-pages": 2048, "regions": 8, "stored-bytes": 0,

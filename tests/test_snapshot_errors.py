@@ -150,7 +150,7 @@ def test_a_different_format_version(copy) -> None:
         f.seek(8)
         f.write(struct.pack("<I", VERSION + 1))
     assert refused(path, SnapshotFormatError) == (
-        f"snapshot {path}: format version 2, but this engine reads version 1 only (written by a newer engine?)")
+        f"snapshot {path}: format version 3, but this engine reads versions 1, 2 (written by a newer engine?)")
     with pytest.raises(SnapshotFormatError):
         describe_snapshot(path)
 
@@ -188,7 +188,7 @@ def test_uncommitted_header(copy) -> None:
     msg = f"snapshot {path}: incomplete: the save did not finish (no commit record); it cannot be restored"
     assert refused(path) == msg
     assert describe_snapshot(path) | {"disk-usage": 0} == {
-        "file": str(path), "kind": "snapshot", "format-version": 1, "file-size": path.stat().st_size,
+        "file": str(path), "kind": "snapshot", "format-version": 2, "file-size": path.stat().st_size,
         "disk-usage": 0, "status": "incomplete", "error": msg}
 
 
@@ -243,10 +243,14 @@ def test_restore_into_ram_of_another_shape(files) -> None:
 
 
 def test_golden_header_bytes() -> None:
-    """The header layout is the file format: pin it."""
-    h = Header(2, "zstd", 3, flags=1, iterations=4, meta_offset=0x5000, meta_size=0x120, meta_crc=0xDEADBEEF,
-               created_ns=1_700_000_000_000_000_000)
-    raw = h.pack()
+    """The header layout is the file format: pin it (version 2 kept version 1's header; only
+    the index changed)."""
+    fields = dict(flags=1, iterations=4, meta_offset=0x5000, meta_size=0x120, meta_crc=0xDEADBEEF,
+                  created_ns=1_700_000_000_000_000_000)
+    v2 = Header(2, "zstd", 3, **fields).pack()
+    assert v2[8:12] == struct.pack("<I", 2)
+    raw = Header(2, "zstd", 3, version=1, **fields).pack()  # type: ignore[arg-type]
+    assert v2[:8] + v2[12:100] == raw[:8] + raw[12:100]
     assert len(raw) == HEADER_SIZE and not any(raw[104:])
     assert raw[:104].hex() == (
         "4d4644534e415000" "01000000" "00100000" "01000000" "00100000" "00010000" "02000000"

@@ -46,6 +46,12 @@ def test_configuration_with_every_known_subsection() -> None:
         )),
         ("tail", b"\x00"),
     ]
+    # kept as received, for a checkpoint's replay
+    from engine.wire.reader import StreamReader
+    from engine.wire.stream import Configuration, MainStreamParser
+
+    config = next(e for e in MainStreamParser(StreamReader.from_bytes(data)).events() if isinstance(e, Configuration))
+    assert config.raw == data[len(G_HEADER):-1]
 
 
 def test_configuration_uuid_golden() -> None:

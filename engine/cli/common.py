@@ -81,9 +81,13 @@ def add_tls_args(p: argparse.ArgumentParser, endpoint: str) -> None:
                               " (repeatable; e.g. 'CN=*.example.com,O=Example'; default: any the CA signed)")
 
 
-def add_guest_args(p: argparse.ArgumentParser) -> None:
-    """Where the guest's RAM comes from (``migrate`` and ``save``)."""
+def add_guest_args(p: argparse.ArgumentParser, *, snapshot: bool = False) -> None:
+    """Where the guest's RAM comes from (``migrate`` and ``save``; ``migrate`` also takes a snapshot file)."""
     src = p.add_mutually_exclusive_group(required=True)
+    if snapshot:
+        src.add_argument("--snapshot", metavar="FILE", type=Path, default=None,
+                         help="send a saved snapshot: its RAM, and the machine's device state when it has one"
+                              " (a VM checkpointed with incoming --save), replayed as the source QEMU sent it")
     src.add_argument("--ram-image", action="append", metavar="[NAME=]PATH",
                      help=f"a RAM block from a file (repeat for several; default name {DEFAULT_BLOCK})")
     src.add_argument("--ram-size", metavar="SIZE", help="a generated guest of SIZE bytes (K/M/G suffixes)")
@@ -240,11 +244,12 @@ def stats_line(q: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_live_job(args: argparse.Namespace, make_job: Callable[[GuestRam, Any, Any], BackgroundJob], *,
-                 wait_running: bool = False) -> dict[str, Any]:
+                 wait_running: bool = False, ram: GuestRam | None = None) -> dict[str, Any]:
     """What ``migrate`` and ``save`` share: the guest (RAM images or a generated guest, with a
     workload when ``--dirty-rate`` is given), the job, a progress line on a terminal,
     ``--stats-interval`` lines, cancel on Ctrl-C / SIGTERM, then ``--dump`` and ``--digest``.
-    Returns the final ``query-migrate`` dict."""
+    ``ram``: the guest's RAM already loaded (this function closes it). Returns the final
+    ``query-migrate`` dict."""
     from ..memory.dirty import DirtyLog
     from ..memory.workload import Workload, WorkloadSpec
 
@@ -252,7 +257,8 @@ def run_live_job(args: argparse.Namespace, make_job: Callable[[GuestRam, Any, An
     if getattr(args, "dirty_rate", None) is not None:
         spec = WorkloadSpec(dirty_rate=parse_size(args.dirty_rate, "--dirty-rate"), pattern=args.dirty_pattern,
                             writers=args.writers, seed=args.seed)
-    ram = load_images(args.ram_image) if args.ram_image else generated_ram(args.ram_size, args.fill, args.seed)
+    if ram is None:
+        ram = load_images(args.ram_image) if args.ram_image else generated_ram(args.ram_size, args.fill, args.seed)
     show = sys.stderr.isatty() and not args.json
     stats_interval = getattr(args, "stats_interval", 0)
     interval = stats_interval / 1000 if stats_interval > 0 else None

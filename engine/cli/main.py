@@ -14,6 +14,7 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
+from ..compression import method_names
 from ..memory.ram import block_digest
 from ..params import (
     ZERO_PAGE_DETECTION,
@@ -54,15 +55,21 @@ def build_parser() -> argparse.ArgumentParser:
                      help="declare a RAM block up front (repeat, in order; like QEMU's -m); MEM_SIZE must match")
     inc.add_argument("--prealloc", action="store_true",
                      help="pre-fault the declared RAM before listening (QEMU's prealloc=on)")
+    inc.add_argument("--save", metavar="FILE", type=Path, default=None,
+                     help="checkpoint what arrives into a snapshot file: its RAM and the VM's device state, to be"
+                          " resumed with migrate --snapshot FILE")
+    inc.add_argument("--save-compression", choices=method_names(), default="none",
+                     help="the snapshot file's own compression (default none; --compression is the wire's)")
     add_tls_args(inc, "server")
 
     mig = sub.add_parser("migrate", help="migrate a guest's RAM to a destination")
     mig.add_argument("uri", help="tcp:HOST:PORT, tcp:[IPV6]:PORT or unix:PATH")
     add_channel_args(mig)
-    add_guest_args(mig)
+    add_guest_args(mig, snapshot=True)
     mig.add_argument("--level", type=int, default=None,
                      help="multifd-zlib-level / multifd-zstd-level / lz4 acceleration (default 1)")
-    mig.add_argument("--machine", default="none", help="machine name for the configuration section (default none)")
+    mig.add_argument("--machine", default=None,
+                     help="machine name for the configuration section (default none; a --snapshot's own)")
     mig.add_argument("--compat", metavar="VERSION", default=None,
                      help="speak the multifd dialect of this QEMU version, 7.2 .. 10.0 (default 7.2, or the"
                           " version of a --machine pc-i440fx-X.Y / pc-q35-X.Y); sets the next three")
@@ -97,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_migrate(args: argparse.Namespace) -> int:
     if args.uri.startswith(snapshot.FILE_SCHEME):  # QEMU's file: migration is a snapshot save
         return snapshot.cmd_save(args, snapshot.file_uri_path(args.uri))
+    if args.snapshot is not None:
+        return snapshot.cmd_migrate_snapshot(args)
     from ..source.migration import Migration
 
     params = params_from_args(args)
@@ -132,7 +141,7 @@ def cmd_incoming(args: argparse.Namespace) -> int:
 
     try:
         result = run_incoming(args.uri, params, listen_timeout=args.listen_timeout, on_listening=listening,
-                              keep_ram=args.dump is not None or args.digest, declared=declared,
+                              keep_ram=args.dump is not None or args.digest or args.save is not None, declared=declared,
                               prealloc=args.prealloc, trace_file=args.trace, on_loader=on_loader)
     finally:
         stop.set()
@@ -148,6 +157,8 @@ def cmd_incoming(args: argparse.Namespace) -> int:
                 if result.devices is not None:
                     extra["devices"] = write_devices(args.dump, result.devices)
                 dump_ram(result.ram, args.dump, extra)
+            if args.save is not None:
+                out["snapshot"] = snapshot.save_received(args, result)
     emit(out, args.json, "destination")
     return 0
 

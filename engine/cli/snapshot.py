@@ -168,3 +168,57 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+# ----------------------------------------------------------------- VM checkpoints
+
+def save_received(args: argparse.Namespace, result: Any) -> dict[str, Any]:
+    """``incoming --save FILE``: the received RAM and machine state into a snapshot file (with
+    the file's own compression); returns what the save reports."""
+    from ..params import MigrationParams
+    from ..snapshot.jobs import SnapshotSave
+
+    params = MigrationParams(channels=args.channels, compression=args.save_compression,
+                             stall_timeout=args.stall_timeout)
+    with SnapshotSave(args.save, result.ram, params, machine_state=result.machine_state) as job:
+        stats = job.wait()
+    out = stats.to_json()
+    return {k: out[k] for k in ("file", "compression", "total-time", "file-size", "disk-usage", "format-version")
+            if k in out} | {"machine": result.machine_state.machine if result.machine_state else None}
+
+
+def cmd_migrate_snapshot(args: argparse.Namespace) -> int:
+    """``migrate URI --snapshot FILE``: restore the file's RAM, then migrate it with the saved
+    machine state around it (configuration section, RAM's section id, device state after RAM),
+    so that a QEMU started with ``-incoming defer`` and the same machine only needs ``cont``."""
+    from ..snapshot.jobs import SnapshotRestore
+    from ..source.migration import Migration
+
+    if args.dirty_rate is not None:
+        raise ConfigError("--snapshot sends a saved guest as it was; --dirty-rate would change its RAM under its"
+                          " saved device state")
+    restore = SnapshotRestore(args.snapshot, channels=args.channels, params=params_from_args(args))
+    ram = restore.run()
+    ms = restore.machine_state
+    try:
+        if ms is not None:
+            if args.machine is None:
+                args.machine = ms.machine
+            if args.uuid is None and any(ms.uuid):
+                args.uuid = str(_uuid_text(ms.uuid))
+        params = params_from_args(args)
+    except BaseException:
+        ram.close()
+        raise
+    out = run_live_job(args, lambda ram_, log, guest: Migration(args.uri, ram_, params, machine_state=ms,
+                                                                trace_file=args.trace), ram=ram)
+    out["snapshot"] = {"file": str(args.snapshot), "restore-time": restore.stats.to_json()["total-time"],
+                       "machine": ms.machine if ms is not None else None}
+    emit(out, args.json, "source")
+    return 0
+
+
+def _uuid_text(raw: bytes) -> str:
+    import uuid
+
+    return str(uuid.UUID(bytes=raw))

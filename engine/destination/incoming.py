@@ -111,7 +111,8 @@ def run_incoming(
         state, desc = parse_tail(loader.tail)
         devices = parse_device_state(state, desc)
         stats.status = MigrationStatus.COMPLETED
-        result = IncomingResult(stats, loader.ram if keep_ram else None, loader.machine, loader.tail, desc, devices)
+        result = IncomingResult(stats, loader.ram if keep_ram else None, loader.machine, loader.tail, desc, devices,
+                                loader.machine_state())
         handed_over = keep_ram
         return result
     except MigrationError as exc:

@@ -36,11 +36,12 @@ from ..memory.ram import BlockSpec, GuestRam
 from ..params import MigrationParams
 from ..runtime.tls import TlsRefused, buffered
 from ..runtime.trace import BARRIER, Trace, now_ns, write_trace
-from ..stats import MigrationStats, MigrationStatus
+from ..stats import Counters, MigrationStats, MigrationStatus
+from ..wire.machine import MachineState
 from ..wire.packet import TARGET_PAGE_BITS
 from ..wire.stream import (
     Configuration, MainStreamParser, RamEOS, RamFlush, RamMemSize, RamPage, RamZeroPages, SectionBegin, StreamReader,
-    StreamTail,
+    StreamTail, SwitchoverStart,
 )
 from .accept import Accepted, Log, admit, classify, peer_name
 from .channels import RecvChannels
@@ -55,6 +56,8 @@ class IncomingResult:
     vmdesc: dict[str, Any] | None = None
     #: device sections after RAM, decoded through the vmdesc (None when the stream had none)
     devices: Any = None
+    #: everything but RAM, to be kept with it (``incoming --save``) and replayed
+    machine_state: MachineState | None = None
 
 
 class Loader:
@@ -83,6 +86,9 @@ class Loader:
         self.main_eof = False
         self.section = "the stream header"
         self.flushes = False  # the stream has carried a MULTIFD_FLUSH (QEMU 8.0+)
+        self.switchover_start = False  # ... a SWITCHOVER_START command (QEMU 10.0)
+        self.configuration = b""  # the configuration section as received
+        self.ram_section_id: int | None = None
 
     # -- reading the main socket while watching everything else
 
@@ -184,10 +190,15 @@ class Loader:
                     self._barrier("EOS")
             elif isinstance(ev, SectionBegin):
                 self.section = f"ram section {ev.section_id} ({ev.kind_name})"
+                if self.ram_section_id is None:
+                    self.ram_section_id = ev.section_id
             elif isinstance(ev, RamMemSize):
                 self._mem_size(ev)
             elif isinstance(ev, Configuration):
                 self.machine = ev.machine
+                self.configuration = ev.raw
+            elif isinstance(ev, SwitchoverStart):
+                self.switchover_start = True
             elif isinstance(ev, StreamTail):
                 self.tail = ev.data
         if self.ram is None:
@@ -196,6 +207,17 @@ class Loader:
             raise RemoteProtocolError("main channel: the stream ended before the ram END section")
         assert self.channels is not None
         self.channels.finish(self.params.stall_timeout)
+
+    def machine_state(self) -> MachineState | None:
+        """Everything of the stream but RAM (None for a stream without a configuration section)."""
+        if not self.configuration or self.ram_section_id is None:
+            return None
+        zero_in_packets = self.channels is not None and self.channels.total(Counters.ZERO) > 0
+        dialect = {"multifd-flush-after-each-section": not self.flushes,
+                   "send-switchover-start": self.switchover_start,
+                   "zero-page-detection": "multifd" if zero_in_packets else "legacy"}
+        return MachineState(self.machine or "", self.configuration, self.tail, self.ram_section_id,
+                            self.params.uuid, dialect)
 
     def _mem_size(self, ev: RamMemSize) -> None:
         if self.ram is not None:

@@ -1,4 +1,5 @@
-"""Snapshot file format, version 1: guest RAM with a fixed place for every page ("mapped-ram").
+"""Snapshot file format, version 2: guest RAM with a fixed place for every page ("mapped-ram"),
+and optionally the rest of a VM's migration stream (its machine state), kept to be replayed.
 
 Pure code: layouts, struct packing, validation and checksums. File I/O is limited to reading
 and checking a file's header and index (:func:`read_snapshot`, :func:`describe_snapshot`);
@@ -6,8 +7,9 @@ the parallel data path is in :mod:`engine.snapshot.channels`. The layout, field 
 docs/snapshot-format.md.
 
 A file is a one-page header, the data (``none``: every page at a fixed offset, zero pages
-left as holes; compressed: a heap of 1 MiB group slots) and an index at the end (block table,
-present-page bitmaps, a CRC-32 per 256-page region, the group index). Everything is
+left as holes; compressed: a heap of 1 MiB group slots) and an index at the end (version 2:
+the machine state record, possibly empty; then the block table, present-page bitmaps, a CRC-32
+per 256-page region, the group index). Version 1 files (no machine state) still read. Everything is
 little-endian and checked before use: the version first (a newer layout may move every field),
 then the header's and the index's CRC-32, then every region's CRC-32 before it reaches guest
 RAM. The header is written twice, the second time with COMMITTED after the data and the index,
@@ -35,10 +37,13 @@ from ..errors import (
     SnapshotFormatError,
 )
 from ..memory.ram import check_block, page_runs
+from ..wire.machine import MachineState
 from ..wire.packet import MAX_RAMBLOCK_NAME, TARGET_PAGE_SIZE
+from ..wire.vmstate import parse_tail
 
 MAGIC = b"MFDSNAP\x00"
-VERSION = 1
+VERSION = 2
+READS = (1, 2)  # version 1: no machine state record in the index
 HEADER_SIZE = 4096
 REGION_PAGES = 256
 REGION_SIZE = REGION_PAGES * TARGET_PAGE_SIZE
@@ -119,9 +124,10 @@ def parse_header(path: str | Path, data: bytes, file_size: int) -> Header:
                    SnapshotFormatError)
     if len(data) >= 12:
         (version,) = struct.unpack_from("<I", data, 8)
-        if version != VERSION:
-            raise _err(path, f"format version {version}, but this engine reads version {VERSION} only"
-                       + (" (written by a newer engine?)" if version > VERSION else ""), SnapshotFormatError)
+        if version not in READS:
+            raise _err(path, f"format version {version}, but this engine reads versions"
+                       f" {', '.join(map(str, READS))}" + (" (written by a newer engine?)" if version > VERSION else ""),
+                       SnapshotFormatError)
     if file_size < HEADER_SIZE:
         raise _err(path, f"truncated: {file_size} bytes, shorter than the {HEADER_SIZE}-byte header")
     (crc,) = _HEADER_CRC.unpack_from(data, _HEADER.size)
@@ -192,8 +198,10 @@ def _pad8(b: bytes) -> bytes:
     return b + bytes(-len(b) % 8)
 
 
-def encode_index(blocks: Sequence[BlockIndex], compressed: bool) -> bytes:
-    parts = []
+def encode_index(blocks: Sequence[BlockIndex], compressed: bool, machine: MachineState | None = None) -> bytes:
+    """The index of a version 2 file: the machine state record (length first; 0: none), then the blocks."""
+    record = machine.pack() if machine is not None else b""
+    parts = [struct.pack("<Q", len(record)), _pad8(record)]
     for b in blocks:
         name = b.name.encode()
         parts.append(_BLOCK.pack(len(name), 0, 0, b.size, b.data_offset) + _pad8(name))
@@ -291,6 +299,7 @@ class Snapshot:
     blocks: list[BlockIndex]
     file_size: int
     disk_usage: int
+    machine: MachineState | None = None
 
     @property
     def compressed(self) -> bool:
@@ -322,8 +331,18 @@ def read_snapshot(path: str | Path, fd: int) -> Snapshot:
     got = zlib.crc32(meta)
     if got != header.meta_crc:
         raise crc_mismatch(path, f"index at offset {header.meta_offset:#x}", got, header.meta_crc)
+    machine = None
+    if header.version >= 2:
+        (n,) = struct.unpack_from("<Q", meta) if len(meta) >= 8 else (len(meta),)
+        if 8 + n > len(meta):
+            raise _err(path, f"index: a machine state of {n} bytes runs past the index ({len(meta)} bytes)")
+        try:
+            machine = MachineState.unpack(meta[8:8 + n]) if n else None
+        except ValueError as exc:
+            raise _err(path, f"index: {exc}") from None
+        meta = meta[8 + n + (-n % 8):]
     blocks = decode_index(path, meta, header, header.method != "none")
-    return Snapshot(str(path), header, blocks, st.st_size, st.st_blocks * 512)
+    return Snapshot(str(path), header, blocks, st.st_size, st.st_blocks * 512, machine)
 
 
 def describe_snapshot(path: str | Path) -> dict[str, Any]:
@@ -335,7 +354,7 @@ def describe_snapshot(path: str | Path) -> dict[str, Any]:
     fd = open_snapshot(path)
     try:
         st = os.fstat(fd)
-        out: dict[str, Any] = {"file": str(path), "kind": "snapshot", "format-version": VERSION,
+        out: dict[str, Any] = {"file": str(path), "kind": "snapshot", "format-version": VERSION,  # until read
                                "file-size": st.st_size, "disk-usage": st.st_blocks * 512}
         try:
             snap = read_snapshot(path, fd)
@@ -349,6 +368,9 @@ def describe_snapshot(path: str | Path) -> dict[str, Any]:
     finally:
         os.close(fd)
     h = snap.header
+    out["format-version"] = h.version
+    if snap.machine is not None:
+        out["machine"] = describe_machine(snap.machine)
     out.update({"status": "complete", "compression": h.method, "level": h.level, "region-size": REGION_SIZE,
                 "iterations": h.iterations, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(h.created_ns / 1e9)),
                 "index-offset": h.meta_offset, "index-size": h.meta_size})
@@ -381,10 +403,26 @@ def render_snapshot(d: dict[str, Any]) -> str:
              f"  file {d['file-size'] / mib:.1f} MiB, on disk {d['disk-usage'] / mib:.1f} MiB,"
              f" stored {d['stored-bytes'] / mib:.1f} MiB"
              + (f", garbage {d['garbage-bytes'] / mib:.1f} MiB" if "garbage-bytes" in d else "")]
+    if "machine" in d:
+        m = d["machine"]
+        names = ", ".join(m["device-sections"][:8]) + (", ..." if len(m["device-sections"]) > 8 else "")
+        lines.append(f"  machine {m['name']!r}, {len(m['device-sections'])} device section(s) in"
+                     f" {m['device-state-bytes'] / 1024:.1f} KiB: {names}")
     for b in d["blocks"]:
         lines.append(f"  block {b['name']!r:<24} {b['size'] / mib:9.1f} MiB  present {b['present-pages']:>8} pages"
                      f"  zero {b['zero-pages']:>8} pages  stored {b['stored-bytes'] / mib:.1f} MiB")
     return "\n".join(lines)
+
+
+def describe_machine(m: MachineState) -> dict[str, Any]:
+    """A machine state for ``inspect``: the machine, its device sections (named by the vmdesc)."""
+    try:
+        _, vmdesc = parse_tail(m.device_state)
+        sections = [str(d.get("name")) for d in (vmdesc or {}).get("devices", [])]
+    except Exception:  # noqa: BLE001 - kept byte-exact whatever it holds; inspect shows what it can
+        sections = []
+    return {"name": m.machine, "device-sections": sections, "device-state-bytes": len(m.device_state),
+            "ram-section-id": m.ram_section_id, "uuid": m.uuid.hex(), "dialect": m.dialect}
 
 
 def is_snapshot_file(path: str | Path) -> bool:

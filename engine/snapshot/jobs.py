@@ -28,6 +28,7 @@ from ..memory.ram import BlockSpec, GuestRam, pwrite_all
 from ..params import DEFAULT_CHANNELS, DEFAULT_STALL_TIMEOUT, MigrationParams
 from ..precopy import BackgroundJob, Guest
 from ..stats import Counters, MigrationStats, MigrationStatus
+from ..wire.machine import MachineState
 from ..wire.packet import MAX_CHANNELS, TARGET_PAGE_SIZE
 from .channels import (
     N_HEAP,
@@ -63,14 +64,16 @@ class SnapshotSave(BackgroundJob):
     ``wait()``. ``tracker`` and ``guest`` as for :class:`~engine.source.migration.Migration`; without
     a tracker the guest is taken as static (one iteration). ``fsync=False`` skips the two
     ``fsync`` calls of the commit (the file is then safe against a crash of this process, not
-    of the machine)."""
+    of the machine). ``machine_state``: the rest of a VM's stream, kept in the index."""
 
     what = "snapshot save"
 
     def __init__(self, path: str | Path, ram: GuestRam, params: MigrationParams | None = None, *,
-                 tracker: DirtyTracker | None = None, guest: Guest | None = None, fsync: bool = True) -> None:
+                 tracker: DirtyTracker | None = None, guest: Guest | None = None, fsync: bool = True,
+                 machine_state: MachineState | None = None) -> None:
         super().__init__(ram, params or MigrationParams(), tracker, guest)
         self.path = str(path)
+        self.machine_state = machine_state
         self.fsync = fsync
         self._channels: SnapshotChannels | None = None
         self._fd = -1
@@ -166,7 +169,7 @@ class SnapshotSave(BackgroundJob):
                                      np.packbits(st.present[pa:pb], bitorder="little"), st.crc[ra:rb].copy(), groups))
         end = int(st.ctl[N_HEAP]) if self.compressed else self._data_end
         meta_offset = -(-end // TARGET_PAGE_SIZE) * TARGET_PAGE_SIZE
-        meta = encode_index(blocks, self.compressed)
+        meta = encode_index(blocks, self.compressed, self.machine_state)
         pwrite_all(fd, meta, meta_offset)
         if self.fsync:
             os.fsync(fd)
@@ -223,6 +226,7 @@ class SnapshotRestore:
         self.stall_timeout = params.stall_timeout if params else DEFAULT_STALL_TIMEOUT
         self.into = into
         self.stats = MigrationStats(status=MigrationStatus.SETUP)
+        self.machine_state: MachineState | None = None  # the VM's state besides RAM, if the file has one
 
     def run(self) -> GuestRam:
         st = self.stats
@@ -232,6 +236,7 @@ class SnapshotRestore:
         ok = False
         try:
             snap = read_snapshot(self.path, fd)
+            self.machine_state = snap.machine
             if snap.compressed:
                 require_known(snap.header.method, self.path)
             specs = [BlockSpec(b.name, b.size) for b in snap.blocks]
@@ -270,7 +275,7 @@ class SnapshotRestore:
             chans.quit(self.stall_timeout)
             st.ram.main_bytes = HEADER_SIZE + snap.header.meta_size
             st.ram.duplicate = geo.total_pages - int(np.count_nonzero(state.present[:geo.total_pages]))
-            st.extra.update({"file": self.path, "compression": snap.header.method, "format-version": VERSION,
+            st.extra.update({"file": self.path, "compression": snap.header.method, "format-version": snap.header.version,
                              "file-size": snap.file_size, "iterations-saved": snap.header.iterations})
             ok = True
         finally:

@@ -41,9 +41,10 @@ from ..runtime.transport import (
 from ..runtime.zerocopy import enable_zero_copy
 from ..stats import MigrationStats
 from ..wire.encoder import StreamEncoder
+from ..wire.machine import MachineState
 from ..wire.packet import PAGES_PER_PACKET, TARGET_PAGE_SIZE, MultiFDInit
 from .channels import SendChannels
-from .ram_saver import ZERO_SCAN_CHUNK, RamSaver
+from .ram_saver import RAM_SECTION_ID, ZERO_SCAN_CHUNK, RamSaver
 
 
 class Migration(BackgroundJob):
@@ -58,8 +59,11 @@ class Migration(BackgroundJob):
     converge_hint = "raise max-bandwidth or downtime-limit, or enable auto-converge"
 
     def __init__(self, uri: str, ram: GuestRam, params: MigrationParams, *, tracker: DirtyTracker | None = None,
-                 guest: Guest | None = None, trace_file: str | Path | None = None) -> None:
+                 guest: Guest | None = None, trace_file: str | Path | None = None,
+                 machine_state: MachineState | None = None) -> None:
         super().__init__(ram, params, tracker, guest)
+        #: a checkpointed VM's state besides RAM, replayed around it as its source sent it
+        self.machine_state = machine_state
         self.uri = uri
         self.addr = parse_uri(uri)
         self._channels: SendChannels | None = None
@@ -128,7 +132,10 @@ class Migration(BackgroundJob):
         self._main = open_channel("main channel", p.handshake_timeout)
         self._main.settimeout(p.stall_timeout)
         enc.header()
-        enc.configuration(p.machine)
+        if self.machine_state is not None:
+            enc.raw(self.machine_state.configuration)
+        else:
+            enc.configuration(p.machine)
         data = enc.take()
         self._main_send(data)
         self.stats.ram.main_bytes += len(data)
@@ -170,7 +177,8 @@ class Migration(BackgroundJob):
                          after_chunk=after_chunk, chunk_pages=chunk,
                          scan_zero=self.params.zero_page_detection == "legacy",
                          flush_records=not self.params.multifd_flush_after_each_section,
-                         switchover_start=bool(self.params.send_switchover_start))
+                         switchover_start=bool(self.params.send_switchover_start),
+                         section_id=self.machine_state.ram_section_id if self.machine_state else RAM_SECTION_ID)
         saver.trace = self.trace
         return saver
 
@@ -203,8 +211,11 @@ class Migration(BackgroundJob):
         self._section_pages = count_pages(dirty)
         self._saver.after_chunk = self._check  # stop-and-copy ignores max-bandwidth
         self._saver.save_section(dirty, end=True)
-        self._enc.eof()
-        self._enc.vmdesc(vmdesc_json())
+        if self.machine_state is not None and self.machine_state.device_state:  # devices, EOF, vmdesc as received
+            self._enc.raw(self.machine_state.device_state)
+        else:
+            self._enc.eof()
+            self._enc.vmdesc(vmdesc_json())
         data = self._enc.take()
         self._main_send(data)
         st.ram.main_bytes += len(data)

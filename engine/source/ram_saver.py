@@ -81,8 +81,9 @@ class RamSaver:
     def __init__(self, main_send: Callable[[bytes], None], enc: StreamEncoder, channels: SendChannels,
                  ram: GuestRam, stats: MigrationStats, *, after_chunk: Callable[[], None] = lambda: None,
                  chunk_pages: int = ZERO_SCAN_CHUNK, scan_zero: bool = True, flush_records: bool = False,
-                 switchover_start: bool = False) -> None:
+                 switchover_start: bool = False, section_id: int = RAM_SECTION_ID) -> None:
         self._send = main_send
+        self.section_id = section_id  # a replayed VM keeps the id its source gave RAM
         self.enc = enc
         self.channels = channels
         self.queue = MultiFDQueue(channels)
@@ -114,13 +115,13 @@ class RamSaver:
         if self.flush_records:  # the destination syncs here, not at the EOS
             self.enc.ram_multifd_flush()
         self.enc.ram_eos()
-        self.enc.footer(RAM_SECTION_ID)
+        self.enc.footer(self.section_id)
         self._flush_main(force=True)
         self.sections += 1
 
     def save_setup(self) -> None:
         """The START section: MEM_SIZE and the block list, then the first sync round."""
-        self.enc.section_start(RAM_SECTION_ID, RAM_SECTION_IDSTR, 0, RAM_SECTION_VERSION)
+        self.enc.section_start(self.section_id, RAM_SECTION_IDSTR, 0, RAM_SECTION_VERSION)
         self.enc.ram_mem_size([(b.name, b.size) for b in self.ram])
         self._sync_and_eos()
 
@@ -131,7 +132,7 @@ class RamSaver:
         """
         if end and self.switchover_start:
             self.enc.switchover_start()
-        self.enc.section_part(RAM_SECTION_ID, end=end)
+        self.enc.section_part(self.section_id, end=end)
         self.pages_done = 0
         for block_idx, block in enumerate(self.ram):
             if dirty is None:

@@ -59,6 +59,10 @@ class StreamEncoder:
         self.out = bytearray()
         self._last_block: bytes | None = None
 
+    def raw(self, data: bytes) -> None:
+        """Bytes kept from another stream (a snapshot's configuration and device state), as they are."""
+        self.out += data
+
     def take(self) -> bytes:
         data = bytes(self.out)
         self.out.clear()

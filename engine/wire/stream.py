@@ -98,6 +98,7 @@ class StreamHeader:
 class Configuration:
     machine: str
     subsections: tuple[tuple[str, bytes], ...] = ()
+    raw: bytes = b""  # the section as received, from its type byte (replayed by a snapshot's migration)
 
 
 @dataclass(frozen=True)
@@ -297,12 +298,16 @@ class MainStreamParser:
         n = r.be32("the configuration section")
         if n > 255:
             raise RemoteProtocolError(f"main channel: received machine name length {n}, expected <= 255")
-        machine = r.read(n, "the configuration section").decode("utf-8", "replace")
+        raw_name = r.read(n, "the configuration section")
+        machine = raw_name.decode("utf-8", "replace")
+        raw = bytes([QEMU_VM_CONFIGURATION]) + _BE32.pack(n) + raw_name
         subs: list[tuple[str, bytes]] = []
         while r.peek_u8("the configuration section") == QEMU_VM_SUBSECTION:
             r.skip(1)
-            name = self._short_string("a configuration subsection")
-            r.be32("a configuration subsection version")
+            raw_sub = self._short_bytes("a configuration subsection")
+            name = raw_sub.decode("utf-8", "replace")
+            sub_version = r.be32("a configuration subsection version")
+            raw += bytes([QEMU_VM_SUBSECTION, len(raw_sub)]) + raw_sub + _BE32.pack(sub_version)
             if name == "configuration/target-page-bits":
                 bits = r.be32(name)
                 if bits != TARGET_PAGE_BITS:
@@ -318,14 +323,13 @@ class MainStreamParser:
                     raise RemoteProtocolError(f"main channel: received {count} capabilities, expected <= 64")
                 caps = [self._short_string(name) for _ in range(count)]
                 if caps:
-                    raise RemoteProtocolError(
-                        f"main channel: received validated capabilities {caps}, expected none"
-                        " (x-ignore-shared is not supported)"
-                    )
+                    raise RemoteProtocolError(f"main channel: received validated capabilities {caps}, expected none"
+                                              " (x-ignore-shared is not supported)")
                 subs.append((name, b""))
             else:
                 raise RemoteProtocolError(f"main channel: received unknown configuration subsection {name!r}")
-        return Configuration(machine, tuple(subs))
+            raw += subs[-1][1] or _BE32.pack(0)  # the capabilities' count is 0
+        return Configuration(machine, tuple(subs), raw)
 
     def _footer(self, section_id: int) -> SectionFooter:
         kind = self.r.u8("a section footer")

@@ -1,0 +1,110 @@
+"""VM checkpoints through snapshot files (issue 19), the engine's side: the machine state
+record, format version 2 next to version 1, ``incoming --save`` and ``migrate --snapshot``
+between engines. Real QEMUs and a real Linux guest: test_qemu_checkpoint.py."""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from pathlib import Path
+
+import pytest
+
+from engine.errors import SnapshotCorruptError
+from engine.snapshot.format import HEADER_SIZE, Header, describe_snapshot, parse_header
+from engine.snapshot.jobs import restore, save
+from engine.wire.machine import MachineState
+from engine.wire.stream import QEMU_VM_CONFIGURATION
+from support import Incoming, assert_same_ram, make_image, read_dump, run_engine
+
+CONFIG = bytes([QEMU_VM_CONFIGURATION]) + struct.pack(">I", 13) + b"pc-i440fx-7.2"
+
+
+def test_machine_state_round_trip() -> None:
+    ms = MachineState("pc-i440fx-7.2", CONFIG, b"\x04devices\x00\x06vmdesc", 3, bytes(range(16)),
+                      {"send-switchover-start": False})
+    assert MachineState.unpack(ms.pack()) == ms
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda b: b[:10], "machine state of 10 bytes, shorter than its 48-byte head"),
+    (lambda b: b"X" + b[1:], "machine state starts with b'XACHSTAT', expected b'MACHSTAT'"),
+    (lambda b: b + b"?", "machine state lengths add up to"),
+])
+def test_machine_state_damage(damage, message: str) -> None:
+    raw = MachineState("pc", CONFIG, b"\x00").pack()
+    with pytest.raises(ValueError, match="^" + message.replace("(", r"\(").replace(")", r"\)")):
+        MachineState.unpack(damage(raw))
+
+
+def _as_version_1(path: Path) -> None:
+    """Rewrite a version 2 file without a machine state as version 1 wrote it (no record length)."""
+    data = bytearray(path.read_bytes())
+    h = parse_header(path, bytes(data[:HEADER_SIZE]), len(data))
+    meta = bytes(data[h.meta_offset + 8:h.file_size])  # drop the zero record length
+    old = Header(h.nblocks, h.method, h.level, h.flags, h.iterations, h.meta_offset, len(meta), zlib.crc32(meta),
+                 h.created_ns, version=1)
+    path.write_bytes(old.pack() + bytes(data[HEADER_SIZE:h.meta_offset]) + meta)
+
+
+@pytest.mark.parametrize("method", ["none", "zstd"])
+def test_version_1_files_still_restore(tmp_path: Path, method: str) -> None:
+    from engine import BlockSpec, GuestRam, MigrationParams
+    from engine.memory.workload import fill_pages
+
+    path = tmp_path / "old.snap"
+    with GuestRam.create([BlockSpec("pc.ram", 4 << 20)]) as ram:
+        fill_pages(ram.blocks[0], "mixed")
+        save(path, ram, MigrationParams(channels=2, compression=method))
+        _as_version_1(path)
+        assert describe_snapshot(path)["format-version"] == 1 and "machine" not in describe_snapshot(path)
+        with restore(path, channels=2) as back:
+            assert bytes(back.blocks[0].buf) == bytes(ram.blocks[0].buf)
+
+
+def test_a_damaged_machine_state_is_refused(tmp_path: Path) -> None:
+    from engine import BlockSpec, GuestRam
+
+    path = tmp_path / "vm.snap"
+    with GuestRam.create([BlockSpec("pc.ram", 1 << 20)]) as ram:
+        from engine.snapshot.jobs import SnapshotSave
+
+        with SnapshotSave(path, ram, machine_state=MachineState("pc", CONFIG, b"\x00")) as job:
+            job.wait(30)
+    data = bytearray(path.read_bytes())
+    h = parse_header(path, bytes(data[:HEADER_SIZE]), len(data))
+    data[h.meta_offset + 8:h.meta_offset + 16] = b"NOTMACHS"  # the record's magic, checksum fixed up
+    meta = bytes(data[h.meta_offset:h.file_size])
+    fixed = Header(h.nblocks, h.method, h.level, h.flags, h.iterations, h.meta_offset, h.meta_size, zlib.crc32(meta),
+                   h.created_ns)
+    data[:HEADER_SIZE] = fixed.pack()
+    path.write_bytes(bytes(data))
+    with pytest.raises(SnapshotCorruptError, match=r"index: machine state starts with b'NOTMACHS'"):
+        restore(path)
+
+
+@pytest.mark.parametrize("save_compression", ["none", "zstd"])
+def test_engine_checkpoint_and_resume(tmp_path: Path, save_compression: str) -> None:
+    """engine -> incoming --save FILE -> migrate --snapshot FILE -> engine: byte-exact, and the
+    file says what it holds."""
+    image = tmp_path / "ram.img"
+    make_image(image, 4096, "mixed", seed=5)
+    snap = tmp_path / "vm.snap"
+    with Incoming("tcp:127.0.0.1:0", "--channels", "2", "--compression", "zstd", "--save", str(snap),
+                  "--save-compression", save_compression, "--json") as dst:
+        src = run_engine("migrate", dst.uri, "--ram-image", f"ram={image}", "--channels", "2", "--compression", "zstd",
+                         "--machine", "pc-i440fx-7.2", "--dump", str(tmp_path / "src"))
+        assert src.returncode == 0, src.stderr
+        assert dst.wait(60) == 0, dst.stderr
+    saved = dst.json()["snapshot"]
+    assert saved["file"] == str(snap) and saved["compression"] == save_compression and saved["machine"] == "pc-i440fx-7.2"
+    desc = describe_snapshot(snap)
+    assert desc["format-version"] == 2 and desc["machine"]["name"] == "pc-i440fx-7.2"
+    assert desc["machine"]["device-sections"] == []  # an engine source sends RAM only
+    with Incoming("tcp:127.0.0.1:0", "--channels", "4", "--dump", str(tmp_path / "dst"), "--json") as dst2:
+        src2 = run_engine("migrate", dst2.uri, "--snapshot", str(snap), "--channels", "4", "--json")
+        assert src2.returncode == 0, src2.stderr
+        assert dst2.wait(60) == 0, dst2.stderr
+    assert_same_ram(read_dump(tmp_path / "src"), read_dump(tmp_path / "dst"))
+    manifest = (tmp_path / "dst" / "manifest.json").read_text()
+    assert '"machine": "pc-i440fx-7.2"' in manifest

@@ -4,6 +4,8 @@ RAM and take the device state as the source sent it."""
 
 from __future__ import annotations
 
+import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -46,6 +48,13 @@ def test_qemu_none_machine_through_a_file(tmp_path: Path, ram_image: Image, vers
     desc = describe_snapshot(snap)
     assert desc["machine"]["name"] == "none" and desc["compression"] == save_compression
     assert "globalstate" in desc["machine"]["device-sections"]
+    shown = run_engine("inspect", str(snap))
+    assert shown.returncode == 0 and "  machine 'none', " in shown.stdout and "globalstate" in shown.stdout
+    dumped = run_engine("restore", str(snap), "--dump", str(tmp_path / "dump"))
+    assert dumped.returncode == 0, dumped.stderr
+    devices = json.loads((tmp_path / "dump" / "devices.json").read_text())
+    assert "globalstate" in [d["name"] for d in devices["sections"]]
+    assert json.loads((tmp_path / "dump" / "manifest.json").read_text())["machine"] == "none"
     # resume with other channel counts and compression than the save's
     peer, uri = qemu_peer.destination(tmp_path, memory="64M", channels=3, compression="zlib", binary=binary)
     with peer:
@@ -55,3 +64,100 @@ def test_qemu_none_machine_through_a_file(tmp_path: Path, ram_image: Image, vers
         info = peer.wait_migration(timeout=60)
         assert info["status"] == "completed", (info, peer.log())
         compare_pages("ram", peer.pmemsave(0, NONE_RAM, tmp_path / "pmem.bin"), raw)
+
+
+# ------------------------------------------------------------- a real Linux guest
+
+sys.path.insert(0, str(ROOT / "scripts"))
+import linux_guest  # noqa: E402
+
+#: (QEMU, wire compression and channels of the checkpoint, file compression, then the same of
+#: the second hop: resumed from the first file, checkpointed again into a second one, resumed)
+CHAINS = [
+    ("7.2", ("none", 2, "zstd"), ("zstd", 4, "none")),
+    ("7.2", ("zstd", 4, "none"), ("none", 2, "zstd")),
+    ("10.0", ("none", 4, "zstd"), ("zstd", 2, "zstd")),
+]
+
+
+@pytest.fixture(scope="session")
+def guest_files() -> linux_guest.GuestFiles:
+    """Debian's cloud kernel and busybox, fetched and packed once (cached between runs)."""
+    try:
+        return linux_guest.ensure_guest()
+    except linux_guest.GuestError as exc:
+        pytest.fail(f"cannot prepare the Linux guest: {exc}")
+
+
+def _guest(tmp_path: Path, files: linux_guest.GuestFiles, name: str, binary: str | None,
+           incoming: bool = False) -> tuple[qemu_peer.QemuPeer, Path]:
+    serial = tmp_path / f"{name}.serial"
+    peer = qemu_peer.QemuPeer(tmp_path, name=name, machine=linux_guest.MACHINE, memory=linux_guest.MEMORY,
+                              incoming=incoming, extra_args=linux_guest.qemu_args(files, serial), binary=binary)
+    return peer, serial
+
+
+def _checkpoint(vm: qemu_peer.QemuPeer, snap: Path, hop: tuple[str, int, str]) -> None:
+    """Live: the guest runs until the migration stops it (no pause before it starts)."""
+    method, channels, file_compression = hop
+    vm.set_multifd(channels, method, max_bandwidth=10 << 30)
+    with incoming("--channels", str(channels), "--compression", method, "--save", str(snap),
+                  "--save-compression", file_compression, "--json") as dst:
+        assert vm.status() == "running"
+        vm.migrate(dst.uri)
+        assert vm.wait_migration(timeout=120)["status"] == "completed"
+        assert dst.wait(60) == 0, dst.stderr
+    assert dst.json()["snapshot"]["machine"].startswith("pc-i440fx-")
+
+
+def _resume(peer: qemu_peer.QemuPeer, snap: Path, hop: tuple[str, int, str], compat: list[str]) -> None:
+    method, channels, _ = hop
+    peer.set_multifd(channels, method)
+    uri = peer.migrate_incoming("tcp:127.0.0.1:0")
+    r = run_engine("migrate", uri, "--snapshot", str(snap), "--channels", str(channels), "--compression", method,
+                   *compat, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert peer.wait_migration(timeout=120)["status"] == "completed", peer.log()
+    peer.execute("cont")
+
+
+def _continues(serial: Path, after: int, peer: qemu_peer.QemuPeer) -> int:
+    """The resumed guest's ticks go on from ``after`` (no reboot, its RAM check still ok);
+    returns the last tick seen."""
+    text = linux_guest.wait_serial(serial, lambda t: len(linux_guest.ticks(t)) >= 5, 60,
+                                   what="5 ticks after the resume", alive=peer.alive)
+    got = linux_guest.ticks(text)
+    assert linux_guest.boots(text) == 0, text[-2000:]  # the kernel did not start again
+    assert not linux_guest.bad_ticks(text), text[-2000:]
+    assert after < got[0] <= after + 2, (after, got[:5])  # at most the line the stop cut short is lost
+    assert got == list(range(got[0], got[0] + len(got))), got
+    return got[-1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("version,first,second", CHAINS, ids=[f"{v}-{a[0]}{a[1]}-{b[0]}{b[1]}" for v, a, b in CHAINS])
+def test_live_linux_guest_checkpointed_twice_and_resumed(tmp_path: Path, guest_files: linux_guest.GuestFiles,
+                                                         version: str, first: tuple[str, int, str],
+                                                         second: tuple[str, int, str]) -> None:
+    """A running Linux guest -> file 1 -> a fresh QEMU, which runs on -> file 2 -> another fresh
+    QEMU: at each resume the counter on the serial console continues, no second boot, and the
+    guest's own check of a 32 MiB pattern in its RAM still passes."""
+    binary = _binary(version)
+    compat = ["--compat", "10.0"] if version == "10.0" else []
+    vm, serial = _guest(tmp_path, guest_files, "vm", binary)
+    with vm:
+        vm.execute("cont")
+        linux_guest.wait_serial(serial, lambda t: len(linux_guest.ticks(t)) >= 3, 60, what="3 ticks",
+                                alive=vm.alive)
+        _checkpoint(vm, tmp_path / "one.snap", first)
+        last = max(linux_guest.ticks(linux_guest.read_serial(serial)))
+    second_vm, serial2 = _guest(tmp_path, guest_files, "second", binary, incoming=True)
+    with second_vm:
+        _resume(second_vm, tmp_path / "one.snap", second, compat)
+        _continues(serial2, last, second_vm)
+        _checkpoint(second_vm, tmp_path / "two.snap", second)
+        last = max(linux_guest.ticks(linux_guest.read_serial(serial2)))
+    third_vm, serial3 = _guest(tmp_path, guest_files, "third", binary, incoming=True)
+    with third_vm:
+        _resume(third_vm, tmp_path / "two.snap", first, compat)
+        _continues(serial3, last, third_vm)

@@ -28,6 +28,7 @@ from .common import (
     params_from_args,
     run_command,
     run_live_job,
+    write_devices,
 )
 
 FILE_SCHEME = "file:"
@@ -117,8 +118,19 @@ def cmd_restore(args: argparse.Namespace, path: Path) -> int:
         out = job.stats.to_json()
         if args.digest:
             out["ram-digest"] = {b.name: block_digest(b) for b in ram}
+        ms = job.machine_state
+        if ms is not None:
+            out["machine"] = ms.machine
         if args.dump is not None:
-            dump_ram(ram, args.dump)
+            extra: dict[str, Any] | None = None
+            if ms is not None:  # as incoming --dump writes a VM's: the machine and its decoded devices
+                from ..wire.vmstate import parse_device_state, parse_tail
+
+                extra = {"machine": ms.machine}
+                devices = parse_device_state(*parse_tail(ms.device_state))
+                if devices is not None:
+                    extra["devices"] = write_devices(args.dump, devices)
+            dump_ram(ram, args.dump, extra)
     _emit_snapshot(out, args.json, "snapshot restore")
     return 0
 

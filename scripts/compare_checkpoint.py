@@ -1,0 +1,207 @@
+#!/usr/bin/env python3
+"""Checkpoint and resume of one VM, QEMU's ways and the engine's, side by side (issue 19).
+
+Run it with ``scripts/compare-checkpoint`` (it sets up the venv); ``--help`` lists the options.
+
+The VM is a ``-M none`` QEMU whose RAM is a generated image (``--size``, 1 GiB: 25% zero, 25%
+random, 50% text-like pages, as compare-qemu's), resident before the checkpoint
+(``-mem-prealloc``). Each round, in a rotating order:
+
+* **QEMU 7.2 ``exec:cat``**: ``migrate "exec:cat > FILE"`` (one uncompressed stream), resume with
+  a fresh ``-incoming defer`` QEMU and ``migrate-incoming "exec:cat FILE"``.
+* **QEMU 10.0 mapped-ram**: capabilities ``mapped-ram`` and ``multifd`` with N channels,
+  ``migrate file:FILE``; resume the same way with ``migrate-incoming file:FILE``.
+* **engine**: the QEMU 7.2 VM migrates with N multifd channels into ``incoming --save FILE
+  --save-compression METHOD``; resume is ``migrate --snapshot FILE`` into a fresh QEMU 7.2.
+
+Checkpoint time: from ``migrate`` until the file is complete (QEMU: the source's migration has
+completed, which for ``exec:`` means ``cat`` has its last byte; the engine: its process has
+committed the file and exited); resume time: from ``migrate-incoming`` (QEMU) or starting the
+engine until the destination QEMU reports the migration completed. QEMU's start-up and
+pre-allocation are outside both. Disk: the file's allocated blocks. Medians of the rounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import qemu_peer  # noqa: E402
+from engine.compression import method_names  # noqa: E402
+from engine.params import parse_size  # noqa: E402
+from engine_runs import GiB, MiB, engine_env, make_image, remove_leftover_segments, shm_tag, write_json  # noqa: E402
+
+QEMU10 = ROOT / ".qemu" / "10.0" / "qemu-system-x86_64"
+FAST = 64 << 30  # max-bandwidth: effectively unlimited
+
+
+def _vm(workdir: Path, image: Path, size: int, binary: str | None, name: str) -> qemu_peer.QemuPeer:
+    return qemu_peer.QemuPeer(workdir, name=name, memory=f"{size // MiB}M", mem_path=image,
+                              extra_args=["-mem-prealloc"], timeout=60.0 + 10.0 * size / GiB, binary=binary)
+
+
+def _fresh(workdir: Path, size: int, binary: str | None) -> qemu_peer.QemuPeer:
+    return qemu_peer.QemuPeer(workdir, name="resumed", memory=f"{size // MiB}M", incoming=True,
+                              timeout=60.0 + 10.0 * size / GiB, binary=binary)
+
+
+def _completed(peer: qemu_peer.QemuPeer, timeout: float) -> dict[str, Any]:
+    info = peer.wait_migration(timeout=timeout)
+    if info.get("status") != "completed":
+        raise RuntimeError(f"{peer.name}: migration {info.get('status')}: {info.get('error-desc', '')}")
+    return info
+
+
+def _disk(path: Path) -> int:
+    return os.stat(path).st_blocks * 512
+
+
+def qemu_file(kind: str, image: Path, size: int, workdir: Path, channels: int, timeout: float) -> dict[str, Any]:
+    """QEMU 7.2 ``exec:cat`` (kind "exec") or QEMU 10.0 mapped-ram (kind "mapped-ram")."""
+    binary = None if kind == "exec" else str(QEMU10)
+    path = workdir / f"qemu-{kind}.img"
+    path.unlink(missing_ok=True)
+    save_uri, load_uri = (f"exec:cat > {path}", f"exec:cat {path}") if kind == "exec" else (f"file:{path}",) * 2
+
+    def setup(peer: qemu_peer.QemuPeer) -> None:
+        peer.set_parameters(max_bandwidth=FAST)
+        if kind == "mapped-ram":
+            peer.execute("migrate-set-capabilities", {"capabilities": [
+                {"capability": "mapped-ram", "state": True}, {"capability": "multifd", "state": True}]})
+            peer.set_parameters(multifd_channels=channels)
+
+    with _vm(workdir, image, size, binary, "vm") as vm:
+        setup(vm)
+        t0 = time.monotonic()
+        vm.migrate(save_uri)
+        info = _completed(vm, timeout)
+        save_s = time.monotonic() - t0
+    with _fresh(workdir, size, binary) as dst:
+        setup(dst)
+        t0 = time.monotonic()
+        dst.execute("migrate-incoming", {"uri": load_uri})
+        _completed(dst, timeout)
+        load_s = time.monotonic() - t0
+    out = {"checkpoint-s": save_s, "total-time-ms": info.get("total-time"), "resume-s": load_s,
+           "disk": _disk(path), "file-size": path.stat().st_size}
+    path.unlink()
+    return out
+
+
+def engine_file(image: Path, size: int, workdir: Path, channels: int, method: str, save_compression: str,
+                timeout: float, tag: str) -> dict[str, Any]:
+    """The QEMU 7.2 VM into ``incoming --save``, then ``migrate --snapshot`` into a fresh QEMU 7.2."""
+    path = workdir / "engine.snap"
+    path.unlink(missing_ok=True)
+    env = engine_env(tag)
+    common = ["--channels", str(channels), "--compression", method]
+    with _vm(workdir, image, size, None, "vm") as vm:
+        vm.set_multifd(channels, method, max_bandwidth=FAST)
+        with open(workdir / "engine-in.err", "w+") as err:
+            dst = subprocess.Popen([sys.executable, "-m", "engine", "incoming", "tcp:127.0.0.1:0", *common,
+                                    "--save", str(path), "--save-compression", save_compression],
+                                   stdout=subprocess.DEVNULL, stderr=err, env=env, cwd=ROOT)
+            try:
+                uri = _listening(err, dst, 60.0)
+                t0 = time.monotonic()
+                vm.migrate(uri)
+                info = _completed(vm, timeout)
+                if dst.wait(timeout) != 0:
+                    err.seek(0)
+                    raise RuntimeError(f"engine incoming --save: {err.read().strip()}")
+                save_s = time.monotonic() - t0
+            finally:
+                if dst.poll() is None:
+                    dst.kill()
+                    dst.wait()
+    with _fresh(workdir, size, None) as qdst:
+        qdst.set_multifd(channels, method)
+        uri = qdst.migrate_incoming("tcp:127.0.0.1:0")
+        t0 = time.monotonic()
+        r = subprocess.run([sys.executable, "-m", "engine", "migrate", uri, "--snapshot", str(path), *common],
+                           capture_output=True, text=True, env=env, cwd=ROOT, timeout=timeout)
+        if r.returncode != 0:
+            raise RuntimeError(f"engine migrate --snapshot: {r.stderr.strip()}")
+        _completed(qdst, timeout)
+        load_s = time.monotonic() - t0
+    out = {"checkpoint-s": save_s, "total-time-ms": info.get("total-time"), "resume-s": load_s,
+           "disk": _disk(path), "file-size": path.stat().st_size}
+    path.unlink()
+    return out
+
+
+def _listening(err: Any, proc: subprocess.Popen[bytes], timeout: float) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        err.seek(0)
+        for line in err.read().splitlines():
+            if line.startswith("engine: listening on "):
+                return str(line.split("engine: listening on ", 1)[1])
+        if proc.poll() is not None:
+            raise RuntimeError("engine incoming ended before listening")
+        time.sleep(0.02)
+    raise RuntimeError(f"engine incoming not listening after {timeout:g}s")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="scripts/compare-checkpoint", description=__doc__.split("\n\n")[0])
+    p.add_argument("--size", default="1G", help="guest RAM (default 1G)")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
+    p.add_argument("--channels", type=int, default=4, help="multifd channels (default 4)")
+    p.add_argument("--compression", default="none", choices=method_names(), help="the wire's (default none)")
+    p.add_argument("--save-compression", default="zstd", choices=method_names(), help="the file's (default zstd)")
+    p.add_argument("--timeout", type=float, default=300.0)
+    p.add_argument("--json", type=Path, default=None, metavar="FILE")
+    args = p.parse_args(argv)
+    size = parse_size(args.size)
+    workdir = Path(tempfile.mkdtemp(prefix="compare-checkpoint-"))
+    tag = shm_tag()
+    sides: dict[str, Callable[[], dict[str, Any]]] = {
+        "QEMU 7.2 exec:cat": lambda: qemu_file("exec", image, size, workdir, args.channels, args.timeout),
+        f"engine (file {args.save_compression})": lambda: engine_file(
+            image, size, workdir, args.channels, args.compression, args.save_compression, args.timeout, tag),
+    }
+    if QEMU10.exists():
+        sides["QEMU 10.0 mapped-ram"] = lambda: qemu_file("mapped-ram", image, size, workdir, args.channels,
+                                                          args.timeout)
+    runs: dict[str, list[dict[str, Any]]] = {k: [] for k in sides}
+    try:
+        image = workdir / "ram.img"
+        make_image(image, size)
+        names = list(sides)
+        for rnd in range(args.rounds):
+            order = names[rnd % len(names):] + names[:rnd % len(names)]
+            for name in order:
+                r = sides[name]()
+                runs[name].append(r)
+                print(f"  round {rnd + 1} {name:<24} checkpoint {r['checkpoint-s']:6.2f} s  resume"
+                      f" {r['resume-s']:6.2f} s  disk {r['disk'] / MiB:7.1f} MiB", file=sys.stderr)
+    finally:
+        remove_leftover_segments(tag, "compare-checkpoint")
+        shutil.rmtree(workdir, ignore_errors=True)
+    med = {name: {k: statistics.median(r[k] for r in rs) for k in ("checkpoint-s", "resume-s", "disk")}
+           for name, rs in runs.items() if rs}
+    print(f"\n{size / MiB:g} MiB -M none guest, {args.channels} channels (multifd ones), medians of {args.rounds}"
+          f" interleaved rounds\n")
+    print("| how | checkpoint s | resume s | on disk MiB |\n| --- | --- | --- | --- |")
+    for name, m in med.items():
+        print(f"| {name} | {m['checkpoint-s']:.2f} | {m['resume-s']:.2f} | {m['disk'] / MiB:.0f} |")
+    write_json(args.json, {"size": size, "channels": args.channels, "runs": runs, "medians": med},
+               "compare-checkpoint")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -11,8 +11,9 @@ random, 50% text-like pages, as compare-qemu's), resident before the checkpoint
   a fresh ``-incoming defer`` QEMU and ``migrate-incoming "exec:cat FILE"``.
 * **QEMU 10.0 mapped-ram**: capabilities ``mapped-ram`` and ``multifd`` with N channels,
   ``migrate file:FILE``; resume the same way with ``migrate-incoming file:FILE``.
-* **engine**: the QEMU 7.2 VM migrates with N multifd channels into ``incoming --save FILE
-  --save-compression METHOD``; resume is ``migrate --snapshot FILE`` into a fresh QEMU 7.2.
+* **engine**: the QEMU 7.2 VM (and, when installed, a QEMU 10.0 one) migrates with N multifd
+  channels into ``incoming --save FILE --save-compression METHOD``; resume is ``migrate
+  --snapshot FILE`` into a fresh QEMU of the same version (``--compat 10.0`` for 10.0).
 
 Checkpoint time: from ``migrate`` until the file is complete (QEMU: the source's migration has
 completed, which for ``exec:`` means ``cat`` has its last byte; the engine: its process has
@@ -24,6 +25,7 @@ pre-allocation are outside both. Disk: the file's allocated blocks. Medians of t
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import statistics
@@ -38,6 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
+import linux_guest  # noqa: E402
 import qemu_peer  # noqa: E402
 from engine.compression import method_names  # noqa: E402
 from engine.params import parse_size  # noqa: E402
@@ -47,14 +50,35 @@ QEMU10 = ROOT / ".qemu" / "10.0" / "qemu-system-x86_64"
 FAST = 64 << 30  # max-bandwidth: effectively unlimited
 
 
+#: ``--linux``: the Linux guest's kernel and initramfs; the VM boots it and runs (no image)
+GUEST: linux_guest.GuestFiles | None = None
+
+
 def _vm(workdir: Path, image: Path, size: int, binary: str | None, name: str) -> qemu_peer.QemuPeer:
-    return qemu_peer.QemuPeer(workdir, name=name, memory=f"{size // MiB}M", mem_path=image,
-                              extra_args=["-mem-prealloc"], timeout=60.0 + 10.0 * size / GiB, binary=binary)
+    if GUEST is None:
+        return qemu_peer.QemuPeer(workdir, name=name, memory=f"{size // MiB}M", mem_path=image,
+                                  extra_args=["-mem-prealloc"], timeout=60.0 + 10.0 * size / GiB, binary=binary)
+    serial = workdir / f"{name}.serial"
+    serial.unlink(missing_ok=True)
+    peer = qemu_peer.QemuPeer(workdir, name=name, machine=linux_guest.MACHINE, memory=linux_guest.MEMORY,
+                              extra_args=linux_guest.qemu_args(GUEST, serial), binary=binary)
+    try:
+        peer.execute("cont")
+        linux_guest.wait_serial(serial, lambda t: len(linux_guest.ticks(t)) >= 3, 60, what="3 ticks",
+                                alive=peer.alive)
+    except BaseException:
+        peer.close()
+        raise
+    return peer
 
 
 def _fresh(workdir: Path, size: int, binary: str | None) -> qemu_peer.QemuPeer:
-    return qemu_peer.QemuPeer(workdir, name="resumed", memory=f"{size // MiB}M", incoming=True,
-                              timeout=60.0 + 10.0 * size / GiB, binary=binary)
+    if GUEST is None:
+        return qemu_peer.QemuPeer(workdir, name="resumed", memory=f"{size // MiB}M", incoming=True,
+                                  timeout=60.0 + 10.0 * size / GiB, binary=binary)
+    return qemu_peer.QemuPeer(workdir, name="resumed", machine=linux_guest.MACHINE, memory=linux_guest.MEMORY,
+                              incoming=True, extra_args=linux_guest.qemu_args(GUEST, workdir / "resumed.serial"),
+                              binary=binary)
 
 
 def _completed(peer: qemu_peer.QemuPeer, timeout: float) -> dict[str, Any]:
@@ -101,18 +125,21 @@ def qemu_file(kind: str, image: Path, size: int, workdir: Path, channels: int, t
 
 
 def engine_file(image: Path, size: int, workdir: Path, channels: int, method: str, save_compression: str,
-                timeout: float, tag: str) -> dict[str, Any]:
-    """The QEMU 7.2 VM into ``incoming --save``, then ``migrate --snapshot`` into a fresh QEMU 7.2."""
+                timeout: float, tag: str, no_fsync: bool = False, binary: str | None = None) -> dict[str, Any]:
+    """The VM (QEMU 7.2, or ``binary``) into ``incoming --save``, then ``migrate --snapshot`` into a
+    fresh QEMU of the same version."""
     path = workdir / "engine.snap"
     path.unlink(missing_ok=True)
     env = engine_env(tag)
     common = ["--channels", str(channels), "--compression", method]
-    with _vm(workdir, image, size, None, "vm") as vm:
+    compat = ["--compat", "10.0"] if binary is not None else []
+    with _vm(workdir, image, size, binary, "vm") as vm:
         vm.set_multifd(channels, method, max_bandwidth=FAST)
-        with open(workdir / "engine-in.err", "w+") as err:
+        with open(workdir / "engine-in.err", "w+") as err, open(workdir / "engine-in.out", "w+") as out:
             dst = subprocess.Popen([sys.executable, "-m", "engine", "incoming", "tcp:127.0.0.1:0", *common,
-                                    "--save", str(path), "--save-compression", save_compression],
-                                   stdout=subprocess.DEVNULL, stderr=err, env=env, cwd=ROOT)
+                                    "--save", str(path), "--save-compression", save_compression, "--json",
+                                    *(["--no-fsync"] if no_fsync else [])],
+                                   stdout=out, stderr=err, env=env, cwd=ROOT)
             try:
                 uri = _listening(err, dst, 60.0)
                 t0 = time.monotonic()
@@ -122,22 +149,29 @@ def engine_file(image: Path, size: int, workdir: Path, channels: int, method: st
                     err.seek(0)
                     raise RuntimeError(f"engine incoming --save: {err.read().strip()}")
                 save_s = time.monotonic() - t0
+                out.seek(0)
+                received = json.loads(out.read())
             finally:
                 if dst.poll() is None:
                     dst.kill()
                     dst.wait()
-    with _fresh(workdir, size, None) as qdst:
+    with _fresh(workdir, size, binary) as qdst:
         qdst.set_multifd(channels, method)
         uri = qdst.migrate_incoming("tcp:127.0.0.1:0")
         t0 = time.monotonic()
-        r = subprocess.run([sys.executable, "-m", "engine", "migrate", uri, "--snapshot", str(path), *common],
+        r = subprocess.run([sys.executable, "-m", "engine", "migrate", uri, "--snapshot", str(path), *common, "--json",
+                            *compat],
                            capture_output=True, text=True, env=env, cwd=ROOT, timeout=timeout)
         if r.returncode != 0:
             raise RuntimeError(f"engine migrate --snapshot: {r.stderr.strip()}")
         _completed(qdst, timeout)
         load_s = time.monotonic() - t0
+    sent = json.loads(r.stdout)
     out = {"checkpoint-s": save_s, "total-time-ms": info.get("total-time"), "resume-s": load_s,
-           "disk": _disk(path), "file-size": path.stat().st_size}
+           "disk": _disk(path), "file-size": path.stat().st_size,
+           # where the engine's time goes: receiving, then writing the file; reading it, then sending
+           "receive-ms": received["total-time"], "save-ms": received["snapshot"]["total-time"],
+           "restore-ms": sent["snapshot"]["restore-time"], "send-ms": sent["total-time"]}
     path.unlink()
     return out
 
@@ -162,39 +196,54 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--channels", type=int, default=4, help="multifd channels (default 4)")
     p.add_argument("--compression", default="none", choices=method_names(), help="the wire's (default none)")
     p.add_argument("--save-compression", default="zstd", choices=method_names(), help="the file's (default zstd)")
+    p.add_argument("--no-fsync", action="store_true",
+                   help="the engine skips its two fsync calls (QEMU makes none) when it commits the file")
+    p.add_argument("--linux", action="store_true",
+                   help="the VM is the tests' running Linux guest (-M pc, 256 MiB) instead of a -M none image")
     p.add_argument("--timeout", type=float, default=300.0)
     p.add_argument("--json", type=Path, default=None, metavar="FILE")
     args = p.parse_args(argv)
+    global GUEST
+    if args.linux:
+        GUEST = linux_guest.ensure_guest()
+        args.size = linux_guest.MEMORY
     size = parse_size(args.size)
     workdir = Path(tempfile.mkdtemp(prefix="compare-checkpoint-"))
     tag = shm_tag()
     sides: dict[str, Callable[[], dict[str, Any]]] = {
         "QEMU 7.2 exec:cat": lambda: qemu_file("exec", image, size, workdir, args.channels, args.timeout),
-        f"engine (file {args.save_compression})": lambda: engine_file(
-            image, size, workdir, args.channels, args.compression, args.save_compression, args.timeout, tag),
+        f"engine, QEMU 7.2 VM (file {args.save_compression})": lambda: engine_file(
+            image, size, workdir, args.channels, args.compression, args.save_compression, args.timeout, tag,
+            args.no_fsync),
     }
     if QEMU10.exists():
         sides["QEMU 10.0 mapped-ram"] = lambda: qemu_file("mapped-ram", image, size, workdir, args.channels,
                                                           args.timeout)
+        sides[f"engine, QEMU 10.0 VM (file {args.save_compression})"] = lambda: engine_file(
+            image, size, workdir, args.channels, args.compression, args.save_compression, args.timeout, tag,
+            args.no_fsync, str(QEMU10))
     runs: dict[str, list[dict[str, Any]]] = {k: [] for k in sides}
     try:
         image = workdir / "ram.img"
-        make_image(image, size)
+        if GUEST is None:
+            make_image(image, size)
         names = list(sides)
         for rnd in range(args.rounds):
             order = names[rnd % len(names):] + names[:rnd % len(names)]
             for name in order:
                 r = sides[name]()
                 runs[name].append(r)
+                parts = "".join(f"  {k} {r[k]}" for k in ("receive-ms", "save-ms", "restore-ms", "send-ms") if k in r)
                 print(f"  round {rnd + 1} {name:<24} checkpoint {r['checkpoint-s']:6.2f} s  resume"
-                      f" {r['resume-s']:6.2f} s  disk {r['disk'] / MiB:7.1f} MiB", file=sys.stderr)
+                      f" {r['resume-s']:6.2f} s  disk {r['disk'] / MiB:7.1f} MiB{parts}", file=sys.stderr)
     finally:
         remove_leftover_segments(tag, "compare-checkpoint")
         shutil.rmtree(workdir, ignore_errors=True)
     med = {name: {k: statistics.median(r[k] for r in rs) for k in ("checkpoint-s", "resume-s", "disk")}
            for name, rs in runs.items() if rs}
-    print(f"\n{size / MiB:g} MiB -M none guest, {args.channels} channels (multifd ones), medians of {args.rounds}"
-          f" interleaved rounds\n")
+    guest = "running Linux guest (-M pc)" if GUEST is not None else "-M none guest"
+    print(f"\n{size / MiB:g} MiB {guest}, {args.channels} channels (multifd ones), medians of {args.rounds}"
+          f" interleaved rounds{', engine without fsync' if args.no_fsync else ''}\n")
     print("| how | checkpoint s | resume s | on disk MiB |\n| --- | --- | --- | --- |")
     for name, m in med.items():
         print(f"| {name} | {m['checkpoint-s']:.2f} | {m['resume-s']:.2f} | {m['disk'] / MiB:.0f} |")

@@ -60,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
                           " resumed with migrate --snapshot FILE")
     inc.add_argument("--save-compression", choices=method_names(), default="none",
                      help="the snapshot file's own compression (default none; --compression is the wire's)")
+    inc.add_argument("--no-fsync", action="store_true",
+                     help="with --save: do not fsync before and after the commit (as QEMU's file migration)")
     add_tls_args(inc, "server")
 
     mig = sub.add_parser("migrate", help="migrate a guest's RAM to a destination")

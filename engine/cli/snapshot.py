@@ -192,7 +192,8 @@ def save_received(args: argparse.Namespace, result: Any) -> dict[str, Any]:
 
     params = MigrationParams(channels=args.channels, compression=args.save_compression,
                              stall_timeout=args.stall_timeout)
-    with SnapshotSave(args.save, result.ram, params, machine_state=result.machine_state) as job:
+    with SnapshotSave(args.save, result.ram, params, machine_state=result.machine_state,
+                      fsync=not args.no_fsync) as job:
         stats = job.wait()
     out = stats.to_json()
     return {k: out[k] for k in ("file", "compression", "total-time", "file-size", "disk-usage", "format-version")

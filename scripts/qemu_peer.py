@@ -250,6 +250,9 @@ class QemuPeer:
             raise
         try:
             self.qmp = QMPClient(self.qmp_path, timeout, alive=lambda: self.proc.poll() is None)
+        except QMPError as exc:
+            self.close()
+            raise QMPError(f"{exc}; {self.name}'s output: {self.log().strip()[-1000:] or '(none)'}") from None
         except BaseException:
             self.close()
             raise

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Make throw-away TLS credentials in QEMU's tls-creds-x509 layout (for tests and benchmarks).
 
-    python scripts/tls_creds.py DIR [--hostname NAME ...] [--client-dn-cn NAME]
+    python scripts/tls_creds.py DIR [--hostname NAME ...] [--client-cn NAME] [--force]
 
 writes ``DIR/server`` (ca-cert.pem, server-cert.pem, server-key.pem) and ``DIR/client``
 (ca-cert.pem, client-cert.pem, client-key.pem), signed by a new CA whose key is kept in

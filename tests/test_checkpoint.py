@@ -4,9 +4,11 @@ between engines. Real QEMUs and a real Linux guest: test_qemu_checkpoint.py."""
 
 from __future__ import annotations
 
+import json
 import struct
 import zlib
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -15,7 +17,7 @@ from engine.snapshot.format import HEADER_SIZE, Header, describe_snapshot, parse
 from engine.snapshot.jobs import restore, save
 from engine.wire.machine import MachineState
 from engine.wire.stream import QEMU_VM_CONFIGURATION
-from support import Incoming, assert_same_ram, make_image, read_dump, run_engine
+from support import Incoming, assert_same_ram, make_image, read_dump, run_engine, run_main
 
 CONFIG = bytes([QEMU_VM_CONFIGURATION]) + struct.pack(">I", 13) + b"pc-i440fx-7.2"
 
@@ -108,3 +110,32 @@ def test_engine_checkpoint_and_resume(tmp_path: Path, save_compression: str) -> 
     assert_same_ram(read_dump(tmp_path / "src"), read_dump(tmp_path / "dst"))
     manifest = (tmp_path / "dst" / "manifest.json").read_text()
     assert '"machine": "pc-i440fx-7.2"' in manifest
+
+
+def test_a_snapshot_is_not_sent_to_a_file(tmp_path: Path, capsys: Any) -> None:
+    p = run_main(capsys, "migrate", f"file:{tmp_path}/b.snap", "--snapshot", str(tmp_path / "a.snap"))
+    assert p.returncode != 0 and "Traceback" not in p.stderr
+    assert [line for line in p.stderr.splitlines() if line.startswith("engine: error:")] == [
+        f"engine: error: --snapshot sends a snapshot file to a tcp: or unix: URI; 'file:{tmp_path}/b.snap' would be"
+        " another snapshot file (copy the file instead)"]
+
+
+def test_a_checkpoint_resumes_in_its_source_dialect(tmp_path: Path) -> None:
+    """Without --compat (and with a machine name that names no version) the resumed migration
+    speaks as the checkpointed VM's source did."""
+    image = tmp_path / "ram.img"
+    make_image(image, 1024, "mixed", seed=2)
+    snap = tmp_path / "vm.snap"
+    with Incoming("tcp:127.0.0.1:0", "--channels", "2", "--save", str(snap)) as dst:
+        src = run_engine("migrate", dst.uri, "--ram-image", f"ram={image}", "--channels", "2", "--compat", "10.0")
+        assert src.returncode == 0, src.stderr
+        assert dst.wait(60) == 0, dst.stderr
+    assert describe_snapshot(snap)["machine"]["dialect"] == {
+        "multifd-flush-after-each-section": False, "send-switchover-start": True, "zero-page-detection": "multifd"}
+    with Incoming("tcp:127.0.0.1:0", "--channels", "2") as dst2:
+        src2 = run_engine("migrate", dst2.uri, "--snapshot", str(snap), "--channels", "2", "--json")
+        assert src2.returncode == 0, src2.stderr
+        assert dst2.wait(60) == 0, dst2.stderr
+    assert json.loads(src2.stdout)["dialect"] | {"compat": None} == {
+        "compat": None, "zero-page-detection": "multifd", "multifd-flush-after-each-section": False,
+        "send-switchover-start": True}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import socket
 import ssl
+import struct
 import sys
 import time
 from pathlib import Path
@@ -80,6 +81,8 @@ def test_authz_exact_and_glob() -> None:
     assert authorized(dn, ["CN=other", "CN=*.example.com,O=Example Org,*"])
     assert not authorized(dn, ["CN=source.example.com"])  # exact means the whole DN
     assert not authorized(dn, ["CN=*.example.org,*"])
+    assert authorized("CN=b", ["CN=?"]) and not authorized("CN=bc", ["CN=?"])
+    assert not authorized("CN=a", ["CN=[ab]"]) and authorized("CN=[ab]", ["CN=[ab]"])  # GLib's globs: * and ? only
 
 
 def test_creds_errors_name_the_file(pki: Pki, tmp_path: Path) -> None:
@@ -97,6 +100,32 @@ def test_creds_errors_name_the_file(pki: Pki, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"cannot load ca-cert.pem, server-cert.pem and server-key.pem: key values"
                                           r" mismatch$"):
         TlsCreds.load(mixed, "server")
+
+
+def test_an_encrypted_key_is_refused_not_prompted_for(pki: Pki, tmp_path: Path) -> None:
+    from cryptography.hazmat.primitives import serialization
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    for name in ("ca-cert.pem", "server-cert.pem"):
+        (locked / name).write_bytes((pki.server / name).read_bytes())
+    key = serialization.load_pem_private_key((pki.server / "server-key.pem").read_bytes(), None)
+    (locked / "server-key.pem").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(b"secret")))
+    with pytest.raises(ConfigError, match=r"server-key.pem is encrypted; it needs a key without a passphrase"):
+        TlsCreds.load(locked, "server")
+
+
+def test_a_bad_tls_hostname_is_one_line(pki: Pki, capsys: Any) -> None:
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        p = run_main(capsys, "migrate", f"tcp:127.0.0.1:{port}", "--ram-size", "1M", "--tls-creds", str(pki.client),
+                     "--tls-hostname", "a..b")
+    assert p.returncode != 0
+    assert _error_lines(p.stderr) == ["engine: error: tls-hostname 'a..b' is not a valid host name or address"]
 
 
 def test_params_checks() -> None:
@@ -174,6 +203,9 @@ def test_strays_do_not_disturb_a_tls_migration(pki: Pki, image: Path, tmp_path: 
                   "--dump", str(tmp_path / "dst")) as dst:
         port = int(dst.uri.rsplit(":", 1)[1])
         scanner = socket.create_connection(("127.0.0.1", port), timeout=10)
+        reset = socket.create_connection(("127.0.0.1", port), timeout=10)  # a connect scan: reset at once
+        reset.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        reset.close()
         plain = socket.create_connection(("127.0.0.1", port), timeout=10)
         plain.sendall(b"QEVM\x00\x00\x00\x03")
         ctx = ssl.create_default_context(cafile=str(pki.server / "ca-cert.pem"))

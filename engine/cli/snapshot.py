@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -101,6 +102,9 @@ def cmd_save(args: argparse.Namespace, path: Path) -> int:
     from ..snapshot.jobs import SnapshotSave
 
     _no_tls(args, path)
+    if getattr(args, "snapshot", None) is not None:
+        raise ConfigError(f"--snapshot sends a snapshot file to a tcp: or unix: URI; 'file:{path}' would be"
+                          " another snapshot file (copy the file instead)")
     params = params_from_args(args)
     fsync = not getattr(args, "no_fsync", False)
     out = run_live_job(args, lambda ram, log, guest: SnapshotSave(path, ram, params, tracker=log, guest=guest,
@@ -216,9 +220,11 @@ def cmd_migrate_snapshot(args: argparse.Namespace) -> int:
     try:
         if ms is not None:
             if args.machine is None:
-                args.machine = ms.machine
+                args.machine = ms.machine or None
             if args.uuid is None and any(ms.uuid):
                 args.uuid = str(_uuid_text(ms.uuid))
+            if args.compat is None and not _VERSIONED.match(args.machine or ""):
+                _dialect_of(args, ms.dialect)  # speak as the VM's own QEMU did
         params = params_from_args(args)
     except BaseException:
         ram.close()
@@ -229,6 +235,19 @@ def cmd_migrate_snapshot(args: argparse.Namespace) -> int:
                        "machine": ms.machine if ms is not None else None}
     emit(out, args.json, "source")
     return 0
+
+
+_VERSIONED = re.compile(r"^pc-(?:i440fx|q35)-\d+\.\d+$")
+
+
+def _dialect_of(args: argparse.Namespace, dialect: dict[str, Any]) -> None:
+    """Unset dialect options from what the checkpointed VM's source spoke."""
+    if args.zero_page_detection is None and dialect.get("zero-page-detection") in ("legacy", "multifd"):
+        args.zero_page_detection = dialect["zero-page-detection"]
+    for name in ("multifd-flush-after-each-section", "send-switchover-start"):
+        attr = name.replace("-", "_")
+        if getattr(args, attr) is None and isinstance(dialect.get(name), bool):
+            setattr(args, attr, "on" if dialect[name] else "off")
 
 
 def _uuid_text(raw: bytes) -> str:

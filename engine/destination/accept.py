@@ -48,11 +48,22 @@ class Accepted:
     tls: TlsCreds | None = None
 
 
-def admit(listener: socket.socket, tls: TlsCreds | None) -> socket.socket:
-    """Accept a connection, non-blocking until it is identified (in a TLS session if ``tls``)."""
-    conn, _ = listener.accept()
+def admit(listener: socket.socket, tls: TlsCreds | None, log: Log) -> socket.socket | None:
+    """Accept a connection, non-blocking until it is identified (in a TLS session if ``tls``);
+    None for one that is gone already (a connect scan resets it at once)."""
+    try:
+        conn, _ = listener.accept()
+    except OSError:
+        return None
     conn.setblocking(False)
-    return server_session(conn, tls) if tls is not None else conn
+    if tls is None:
+        return conn
+    try:
+        return server_session(conn, tls)
+    except (OSError, ValueError) as exc:  # reset before the session could start
+        log(f"refused a connection: {exc.strerror if isinstance(exc, OSError) and exc.strerror else exc}")
+        conn.close()
+        return None
 
 
 def peer_name(conn: socket.socket) -> str:
@@ -161,8 +172,10 @@ def accept_migration(listener: socket.socket, params: MigrationParams, *, listen
             ready = mpc.wait([listener, *pending], 0.2)
             for obj in ready:
                 if obj is listener:
-                    conn = admit(listener, tls)
-                    pending[conn] = time.monotonic() + params.handshake_timeout
+                    new = admit(listener, tls, log)
+                    if new is None:
+                        continue
+                    pending[new] = time.monotonic() + params.handshake_timeout
                     if first is None:
                         first = time.monotonic()
                     continue

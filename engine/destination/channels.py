@@ -54,8 +54,10 @@ class HeldData:
     tmpfs file and reads as zero, so the segment itself says where data is
     (:meth:`RamBlock.holds_data`); pre-allocated memory whose pages the channels mapped ahead
     (``known_zero``) holds only the zeros of that allocation until a page arrives, so there the
-    writers' own marks (:meth:`mark_written`) say it. Elsewhere :meth:`RamBlock.zero_runs` asks
-    the file where its data is; the channels keep no per-page record of what they wrote."""
+    writers' own marks (:meth:`mark_written`) say it; so does any RAM declared up front (``--ram``),
+    which nothing but the migration writes (with TLS and ``--prealloc`` its pages are allocated
+    and zeroed, so the file would say "data" everywhere). Elsewhere :meth:`RamBlock.zero_runs`
+    asks the file where its data is; the channels keep no per-page record of what they wrote."""
 
     def __init__(self, ram: GuestRam, *, known_zero: bool = False) -> None:
         self._ram = ram

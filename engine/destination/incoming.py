@@ -72,7 +72,7 @@ def run_incoming(
         if declared_ram is not None and prealloc:
             # Allocated; standby channels map (and so zero) the pages. A TLS session cannot move
             # into a process started before it (runtime/tls.py): with TLS the channels start
-            # after the handshakes, so the pages are zeroed here and only mapped by them.
+            # after the handshakes, so the pages are zeroed here, not on the channels' first touch.
             for block in declared_ram:
                 prefault(block, populate=tls is not None)
         if declared_ram is not None and prealloc and tls is None:

@@ -34,7 +34,7 @@ from ..errors import (
 )
 from ..memory.ram import BlockSpec, GuestRam
 from ..params import MigrationParams
-from ..runtime.tls import TlsRefused, buffered
+from ..runtime.tls import TlsRefused, TlsSocket, buffered
 from ..runtime.trace import BARRIER, Trace, now_ns, write_trace
 from ..stats import Counters, MigrationStats, MigrationStatus
 from ..wire.machine import MachineState
@@ -114,16 +114,20 @@ class Loader:
             if self.channels is not None and any(h is not main and h is not self.listener for h in ready):
                 self.channels.poll(0)
             if self.listener is not None and self.listener in ready:
-                conn = admit(self.listener, self.acc.tls)
-                self.acc.pending[conn] = time.monotonic() + self.params.handshake_timeout
+                conn = admit(self.listener, self.acc.tls, self.log)
+                if conn is not None:
+                    self.acc.pending[conn] = time.monotonic() + self.params.handshake_timeout
             for h in ready:
                 if h in self.acc.pending:
                     self._extra_connection(h)
             if main in ready:
                 try:
-                    n = main.recv_into(view)
+                    # a TLS record may be only partly here: read what is, never wait inside it
+                    n = main.recv_nowait(view) if isinstance(main, TlsSocket) else main.recv_into(view)
                 except OSError as exc:
                     raise ChannelError(f"main channel: receive failed: {exc.strerror or exc}") from exc
+                if n is None:
+                    continue
                 self.main_bytes += n
                 self.main_eof = n == 0
                 return n
@@ -209,8 +213,9 @@ class Loader:
         self.channels.finish(self.params.stall_timeout)
 
     def machine_state(self) -> MachineState | None:
-        """Everything of the stream but RAM (None for a stream without a configuration section)."""
-        if not self.configuration or self.ram_section_id is None:
+        """Everything of the stream but RAM (None before a ram section; a source with
+        ``send-configuration=off`` has an empty configuration, replayed as such)."""
+        if self.ram_section_id is None:
             return None
         zero_in_packets = self.channels is not None and self.channels.total(Counters.ZERO) > 0
         dialect = {"multifd-flush-after-each-section": not self.flushes,

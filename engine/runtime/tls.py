@@ -16,8 +16,8 @@ side uses session tickets, and a clean end sends ``close_notify`` (QEMU 10.0 che
 from __future__ import annotations
 
 import errno
-import fnmatch
 import os
+import re
 import select
 import socket
 import ssl
@@ -75,10 +75,21 @@ class TlsCreds:
                 ctx.load_verify_locations(cafile=str(path / CA_CRL))
                 ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
             if cert.is_file() and key.is_file():
-                ctx.load_cert_chain(str(cert), str(key))
+                ctx.load_cert_chain(str(cert), str(key), password=_no_passphrase)
         except (ssl.SSLError, OSError) as exc:
             raise ConfigError(f"tls-creds {str(path)!r}: cannot load {expect}: {_reason(exc)}") from None
+        except _Encrypted:
+            raise ConfigError(f"tls-creds {str(path)!r}: {key.name} is encrypted; it needs a key without a"
+                              " passphrase (as QEMU's tls-creds-x509 without passwordid)") from None
         return cls(str(path), endpoint, ctx)
+
+
+class _Encrypted(Exception):
+    pass
+
+
+def _no_passphrase() -> str:
+    raise _Encrypted  # instead of OpenSSL asking on the terminal
 
 
 def _reason(exc: BaseException) -> str:
@@ -130,8 +141,14 @@ def _escape(value: str) -> str:
 
 
 def authorized(dn: str, patterns: Sequence[str]) -> bool:
-    """``tls-authz``: the DN equals a pattern or matches it as a glob (authz-simple / authz-list)."""
-    return any(dn == p or fnmatch.fnmatchcase(dn, p) for p in patterns)
+    """``tls-authz``: the DN matches a pattern, exactly or as QEMU's authz-list globs do (GLib's
+    ``g_pattern_match_simple``: ``*`` any run of characters, ``?`` one, nothing else special; a
+    ``*`` also spans commas, so anchor what matters, e.g. ``CN=*.example.com,O=Example,*``)."""
+    return any(_glob(p).fullmatch(dn) is not None for p in patterns)
+
+
+def _glob(pattern: str) -> re.Pattern[str]:
+    return re.compile("".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern), re.S)
 
 
 class TlsRefused(Exception):
@@ -140,9 +157,9 @@ class TlsRefused(Exception):
 
 class TlsSocket(ssl.SSLSocket):
     """An SSL socket with the calls the data path makes: ``sendmsg`` writes each buffer in turn
-    (TLS records, not one syscall), ``recvmsg_into`` fills the buffers from what one read
-    decrypts (plus what that record still holds). Bytes read ahead to tell a connection's kind
-    are handed out first (:meth:`peek_nowait`)."""
+    (TLS records, not one syscall), ``recvmsg_into`` waits for the first record and then takes
+    every record already received. Bytes read ahead to tell a connection's kind are handed out
+    first (:meth:`peek_nowait`)."""
 
     _early = b""
     established = False  # the handshake is done (server side, non-blocking)
@@ -202,10 +219,24 @@ class TlsSocket(ssl.SSLSocket):
         return got, [], 0, None
 
     def _wait(self, write: bool, timeout: float | None) -> None:
-        fd = [self.fileno()]
-        ready = select.select([], fd, [], timeout) if write else select.select(fd, [], [], timeout)
-        if not any(ready):
+        poller = select.poll()
+        poller.register(self.fileno(), select.POLLOUT if write else select.POLLIN)
+        if not poller.poll(None if timeout is None else timeout * 1000):
             raise TimeoutError("timed out")
+
+    def recv_nowait(self, buffer: Any) -> int | None:
+        """What is already here, up to ``len(buffer)``; None if a record is still incomplete
+        (the caller waits for the socket again, under its own deadline)."""
+        if self.buffered:
+            return self.recv_into(buffer)
+        timeout = self.gettimeout()
+        self.settimeout(0.0)
+        try:
+            return self.recv_into(buffer)
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            return None
+        finally:
+            self.settimeout(timeout)
 
     def recv_into(self, buffer: Any, nbytes: int | None = None, flags: int = 0) -> int:
         if self._early:
@@ -289,6 +320,11 @@ class TlsSocket(ssl.SSLSocket):
 def client_session(sock: socket.socket, creds: TlsCreds, hostname: str, what: str) -> TlsSocket:
     """The client's handshake on a connected socket (its timeout is the handshake's deadline);
     a refusal is a :class:`~engine.errors.TlsError` naming ``what`` and why."""
+    try:
+        hostname.encode("idna")  # what the handshake would fail on after taking over the socket
+    except UnicodeError:
+        sock.close()
+        raise ConfigError(f"tls-hostname {hostname!r} is not a valid host name or address") from None
     try:
         tls = creds.context.wrap_socket(sock, server_hostname=hostname)
     except TimeoutError:

@@ -24,7 +24,7 @@ _HEAD = struct.Struct("<8sII16sIIQ")  # magic, version, ram section id, uuid, co
 @dataclass(frozen=True)
 class MachineState:
     machine: str
-    configuration: bytes  # the configuration section as received, from its type byte
+    configuration: bytes  # the configuration section as received, from its type byte (b"": none was sent)
     device_state: bytes  # from the first device section after RAM to the end of the stream
     ram_section_id: int = 2
     uuid: bytes = bytes(16)
@@ -58,8 +58,8 @@ class MachineState:
         except ValueError:
             raise ValueError("machine state dialect is not JSON") from None
         pos += n_dialect
-        if not config or config[0] != 0x07:
-            raise ValueError("machine state holds no configuration section")
-        name_len = int.from_bytes(config[1:5], "big")
+        if config and (config[0] != 0x07 or len(config) < 5):
+            raise ValueError("machine state's configuration is not a configuration section")
+        name_len = int.from_bytes(config[1:5], "big")  # (none: a source with send-configuration=off)
         machine = config[5:5 + name_len].decode("utf-8", "replace")
         return cls(machine, bytes(config), bytes(data[pos:pos + n_state]), section_id, bytes(uuid), dialect)

@@ -25,6 +25,7 @@ from support import ROOT, Incoming, make_image
 sys.path.insert(0, str(ROOT / "scripts"))
 
 import capture_proxy as capture_proxy  # noqa: E402
+import linux_guest as linux_guest  # noqa: E402
 import qemu_peer as qemu_peer  # noqa: E402
 
 CaptureProxy = capture_proxy.CaptureProxy
@@ -51,6 +52,28 @@ def needs_qemu(test: F) -> F:
 
 
 Image = tuple[Path, bytes]
+
+#: QEMU 10.0 as ``scripts/install-qemu10`` unpacks it (``./scripts/test`` runs that)
+QEMU10 = ROOT / ".qemu" / "10.0" / "qemu-system-x86_64"
+
+
+def qemu_binary(version: str) -> str | None:
+    """The binary of QEMU "7.2" (the system's: None) or "10.0" (skips the test if not installed)."""
+    if version == "7.2":
+        return None
+    if not QEMU10.exists():
+        pytest.skip("QEMU 10.0 is not installed (scripts/install-qemu10)")
+    return str(QEMU10)
+
+
+@pytest.fixture(scope="session")
+def guest_files() -> linux_guest.GuestFiles:
+    """The live tests' Linux guest: Debian's cloud kernel and busybox, fetched and packed once
+    (cached between runs). Not being able to make it fails the test: it is part of the suite."""
+    try:
+        return linux_guest.ensure_guest()
+    except linux_guest.GuestError as exc:
+        pytest.fail(f"cannot prepare the Linux guest: {exc}")
 
 
 @pytest.fixture(scope="session")

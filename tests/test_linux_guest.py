@@ -1,7 +1,7 @@
 """The Linux guest of the live-checkpoint tests (scripts/linux_guest.py) boots under QEMU 7.2.
 
 Debian's cloud kernel and busybox-static (fetched with ``apt-get download`` into the cache on
-first use; the test skips with the reason when that cannot be done) boot ``-M pc -m 256M``
+first use; the test fails with the reason when that cannot be done) boot ``-M pc -m 256M``
 under TCG through QemuPeer, the way a migration source or destination is started. The serial
 console must show /init starting once, the pattern's md5 as computed here, and ticks that
 count up with the pattern intact.
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from qemu_support import QemuPeer, requires_qemu
+from qemu_support import QemuPeer, guest_files, requires_qemu  # noqa: F401 - guest_files is a fixture
 
 # isort: split
 import linux_guest  # scripts/linux_guest.py: qemu_support puts scripts/ on sys.path
@@ -22,14 +22,6 @@ import linux_guest  # scripts/linux_guest.py: qemu_support puts scripts/ on sys.
 pytestmark = [*requires_qemu, pytest.mark.slow, pytest.mark.timeout(240)]
 
 BOOT_DEADLINE = 120.0  # TCG boot is a few seconds on an idle machine; CI may be slower and busy
-
-
-@pytest.fixture(scope="session")
-def guest_files() -> linux_guest.GuestFiles:
-    try:
-        return linux_guest.ensure_guest()
-    except linux_guest.GuestError as exc:
-        pytest.skip(f"Linux guest unavailable: {exc}")
 
 
 def _run_of(numbers: list[int], length: int) -> bool:

@@ -5,27 +5,18 @@ RAM and take the device state as the source sent it."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
 from engine.snapshot.format import describe_snapshot
-from qemu_support import (  # noqa: F401 - ram_image is a fixture
-    NONE_RAM, Image, compare_pages, incoming, qemu_peer, ram_image, requires_qemu,
+from qemu_support import (  # noqa: F401 - ram_image and guest_files are fixtures
+    NONE_RAM, Image, compare_pages, guest_files, incoming, linux_guest, qemu_binary, qemu_peer, ram_image,
+    requires_qemu,
 )
-from support import ROOT, run_engine
+from support import run_engine
 
-QEMU10 = ROOT / ".qemu" / "10.0" / "qemu-system-x86_64"
 pytestmark = requires_qemu
-
-
-def _binary(version: str) -> str | None:
-    if version == "7.2":
-        return None
-    if not QEMU10.exists():
-        pytest.skip("QEMU 10.0 is not installed (scripts/install-qemu10)")
-    return str(QEMU10)
 
 
 CASES = [("7.2", "none", 2, "zstd"), ("7.2", "zstd", 4, "none"), ("10.0", "none", 4, "zstd")]
@@ -36,7 +27,7 @@ CASES = [("7.2", "none", 2, "zstd"), ("7.2", "zstd", 4, "none"), ("10.0", "none"
 def test_qemu_none_machine_through_a_file(tmp_path: Path, ram_image: Image, version: str, method: str,
                                           channels: int, save_compression: str) -> None:
     image, raw = ram_image
-    binary = _binary(version)
+    binary = qemu_binary(version)
     snap = tmp_path / "vm.snap"
     with qemu_peer.source(tmp_path, ram_image=image, channels=channels, compression=method, binary=binary) as src:
         src.set_parameters(max_bandwidth=10 << 30)
@@ -68,9 +59,6 @@ def test_qemu_none_machine_through_a_file(tmp_path: Path, ram_image: Image, vers
 
 # ------------------------------------------------------------- a real Linux guest
 
-sys.path.insert(0, str(ROOT / "scripts"))
-import linux_guest  # noqa: E402
-
 #: (QEMU, wire compression and channels of the checkpoint, file compression, then the same of
 #: the second hop: resumed from the first file, checkpointed again into a second one, resumed)
 CHAINS = [
@@ -78,15 +66,6 @@ CHAINS = [
     ("7.2", ("zstd", 4, "none"), ("none", 2, "zstd")),
     ("10.0", ("none", 4, "zstd"), ("zstd", 2, "zstd")),
 ]
-
-
-@pytest.fixture(scope="session")
-def guest_files() -> linux_guest.GuestFiles:
-    """Debian's cloud kernel and busybox, fetched and packed once (cached between runs)."""
-    try:
-        return linux_guest.ensure_guest()
-    except linux_guest.GuestError as exc:
-        pytest.fail(f"cannot prepare the Linux guest: {exc}")
 
 
 def _guest(tmp_path: Path, files: linux_guest.GuestFiles, name: str, binary: str | None,
@@ -142,7 +121,7 @@ def test_live_linux_guest_checkpointed_twice_and_resumed(tmp_path: Path, guest_f
     """A running Linux guest -> file 1 -> a fresh QEMU, which runs on -> file 2 -> another fresh
     QEMU: at each resume the counter on the serial console continues, no second boot, and the
     guest's own check of a 32 MiB pattern in its RAM still passes."""
-    binary = _binary(version)
+    binary = qemu_binary(version)
     compat = ["--compat", "10.0"] if version == "10.0" else []
     vm, serial = _guest(tmp_path, guest_files, "vm", binary)
     with vm:
@@ -151,13 +130,12 @@ def test_live_linux_guest_checkpointed_twice_and_resumed(tmp_path: Path, guest_f
                                 alive=vm.alive)
         _checkpoint(vm, tmp_path / "one.snap", first)
         last = max(linux_guest.ticks(linux_guest.read_serial(serial)))
-    second_vm, serial2 = _guest(tmp_path, guest_files, "second", binary, incoming=True)
-    with second_vm:
-        _resume(second_vm, tmp_path / "one.snap", second, compat)
-        _continues(serial2, last, second_vm)
-        _checkpoint(second_vm, tmp_path / "two.snap", second)
-        last = max(linux_guest.ticks(linux_guest.read_serial(serial2)))
-    third_vm, serial3 = _guest(tmp_path, guest_files, "third", binary, incoming=True)
-    with third_vm:
-        _resume(third_vm, tmp_path / "two.snap", first, compat)
-        _continues(serial3, last, third_vm)
+    # resumed from file one, it runs on and is checkpointed into file two; then resumed from that
+    for name, snap, hop, then in (("second", "one.snap", second, "two.snap"), ("third", "two.snap", first, None)):
+        peer, log = _guest(tmp_path, guest_files, name, binary, incoming=True)
+        with peer:
+            _resume(peer, tmp_path / snap, hop, compat)
+            _continues(log, last, peer)
+            if then is not None:
+                _checkpoint(peer, tmp_path / then, hop)
+                last = max(linux_guest.ticks(linux_guest.read_serial(log)))

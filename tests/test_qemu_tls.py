@@ -8,32 +8,18 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from qemu_support import (  # noqa: F401 - ram_image is a fixture
-    Image,
-    compare_pages,
-    engine_into_qemu,
-    qemu_into_engine,
-    qemu_peer,
-    ram_image,
-    requires_qemu,
+    Image, compare_pages, engine_into_qemu, qemu_binary, qemu_into_engine, qemu_peer, ram_image, requires_qemu,
 )
 from support import ROOT, read_dump
 
 sys.path.insert(0, str(ROOT / "scripts"))
 import tls_creds  # noqa: E402
 
-QEMU10 = ROOT / ".qemu" / "10.0" / "qemu-system-x86_64"
 pytestmark = requires_qemu
 
 CASES = [("7.2", "none", 4), ("7.2", "zstd", 2), ("10.0", "none", 4), ("10.0", "zstd", 3)]
-
-
-def _binary(version: str) -> str | None:
-    if version == "7.2":
-        return None
-    if not QEMU10.exists():
-        pytest.skip("QEMU 10.0 is not installed (scripts/install-qemu10)")
-    return str(QEMU10)
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +38,7 @@ def test_qemu_into_engine_with_tls(tmp_path: Path, ram_image: Image, creds: tupl
     server, client = creds
     dn = tls_creds.dn_of(client, "client")
     dump = tmp_path / "dst"
-    dst, _ = qemu_into_engine(tmp_path, image, method, channels, dump, binary=_binary(version),
+    dst, _ = qemu_into_engine(tmp_path, image, method, channels, dump, binary=qemu_binary(version),
                               qemu_args=_tls_object(client, "client"), qemu_params={"tls_creds": "tls0"},
                               engine_args=["--tls-creds", str(server), "--tls-authz", dn])
     compare_pages("ram", read_dump(dump)["ram"], raw)
@@ -66,7 +52,7 @@ def test_engine_into_qemu_with_tls(tmp_path: Path, ram_image: Image, creds: tupl
     server, client = creds
     compat = ["--compat", "10.0"] if version == "10.0" else []
     _, got = engine_into_qemu(tmp_path, image, method, channels, "--tls-creds", str(client), *compat,
-                              binary=_binary(version), qemu_args=_tls_object(server, "server"),
+                              binary=qemu_binary(version), qemu_args=_tls_object(server, "server"),
                               qemu_params={"tls_creds": "tls0"})
     compare_pages("ram", got, raw)
 

@@ -195,7 +195,7 @@ class TlsSocket(ssl.SSLSocket):
             return self.recv_into(buffers[0]), [], 0, None
         read, timeout = self._sslobj.read, self.gettimeout()  # type: ignore[attr-defined]
         got = 0
-        self.settimeout(0.0)  # every read below returns at once; the one wait is the select
+        self.settimeout(0.0)  # every read below returns at once; the one wait is _wait's poll
         try:
             for b in buffers:
                 n, pos = memoryview(b).nbytes, 0

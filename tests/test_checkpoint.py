@@ -139,3 +139,25 @@ def test_a_checkpoint_resumes_in_its_source_dialect(tmp_path: Path) -> None:
     assert json.loads(src2.stdout)["dialect"] | {"compat": None} == {
         "compat": None, "zero-page-detection": "multifd", "multifd-flush-after-each-section": False,
         "send-switchover-start": True}
+
+
+@pytest.mark.slow
+def test_a_failed_source_leaves_no_file(tmp_path: Path) -> None:
+    """The file is written only once the migration has completed: a source killed mid-way
+    leaves the destination failing in one line and no file, valid-looking or not."""
+    import signal
+
+    from support import SLOW, start_source, wait_receiving
+
+    snap = tmp_path / "vm.snap"
+    with Incoming("tcp:127.0.0.1:0", "--channels", "2", "--save", str(snap), "--stall-timeout", "5") as dst:
+        src = start_source(dst.uri, *SLOW, "--channels", "2")
+        try:
+            wait_receiving(dst)
+            src.send_signal(signal.SIGKILL)
+        finally:
+            src.communicate(timeout=30)
+        assert dst.wait(60) == 1
+    lines = [line for line in dst.stderr.splitlines() if line.startswith("engine: error:")]
+    assert len(lines) == 1 and "Traceback" not in dst.stderr, dst.stderr
+    assert not snap.exists()

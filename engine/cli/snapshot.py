@@ -215,7 +215,7 @@ def cmd_migrate_snapshot(args: argparse.Namespace) -> int:
         raise ConfigError("--snapshot sends a saved guest as it was; --dirty-rate would change its RAM under its"
                           " saved device state")
     restore = SnapshotRestore(args.snapshot, channels=args.channels, params=params_from_args(args))
-    ram = restore.begin()  # the migration sends each chunk of pages as soon as it is restored
+    ram = restore.run()
     ms = restore.machine_state
     try:
         if ms is not None:
@@ -227,14 +227,10 @@ def cmd_migrate_snapshot(args: argparse.Namespace) -> int:
                 _dialect_of(args, ms.dialect)  # speak as the VM's own QEMU did
         params = params_from_args(args)
     except BaseException:
-        restore.close()
+        ram.close()
         raise
-    try:
-        out = run_live_job(args, lambda ram_, log, guest: Migration(
-            args.uri, ram_, params, machine_state=ms, trace_file=args.trace, pages_ready=restore.wait_pages), ram=ram)
-        restore.finish()  # every region was sent, so read: this only collects the channels
-    finally:
-        restore.close(free_ram=False)  # the migration has freed the RAM
+    out = run_live_job(args, lambda ram_, log, guest: Migration(args.uri, ram_, params, machine_state=ms,
+                                                                trace_file=args.trace), ram=ram)
     out["snapshot"] = {"file": str(args.snapshot), "restore-time": restore.stats.to_json()["total-time"],
                        "machine": ms.machine if ms is not None else None}
     emit(out, args.json, "source")

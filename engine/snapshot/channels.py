@@ -90,7 +90,7 @@ class SharedState:
         spec: list[tuple[str, Any, tuple[int, ...]]] = [
             ("todo", np.uint8, (P,)), ("present", np.uint8, (P,)), ("crc", np.uint32, (R,)),
             ("goff", np.uint64, (R,)), ("glen", np.uint32, (R,)), ("gcap", np.uint32, (R,)),
-            ("items", np.int64, (R,)), ("ctl", np.int64, (N_CTL,)), ("done", np.uint8, (R,)),
+            ("items", np.int64, (R,)), ("ctl", np.int64, (N_CTL,)),
         ]
         size = sum(-(-int(np.prod(shape)) * np.dtype(dt).itemsize // 8) * 8 for _, dt, shape in spec)
         self._mm = mmap.mmap(-1, size)
@@ -109,7 +109,6 @@ class SharedState:
     gcap: npt.NDArray[np.uint32]
     items: npt.NDArray[np.int64]
     ctl: npt.NDArray[np.int64]
-    done: npt.NDArray[np.uint8]  # regions whose item is finished (a restore's reader may take them)
 
     def _locked(self, timeout: float) -> None:
         if not self.lock.acquire(timeout=timeout):
@@ -224,7 +223,6 @@ def _run_rounds(me: ChannelEnd, state: SharedState, timeout: float, work: Callab
             while (claimed := state.claim(timeout)) is not None:
                 for k in range(*claimed):
                     work(int(state.items[k]))
-                    state.done[state.items[k]] = 1
                 limiter(mine[_BYTES])
             me.send(Done(me.index, round_no))
     except SnapshotCorruptError as exc:
@@ -384,42 +382,30 @@ class SnapshotChannels(ChannelSet):
 
     def run_round(self, nitems: int, *, rate: int = 0, check: Callable[[], None], stall_timeout: float) -> None:
         """Process ``state.items[:nitems]`` on all channels; returns when every channel is done."""
-        self.start_round(nitems, rate)
-        while not self.poll_round(0.05, stall_timeout):
-            check()
-
-    def start_round(self, nitems: int, rate: int = 0) -> None:
-        """Send every channel off on ``state.items[:nitems]`` (:meth:`poll_round` follows it)."""
         st = self.state
         st.ctl[N_NEXT], st.ctl[N_ITEMS], st.ctl[N_RATE] = 0, nitems, rate
         self._round += 1
-        self._done: set[int] = set()
-        self._progress = (time.monotonic(), -1)
         for i, c in enumerate(self.control):
             try:
                 c.send_bytes(GO + struct.pack("<I", self._round))
             except OSError:  # the channel is gone: report how it ended
                 self.events(1.0)
                 raise ChannelError(f"snapshot channel {i} ({self.group.role}): its command pipe is closed") from None
-
-    def poll_round(self, timeout: float, stall_timeout: float) -> bool:
-        """Take in the round's events for up to ``timeout``; True once every channel is done.
-        Raises on a corrupt region, a channel's failure, or no progress for ``stall_timeout``."""
-        for ev in self.events(timeout):
-            if isinstance(ev, Done) and ev.round == self._round:
-                self._done.add(ev.channel)
-            elif isinstance(ev, Corrupt):
-                raise SnapshotCorruptError(ev.message)
-        if len(self._done) == self.n:
-            return True
-        last, progress = self._progress
-        now_progress = self.total(_PACKETS)
-        if now_progress != progress:
-            self._progress = (time.monotonic(), now_progress)
-        elif time.monotonic() - last > stall_timeout:
-            missing = sorted(set(range(self.n)) - self._done)
-            raise MigrationTimeout(f"snapshot channels {missing} made no progress for {stall_timeout:g}s")
-        return False
+        done: set[int] = set()
+        last, progress = time.monotonic(), -1
+        while len(done) < self.n:
+            for ev in self.events(0.05):
+                if isinstance(ev, Done) and ev.round == self._round:
+                    done.add(ev.channel)
+                elif isinstance(ev, Corrupt):
+                    raise SnapshotCorruptError(ev.message)
+            check()
+            now_progress = self.total(_PACKETS)
+            if now_progress != progress:
+                last, progress = time.monotonic(), now_progress
+            elif time.monotonic() - last > stall_timeout:
+                missing = sorted(set(range(self.n)) - done)
+                raise MigrationTimeout(f"snapshot channels {missing} made no progress for {stall_timeout:g}s")
 
     def quit(self, timeout: float) -> None:
         """Let every channel finish (records its resource usage) and exit."""

@@ -227,24 +227,15 @@ class SnapshotRestore:
         self.into = into
         self.stats = MigrationStats(status=MigrationStatus.SETUP)
         self.machine_state: MachineState | None = None  # the VM's state besides RAM, if the file has one
-        self._fd = -1
 
     def run(self) -> GuestRam:
-        """Restore the whole file (blocking) and return the RAM."""
-        ram = self.begin()
-        self.finish()
-        return ram
-
-    def begin(self) -> GuestRam:
-        """Validate the file, create the RAM and send the channels off on every region; returns
-        the RAM while it fills. :meth:`wait_pages` waits for some of it, :meth:`finish` for all
-        (call it, or :meth:`close`, in every case)."""
         st = self.stats
-        self._fd = fd = open_snapshot(self.path)
-        self._ram: GuestRam | None = None
-        self._chans: SnapshotChannels | None = None
+        fd = open_snapshot(self.path)
+        ram: GuestRam | None = None
+        chans: SnapshotChannels | None = None
+        ok = False
         try:
-            snap = self._snap = read_snapshot(self.path, fd)
+            snap = read_snapshot(self.path, fd)
             self.machine_state = snap.machine
             if snap.compressed:
                 require_known(snap.header.method, self.path)
@@ -253,13 +244,12 @@ class SnapshotRestore:
                 if self.into.specs != specs:
                     raise ConfigError(f"snapshot {self.path}: its blocks {[(s.name, s.size) for s in specs]} do not"
                                       f" match the target RAM's {[(s.name, s.size) for s in self.into.specs]}")
-                self._ram = self.into
+                ram = self.into
             else:
-                self._ram = GuestRam.create(specs)
-            ram = self._ram
+                ram = GuestRam.create(specs)
             st.ram.total = ram.total_size
-            geo = self._geo = Geometry([b.npages for b in snap.blocks])
-            state = self._state = SharedState(geo)
+            geo = Geometry([b.npages for b in snap.blocks])
+            state = SharedState(geo)
             for i, b in enumerate(snap.blocks):
                 state.present[geo.page_base[i]:geo.page_base[i + 1]] = b.present()
                 ra, rb = geo.region_base[i], geo.region_base[i + 1]
@@ -275,65 +265,32 @@ class SnapshotRestore:
             else:
                 items = np.arange(geo.total_regions)
             state.items[:len(items)] = items
-            state.done[:] = 1  # a region with nothing to read is ready as it is
-            state.done[items] = 0
             offs = [b.data_offset for b in snap.blocks]
             st.status = MigrationStatus.ACTIVE
             st.setup_time = time.monotonic() - st.start
-            self._chans = SnapshotChannels("restore", self.channels, restore_channel, RestoreSetup(
+            chans = SnapshotChannels("restore", self.channels, restore_channel, RestoreSetup(
                 fd=fd, ram=ram, geo=geo, state=state, method_name=snap.header.method, data_offsets=offs,
                 timeout=self.stall_timeout, path=self.path, fresh=fresh))
-            self._chans.start_round(len(items))
-        except BaseException:
-            self.close(ok=False)
-            raise
-        return ram
-
-    def wait_pages(self, block: int, first: int, stop: int) -> None:
-        """Until pages ``[first, stop)`` of block ``block`` are restored: a migration can send
-        the file's RAM while the rest of it is still being read."""
-        geo, state, chans = self._geo, self._state, self._chans
-        assert chans is not None
-        r0 = geo.region_base[block] + first // REGION_PAGES
-        r1 = geo.region_base[block] + (stop - 1) // REGION_PAGES + 1
-        while not state.done[r0:r1].all():
-            chans.poll_round(0.002, self.stall_timeout)  # raises on a bad region or a channel's failure
-
-    def finish(self) -> None:
-        """Wait for every region, then stop the channels; raises what went wrong."""
-        ok = False
-        try:
-            assert self._chans is not None
-            while not self._chans.poll_round(0.05, self.stall_timeout):
-                pass
-            self._chans.quit(self.stall_timeout)
-            snap, geo, state, st = self._snap, self._geo, self._state, self.stats
+            chans.run_round(len(items), check=lambda: None, stall_timeout=self.stall_timeout)
+            chans.quit(self.stall_timeout)
             st.ram.main_bytes = HEADER_SIZE + snap.header.meta_size
             st.ram.duplicate = geo.total_pages - int(np.count_nonzero(state.present[:geo.total_pages]))
             st.extra.update({"file": self.path, "compression": snap.header.method, "format-version": snap.header.version,
                              "file-size": snap.file_size, "iterations-saved": snap.header.iterations})
             ok = True
         finally:
-            self.close(ok=ok)
-
-    def close(self, *, ok: bool = False, free_ram: bool = True) -> None:
-        """Stop the channels and close the file (idempotent); a failed restore's new RAM is freed
-        unless ``free_ram`` is False (its user, e.g. a migration reading it, frees it)."""
-        st = self.stats
-        if self._chans is not None:
-            st.channels = self._chans.stats()
-            st.ram.normal = self._chans.total(Counters.PAGES)
-            st.ram.multifd_bytes = self._chans.total(Counters.BYTES)
-            self._chans.close(graceful=ok)
-            self._chans = None
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+            if chans is not None:
+                st.channels = chans.stats()
+                st.ram.normal = chans.total(Counters.PAGES)
+                st.ram.multifd_bytes = chans.total(Counters.BYTES)
+                chans.close(graceful=ok)
+            os.close(fd)
+            if not ok and ram is not None and ram is not self.into:
+                ram.close()
             st.status = MigrationStatus.COMPLETED if ok else MigrationStatus.FAILED
             st.end = time.monotonic()
-        if not ok and free_ram and self._ram is not None and self._ram is not self.into:
-            self._ram.close()
-            self._ram = None
+        assert ram is not None
+        return ram
 
 
 def restore(path: str | Path, params: MigrationParams | None = None, *, channels: int | None = None,

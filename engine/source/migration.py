@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -60,10 +60,8 @@ class Migration(BackgroundJob):
 
     def __init__(self, uri: str, ram: GuestRam, params: MigrationParams, *, tracker: DirtyTracker | None = None,
                  guest: Guest | None = None, trace_file: str | Path | None = None,
-                 machine_state: MachineState | None = None,
-                 pages_ready: Callable[[int, int, int], None] | None = None) -> None:
+                 machine_state: MachineState | None = None) -> None:
         super().__init__(ram, params, tracker, guest)
-        self.pages_ready = pages_ready  # see RamSaver: RAM still arriving from a snapshot file
         #: a checkpointed VM's state besides RAM, replayed around it as its source sent it
         self.machine_state = machine_state
         self.uri = uri
@@ -180,8 +178,7 @@ class Migration(BackgroundJob):
                          scan_zero=self.params.zero_page_detection == "legacy",
                          flush_records=not self.params.multifd_flush_after_each_section,
                          switchover_start=bool(self.params.send_switchover_start),
-                         section_id=self.machine_state.ram_section_id if self.machine_state else RAM_SECTION_ID,
-                         pages_ready=self.pages_ready)
+                         section_id=self.machine_state.ram_section_id if self.machine_state else RAM_SECTION_ID)
         saver.trace = self.trace
         return saver
 

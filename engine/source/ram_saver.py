@@ -81,12 +81,8 @@ class RamSaver:
     def __init__(self, main_send: Callable[[bytes], None], enc: StreamEncoder, channels: SendChannels,
                  ram: GuestRam, stats: MigrationStats, *, after_chunk: Callable[[], None] = lambda: None,
                  chunk_pages: int = ZERO_SCAN_CHUNK, scan_zero: bool = True, flush_records: bool = False,
-                 switchover_start: bool = False, section_id: int = RAM_SECTION_ID,
-                 pages_ready: Callable[[int, int, int], None] | None = None) -> None:
+                 switchover_start: bool = False, section_id: int = RAM_SECTION_ID) -> None:
         self._send = main_send
-        #: (block, first, stop): returns once those pages hold what is to be sent (RAM still
-        #: being restored from a snapshot file while it is sent)
-        self.pages_ready = pages_ready
         self.section_id = section_id  # a replayed VM keeps the id its source gave RAM
         self.enc = enc
         self.channels = channels
@@ -149,8 +145,6 @@ class RamSaver:
         words = self.ram.blocks[block_idx].words
         for a in range(0, len(idx), self.chunk_pages):
             chunk = idx[a:a + self.chunk_pages]
-            if self.pages_ready is not None:
-                self.pages_ready(block_idx, int(chunk[0]), int(chunk[-1]) + 1)
             self._emit(block_idx, chunk, self._scan(words, chunk) if self.scan_zero else None)
 
     def _scan(self, words: npt.NDArray[np.uint64], chunk: npt.NDArray[np.int64]) -> npt.NDArray[np.bool_]:

@@ -161,3 +161,22 @@ def test_a_failed_source_leaves_no_file(tmp_path: Path) -> None:
     lines = [line for line in dst.stderr.splitlines() if line.startswith("engine: error:")]
     assert len(lines) == 1 and "Traceback" not in dst.stderr, dst.stderr
     assert not snap.exists()
+
+
+def test_a_corrupt_region_fails_the_resume_in_one_line(tmp_path: Path, capsys: Any) -> None:
+    """The file is read, and every region checked, before anything is sent."""
+    from engine import BlockSpec, GuestRam, MigrationParams
+    from engine.memory.workload import fill_pages
+
+    snap = tmp_path / "vm.snap"
+    with GuestRam.create([BlockSpec("pc.ram", 8 << 20)]) as ram:
+        fill_pages(ram.blocks[0], "random")
+        save(snap, ram, MigrationParams(channels=2, compression="zstd"))
+    data = bytearray(snap.read_bytes())
+    data[HEADER_SIZE + 100] ^= 0xFF  # inside the first group slot
+    snap.write_bytes(bytes(data))
+    p = run_main(capsys, "migrate", "tcp:127.0.0.1:1", "--snapshot", str(snap), "--channels", "2")
+    lines = [line for line in p.stderr.splitlines() if line.startswith("engine: error:")]
+    assert p.returncode == 1 and "Traceback" not in p.stderr
+    assert len(lines) == 1 and lines[0].startswith(f"engine: error: snapshot {snap}: block 'pc.ram' region at offset")
+    assert "checksum mismatch" in lines[0]

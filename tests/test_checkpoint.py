@@ -180,3 +180,12 @@ def test_a_corrupt_region_fails_the_resume_in_one_line(tmp_path: Path, capsys: A
     assert p.returncode == 1 and "Traceback" not in p.stderr
     assert len(lines) == 1 and lines[0].startswith(f"engine: error: snapshot {snap}: block 'pc.ram' region at offset")
     assert "checksum mismatch" in lines[0]
+
+
+def test_save_path_checked_before_listening(tmp_path: Path, capsys: Any) -> None:
+    p = run_main(capsys, "incoming", "tcp:127.0.0.1:0", "--save", str(tmp_path / "nope" / "vm.snap"))
+    assert p.returncode != 0 and "listening" not in p.stderr
+    assert [line for line in p.stderr.splitlines() if line.startswith("engine: error:")] == [
+        f"engine: error: --save '{tmp_path}/nope/vm.snap': its directory '{tmp_path}/nope' does not exist"]
+    p = run_main(capsys, "incoming", "tcp:127.0.0.1:0", "--save", str(tmp_path))
+    assert f"engine: error: --save '{tmp_path}' is a directory, expected a file to write the snapshot to" in p.stderr

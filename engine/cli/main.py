@@ -123,6 +123,8 @@ def cmd_incoming(args: argparse.Namespace) -> int:
     from ..destination.incoming import run_incoming
 
     params = params_from_args(args)
+    if args.save is not None:  # before listening: a checkpoint must not arrive with nowhere to go
+        snapshot.check_save_path(args.save)
 
     def listening(uri: str) -> None:
         print(f"{LISTENING}{uri}", file=sys.stderr, flush=True)

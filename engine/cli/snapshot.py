@@ -188,6 +188,18 @@ if __name__ == "__main__":
 
 # ----------------------------------------------------------------- VM checkpoints
 
+def check_save_path(path: Path) -> None:
+    """``incoming --save FILE``: its directory exists and is writable, and FILE is no directory."""
+    import os
+
+    parent = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise ConfigError(f"--save {str(path)!r} is a directory, expected a file to write the snapshot to")
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        why = "does not exist" if not parent.is_dir() else "is not writable"
+        raise ConfigError(f"--save {str(path)!r}: its directory {str(parent)!r} {why}")
+
+
 def save_received(args: argparse.Namespace, result: Any) -> dict[str, Any]:
     """``incoming --save FILE``: the received RAM and machine state into a snapshot file (with
     the file's own compression); returns what the save reports."""

@@ -25,11 +25,9 @@ pre-allocation are outside both. Disk: the file's allocated blocks. Medians of t
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -44,7 +42,9 @@ import linux_guest  # noqa: E402
 import qemu_peer  # noqa: E402
 from engine.compression import method_names  # noqa: E402
 from engine.params import parse_size  # noqa: E402
-from engine_runs import GiB, MiB, engine_env, make_image, remove_leftover_segments, shm_tag, write_json  # noqa: E402
+from engine_runs import (  # noqa: E402
+    EngineProcess, GiB, MiB, RunFailed, engine_env, make_image, remove_leftover_segments, shm_tag, wait_line, write_json,
+)
 
 QEMU10 = ROOT / ".qemu" / "10.0" / "qemu-system-x86_64"
 FAST = 64 << 30  # max-bandwidth: effectively unlimited
@@ -84,7 +84,7 @@ def _fresh(workdir: Path, size: int, binary: str | None) -> qemu_peer.QemuPeer:
 def _completed(peer: qemu_peer.QemuPeer, timeout: float) -> dict[str, Any]:
     info = peer.wait_migration(timeout=timeout)
     if info.get("status") != "completed":
-        raise RuntimeError(f"{peer.name}: migration {info.get('status')}: {info.get('error-desc', '')}")
+        raise RunFailed(f"{peer.name}: migration {info.get('status')}: {info.get('error-desc', '')}")
     return info
 
 
@@ -131,42 +131,47 @@ def engine_file(image: Path, size: int, workdir: Path, channels: int, method: st
     path = workdir / "engine.snap"
     path.unlink(missing_ok=True)
     env = engine_env(tag)
-    common = ["--channels", str(channels), "--compression", method]
+    common = ["--channels", str(channels), "--compression", method, "--json"]
     compat = ["--compat", "10.0"] if binary is not None else []
+
+    def engine(args: list[str], name: str, started: Callable[[EngineProcess], None] | None = None) -> dict[str, Any]:
+        """One engine process to its end (EngineProcess owns and reaps it); its JSON."""
+        proc = EngineProcess(args, workdir, name, env)
+        try:
+            if started is not None:
+                started(proc)
+            deadline = time.monotonic() + timeout
+            while not proc.poll():
+                if time.monotonic() >= deadline:
+                    raise RunFailed(f"engine {name} not finished after {timeout:g}s")
+                time.sleep(0.01)
+            if proc.returncode != 0:
+                raise RunFailed(f"engine {name}: {proc.stderr().strip()}")
+            return proc.json()
+        finally:
+            proc.close()
+
     with _vm(workdir, image, size, binary, "vm") as vm:
         vm.set_multifd(channels, method, max_bandwidth=FAST)
-        with open(workdir / "engine-in.err", "w+") as err, open(workdir / "engine-in.out", "w+") as out:
-            dst = subprocess.Popen([sys.executable, "-m", "engine", "incoming", "tcp:127.0.0.1:0", *common,
-                                    "--save", str(path), "--save-compression", save_compression, "--json",
-                                    *(["--no-fsync"] if no_fsync else [])],
-                                   stdout=out, stderr=err, env=env, cwd=ROOT)
-            try:
-                uri = _listening(err, dst, 60.0)
-                t0 = time.monotonic()
-                vm.migrate(uri)
-                info = _completed(vm, timeout)
-                if dst.wait(timeout) != 0:
-                    err.seek(0)
-                    raise RuntimeError(f"engine incoming --save: {err.read().strip()}")
-                save_s = time.monotonic() - t0
-                out.seek(0)
-                received = json.loads(out.read())
-            finally:
-                if dst.poll() is None:
-                    dst.kill()
-                    dst.wait()
+        t0 = 0.0
+
+        def migrate_vm(proc: EngineProcess) -> None:  # once the engine listens
+            nonlocal t0
+            uri = wait_line(proc, "engine: listening on ", 60.0)
+            t0 = time.monotonic()
+            vm.migrate(uri)
+
+        received = engine(["incoming", "tcp:127.0.0.1:0", *common, "--save", str(path), "--save-compression",
+                           save_compression, *(["--no-fsync"] if no_fsync else [])], "engine-incoming", migrate_vm)
+        save_s = time.monotonic() - t0
+        info = _completed(vm, timeout)
     with _fresh(workdir, size, binary) as qdst:
         qdst.set_multifd(channels, method)
         uri = qdst.migrate_incoming("tcp:127.0.0.1:0")
         t0 = time.monotonic()
-        r = subprocess.run([sys.executable, "-m", "engine", "migrate", uri, "--snapshot", str(path), *common, "--json",
-                            *compat],
-                           capture_output=True, text=True, env=env, cwd=ROOT, timeout=timeout)
-        if r.returncode != 0:
-            raise RuntimeError(f"engine migrate --snapshot: {r.stderr.strip()}")
+        sent = engine(["migrate", uri, "--snapshot", str(path), *common, *compat], "engine-migrate")
         _completed(qdst, timeout)
         load_s = time.monotonic() - t0
-    sent = json.loads(r.stdout)
     out = {"checkpoint-s": save_s, "total-time-ms": info.get("total-time"), "resume-s": load_s,
            "disk": _disk(path), "file-size": path.stat().st_size,
            # where the engine's time goes: receiving, then writing the file; reading it, then sending
@@ -174,19 +179,6 @@ def engine_file(image: Path, size: int, workdir: Path, channels: int, method: st
            "restore-ms": sent["snapshot"]["restore-time"], "send-ms": sent["total-time"]}
     path.unlink()
     return out
-
-
-def _listening(err: Any, proc: subprocess.Popen[bytes], timeout: float) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        err.seek(0)
-        for line in err.read().splitlines():
-            if line.startswith("engine: listening on "):
-                return str(line.split("engine: listening on ", 1)[1])
-        if proc.poll() is not None:
-            raise RuntimeError("engine incoming ended before listening")
-        time.sleep(0.02)
-    raise RuntimeError(f"engine incoming not listening after {timeout:g}s")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -354,7 +354,7 @@ class EngineProcess:
             self._err.close()
 
 
-def _wait_line(proc: EngineProcess, prefix: str, timeout: float) -> str:
+def wait_line(proc: EngineProcess, prefix: str, timeout: float) -> str:
     deadline = time.monotonic() + timeout
     while True:
         for line in proc.stderr().splitlines():
@@ -392,7 +392,7 @@ def run_engine(image: Path, size: int, *, channels: int, compression: str, level
     try:
         dst = EngineProcess(dst_args, workdir, "engine-destination", env, root)
         procs.append(dst)
-        dst_uri = _wait_line(dst, "engine: listening on ", 60.0 + 10.0 * size / GiB)
+        dst_uri = wait_line(dst, "engine: listening on ", 60.0 + 10.0 * size / GiB)
         # + its live children: a pre-allocated destination's channels have mapped the RAM by now
         dst_base = with_live_children(proc_cpu, dst.pid)
         dst_flt0 = with_live_children(proc_minflt, dst.pid)

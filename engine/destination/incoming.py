@@ -70,17 +70,17 @@ def run_incoming(
     trace = Trace("destination main") if trace_file else None
     try:
         if declared_ram is not None and prealloc:
-            # Allocated; standby channels map (and so zero) the pages. A TLS session cannot move
-            # into a process started before it (runtime/tls.py): with TLS the channels start
-            # after the handshakes, so the pages are zeroed here, not on the channels' first touch.
+            # The channels start now, before listening, as QEMU pre-allocates before -incoming:
+            # each maps all of the RAM (and so zeroes it), so the migration's pages arrive without
+            # a page fault. A TLS session cannot move into a process started before it
+            # (runtime/tls.py): with TLS the channels start after the handshakes, and the pages
+            # are zeroed here instead.
             for block in declared_ram:
                 prefault(block, populate=tls is not None)
-        if declared_ram is not None and prealloc and tls is None:
-            # The channels start now, before listening, as QEMU pre-allocates before -incoming:
-            # each maps all of the RAM, so the migration's pages arrive without a page fault.
-            standby = RecvChannels(params.channels, declared_ram, params.method, stall_timeout=params.stall_timeout,
-                                   tracing=trace is not None)
-            standby.wait_ready(max(60.0, params.stall_timeout))
+            if tls is None:
+                standby = RecvChannels(params.channels, declared_ram, params.method,
+                                       stall_timeout=params.stall_timeout, tracing=trace is not None)
+                standby.wait_ready(max(60.0, params.stall_timeout))
         listener = listen(addr, backlog=params.channels + 1)
     except BaseException:
         if standby is not None:

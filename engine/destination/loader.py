@@ -34,7 +34,7 @@ from ..errors import (
 )
 from ..memory.ram import BlockSpec, GuestRam
 from ..params import MigrationParams
-from ..runtime.tls import TlsRefused, TlsSocket, buffered
+from ..runtime.tls import TlsRefused, buffered, recv_ready
 from ..runtime.trace import BARRIER, Trace, now_ns, write_trace
 from ..stats import Counters, MigrationStats, MigrationStatus
 from ..wire.machine import MachineState
@@ -122,8 +122,7 @@ class Loader:
                     self._extra_connection(h)
             if main in ready:
                 try:
-                    # a TLS record may be only partly here: read what is, never wait inside it
-                    n = main.recv_nowait(view) if isinstance(main, TlsSocket) else main.recv_into(view)
+                    n = recv_ready(main, view)
                 except OSError as exc:
                     raise ChannelError(f"main channel: receive failed: {exc.strerror or exc}") from exc
                 if n is None:

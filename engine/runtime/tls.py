@@ -350,6 +350,12 @@ def buffered(sock: socket.socket) -> int:
     return sock.buffered if isinstance(sock, TlsSocket) else 0
 
 
+def recv_ready(sock: socket.socket, buffer: Any) -> int | None:
+    """After the socket polled readable: what is there (0 at the end); None when that was only
+    part of a TLS record (wait again: never inside a record, past the caller's deadline)."""
+    return sock.recv_nowait(buffer) if isinstance(sock, TlsSocket) else sock.recv_into(buffer)
+
+
 def close_notify(sock: socket.socket) -> None:
     """A clean end of a TLS session (nothing for a plain socket)."""
     if isinstance(sock, TlsSocket):

@@ -28,7 +28,7 @@ DEFAULT_STALL_TIMEOUT = 60.0
 ZERO_PAGE_DETECTION = ("legacy", "multifd", "none")
 DEFAULT_COMPAT = "7.2"
 COMPAT_RANGE = ((7, 2), (10, 0))
-_VERSIONED_MACHINE = re.compile(r"^pc-(?:i440fx|q35)-(\d+)\.(\d+)$")
+VERSIONED_MACHINE = re.compile(r"^pc-(?:i440fx|q35)-(\d+)\.(\d+)$")
 _CONGESTION_NAME = re.compile(r"^[A-Za-z0-9_-]{1,15}$")  # TCP_CA_NAME_MAX is 16 with the NUL
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([bBkKmMgGtTpPeE]?)(?:i?[bB])?\s*$")
@@ -158,7 +158,7 @@ class MigrationParams:
         """Fill the dialect's unset settings from ``compat`` (frozen: set once, here)."""
         compat = self.compat
         if compat is None:
-            m = _VERSIONED_MACHINE.match(self.machine)
+            m = VERSIONED_MACHINE.match(self.machine)
             compat = f"{int(m.group(1))}.{int(m.group(2))}" if m else DEFAULT_COMPAT
         version = _compat_version(compat)
         defaults = {

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -18,8 +17,9 @@ from typing import Any, Sequence
 from ..compression import method_names
 from ..errors import ConfigError
 from ..memory.ram import block_digest
-from ..params import DEFAULT_CHANNELS, DEFAULT_STALL_TIMEOUT
+from ..params import DEFAULT_CHANNELS, DEFAULT_STALL_TIMEOUT, VERSIONED_MACHINE
 from ..snapshot.format import describe_snapshot, is_snapshot_file, render_snapshot
+from ..wire.packet import format_uuid
 from .common import (
     Parser,
     add_guest_args,
@@ -234,8 +234,8 @@ def cmd_migrate_snapshot(args: argparse.Namespace) -> int:
             if args.machine is None:
                 args.machine = ms.machine or None
             if args.uuid is None and any(ms.uuid):
-                args.uuid = str(_uuid_text(ms.uuid))
-            if args.compat is None and not _VERSIONED.match(args.machine or ""):
+                args.uuid = format_uuid(ms.uuid)
+            if args.compat is None and not VERSIONED_MACHINE.match(args.machine or ""):
                 _dialect_of(args, ms.dialect)  # speak as the VM's own QEMU did
         params = params_from_args(args)
     except BaseException:
@@ -249,9 +249,6 @@ def cmd_migrate_snapshot(args: argparse.Namespace) -> int:
     return 0
 
 
-_VERSIONED = re.compile(r"^pc-(?:i440fx|q35)-\d+\.\d+$")
-
-
 def _dialect_of(args: argparse.Namespace, dialect: dict[str, Any]) -> None:
     """Unset dialect options from what the checkpointed VM's source spoke."""
     if args.zero_page_detection is None and dialect.get("zero-page-detection") in ("legacy", "multifd"):
@@ -261,8 +258,3 @@ def _dialect_of(args: argparse.Namespace, dialect: dict[str, Any]) -> None:
         if getattr(args, attr) is None and isinstance(dialect.get(name), bool):
             setattr(args, attr, "on" if dialect[name] else "off")
 
-
-def _uuid_text(raw: bytes) -> str:
-    import uuid
-
-    return str(uuid.UUID(bytes=raw))

@@ -30,11 +30,12 @@ from ..errors import ChannelError, MigrationTimeout
 from ..memory.ram import GuestRam, RamBlock, page_runs
 from ..runtime.buffers import aligned_bytes
 from ..runtime.channels import ChannelEnd, ChannelSet, Eof, Ready, Synced
+from ..runtime.iov import PageIO, address_of
 from ..runtime.procs import FORK, Connection, self_usage
 from ..runtime.trace import BARRIER, DECOMPRESS, RECV_HEADER, RECV_PAYLOAD, WRITE, Trace, now_ns
 from ..runtime.transport import recv_at_least_into_many, recv_exact_into, recv_exact_into_many
 from ..stats import Counters
-from ..wire.packet import (MAX_PACKET_PAYLOAD, MULTIFD_FLAG_NOCOMP, PACKET_HEADER_SIZE, TARGET_PAGE_BITS,
+from ..wire.packet import (MAX_PACKET_PAYLOAD, MULTIFD_FLAG_NOCOMP, PACKET_FIXED_SIZE, PACKET_HEADER_SIZE, TARGET_PAGE_BITS,
                            TARGET_PAGE_SIZE, consecutive_runs, decode_packet_header, plain_packet)
 
 RELEASE = b"r"
@@ -42,6 +43,7 @@ QUIT = b"q"
 SOCKET = b"s"  # a standby channel's socket follows (SCM_RIGHTS)
 # the counter columns a channel updates per packet
 _PACKETS, _PAGES, _ZERO, _BYTES = Counters.PACKETS, Counters.PAGES, Counters.ZERO, Counters.BYTES
+_OFFSET = np.dtype(">u8")  # a page offset as a header lists it
 
 
 class HeldData:
@@ -171,10 +173,10 @@ class RecvSetup:
 def _channel_loop(me: ChannelEnd, setup: RecvSetup) -> None:
     """Packets until EOF. For ``none`` almost every packet is plain (raw pages of a known block,
     no flags): :func:`plain_packet` validates its offsets in C (no Python loop) and the pages are
-    written as their runs are found (one pass over the offsets); only the other packets go
-    through the general decoder and the method's contract. A plain packet's pages are received
-    straight into the mapping (one copy, by the kernel), together with up to a header's worth
-    of what follows: usually one ``recvmsg_into`` per packet."""
+    received at their offsets; only the other packets go through the general decoder and the
+    method's contract. A plain packet's pages are received straight into the mapping (one copy,
+    by the kernel), together with up to a header's worth of what follows: usually one
+    ``recvmsg`` of an iovec array per packet (``runtime.iov``; a TLS socket takes views)."""
     ram, method, sock, mine = setup.ram, setup.method, setup.sock, me.counters
     if sock is None:
         sock = _standby(me, setup)
@@ -195,6 +197,9 @@ def _channel_loop(me: ChannelEnd, setup: RecvSetup) -> None:
     ahead = 0  # bytes of the next header already received with the last payload
     held, index_of = setup.held, {b.name: i for i, b in enumerate(ram)}
     page = TARGET_PAGE_SIZE
+    # a plain socket takes a plain packet's pages with one recvmsg of an iovec array
+    pio = PageIO(sock, sink.payload_what, header) if type(sock) is socket.socket else None
+    bases = {b.name: address_of(b.pages) for b in ram}
     try:
         while True:
             t0 = now_ns() if tr is not None else 0
@@ -209,11 +214,15 @@ def _channel_loop(me: ChannelEnd, setup: RecvSetup) -> None:
             if plain is not None:
                 pages = len(plain.listed)
                 held.mark_written(index_of[plain.ramblock])
-                buf = ram[plain.ramblock].buf
-                views = [buf[a:b] for a, b in consecutive_runs(plain.listed, page)]
-                views.append(hview)  # and up to a header's worth of what follows
                 t0 = now_ns() if tr is not None else 0
-                ahead = recv_at_least_into_many(sock, views, pages * page, sink.payload_what) - pages * page
+                if pio is not None:  # the offsets go into the iovecs before the next header lands
+                    listed = np.frombuffer(header, _OFFSET, pages, PACKET_FIXED_SIZE)
+                    ahead = pio.recv_pages(bases[plain.ramblock], listed, PACKET_HEADER_SIZE)
+                else:
+                    buf = ram[plain.ramblock].buf
+                    views = [buf[a:b] for a, b in consecutive_runs(plain.listed, page)]
+                    views.append(hview)  # and up to a header's worth of what follows
+                    ahead = recv_at_least_into_many(sock, views, pages * page, sink.payload_what) - pages * page
                 if tr is not None:
                     tr.span(RECV_PAYLOAD, t0)
                 mine[_PACKETS] += 1

@@ -1,0 +1,128 @@
+"""runtime.iov.PageIO over real sockets: a packet's header and scattered pages leave in order and
+land at their offsets however the kernel splits the calls; the read-ahead stops at a header's
+worth; stalls and a peer that goes away give the transport's errors."""
+
+from __future__ import annotations
+
+import socket
+import threading
+
+import numpy as np
+import pytest
+
+from engine.errors import ChannelError, MigrationTimeout, TruncatedError
+from engine.runtime.iov import PageIO, address_of
+from engine.wire.packet import PACKET_HEADER_SIZE, TARGET_PAGE_SIZE
+
+PAGES = np.array([3, 4, 5, 9, 10, 40, 41, 42, 43, 63], dtype=np.int64)
+
+
+def _ram(seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, size=(64, TARGET_PAGE_SIZE), dtype=np.uint8)
+
+
+def _pair(sndbuf: int | None = None) -> tuple[socket.socket, socket.socket]:
+    a, b = socket.socketpair()
+    if sndbuf:
+        a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)  # many partial sendmsg calls
+    a.settimeout(10)
+    b.settimeout(10)
+    return a, b
+
+
+def test_send_packet_sends_header_then_pages_in_order_through_partial_sends() -> None:
+    ram = _ram(1)
+    header = bytearray(np.random.default_rng(2).integers(0, 256, PACKET_HEADER_SIZE, dtype=np.uint8).tobytes())
+    want = bytes(header) + b"".join(ram[p].tobytes() for p in PAGES)
+    total = len(want) + PACKET_HEADER_SIZE + 2 * TARGET_PAGE_SIZE
+    a, b = _pair(sndbuf=4096)
+    with a, b:
+        got = bytearray()
+
+        def read() -> None:
+            while len(got) < total:
+                chunk = b.recv(3000)  # a slow reader: the sender's calls end mid-page
+                if not chunk:
+                    return
+                got.extend(chunk)
+
+        reader = threading.Thread(target=read)
+        reader.start()
+        pio = PageIO(a, "multifd channel 0", header)
+        assert pio.send_packet(PACKET_HEADER_SIZE, address_of(ram), PAGES) == len(want)
+        # the entries cut by partial calls are whole again for the next packet
+        assert pio.send_packet(PACKET_HEADER_SIZE, address_of(ram), PAGES[:2]) == PACKET_HEADER_SIZE + 2 * 4096
+        reader.join(10)
+    assert bytes(got[:len(want)]) == want
+    assert bytes(got[len(want):]) == bytes(header) + ram[3].tobytes() + ram[4].tobytes()
+
+
+@pytest.mark.parametrize("piece", [1000, 4096, 5000, 70_000])
+def test_recv_pages_lands_each_page_at_its_offset_and_reads_ahead_at_most_a_header(piece: int) -> None:
+    src, dst = _ram(3), np.zeros((64, TARGET_PAGE_SIZE), dtype=np.uint8)
+    payload = b"".join(src[p].tobytes() for p in PAGES)
+    following = bytes(range(256)) * 8  # the next header's first bytes, and more behind them
+    a, b = _pair()
+    with a, b:
+        data = payload + following[:PACKET_HEADER_SIZE - 100] + following
+
+        def write() -> None:
+            for i in range(0, len(data), piece):
+                a.sendall(data[i:i + piece])
+
+        writer = threading.Thread(target=write)
+        writer.start()
+        header = bytearray(PACKET_HEADER_SIZE)
+        pio = PageIO(b, "multifd channel 1 payload", header)
+        offsets = (PAGES * TARGET_PAGE_SIZE).astype(">u8")
+        ahead = pio.recv_pages(address_of(dst), offsets, PACKET_HEADER_SIZE)
+        writer.join(10)
+    assert 0 <= ahead <= PACKET_HEADER_SIZE
+    assert bytes(header[:ahead]) == data[len(payload):len(payload) + ahead]
+    assert np.array_equal(dst[PAGES], src[PAGES])
+    untouched = np.setdiff1d(np.arange(64), PAGES)
+    assert not dst[untouched].any()
+
+
+def test_recv_pages_times_out_with_the_transport_message() -> None:
+    a, b = _pair()
+    with a, b:
+        b.settimeout(0.2)
+        pio = PageIO(b, "multifd channel 2 payload", bytearray(PACKET_HEADER_SIZE))
+        dst = np.zeros((64, TARGET_PAGE_SIZE), dtype=np.uint8)
+        with pytest.raises(MigrationTimeout, match=r"^multifd channel 2 payload: nothing received for 0\.2s$"):
+            pio.recv_pages(address_of(dst), (PAGES * TARGET_PAGE_SIZE).astype(">u8"), PACKET_HEADER_SIZE)
+
+
+def test_recv_pages_names_a_peer_that_closes_inside_the_payload() -> None:
+    a, b = _pair()
+    with b:
+        a.sendall(b"x" * 5000)
+        a.close()
+        pio = PageIO(b, "multifd channel 3 payload", bytearray(PACKET_HEADER_SIZE))
+        dst = np.zeros((64, TARGET_PAGE_SIZE), dtype=np.uint8)
+        with pytest.raises(TruncatedError,
+                           match=r"^multifd channel 3 payload: connection closed after 5000 of 40960 bytes$"):
+            pio.recv_pages(address_of(dst), (PAGES * TARGET_PAGE_SIZE).astype(">u8"), PACKET_HEADER_SIZE)
+
+
+def test_send_packet_to_a_peer_that_stops_reading_times_out() -> None:
+    ram = _ram(4)
+    a, b = _pair(sndbuf=4096)
+    with a, b:
+        a.settimeout(0.2)
+        pio = PageIO(a, "multifd channel 4", bytearray(PACKET_HEADER_SIZE))
+        with pytest.raises(MigrationTimeout,
+                           match=r"^multifd channel 4: sending stalled for 0\.2s \(the peer is not reading\)$"):
+            for _ in range(200):
+                pio.send_packet(PACKET_HEADER_SIZE, address_of(ram), PAGES)
+
+
+def test_send_packet_to_a_closed_peer_is_a_channel_error() -> None:
+    ram = _ram(5)
+    a, b = _pair()
+    b.close()
+    with a:
+        pio = PageIO(a, "multifd channel 5", bytearray(PACKET_HEADER_SIZE))
+        with pytest.raises(ChannelError, match=r"^multifd channel 5: send failed: Broken pipe$"):
+            pio.send_packet(PACKET_HEADER_SIZE, address_of(ram), PAGES)

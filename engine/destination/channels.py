@@ -102,6 +102,7 @@ class _Sink:
         self.trace: Trace | None = None
         self._t = 0  # end of the last span (tracing)
         self.mapped = False  # this process mapped all of guest RAM ahead (standby): copy into the mapping
+        self.pio: PageIO | None = None  # a plain socket's iovec path (runtime.iov)
 
     @property
     def normal_pages(self) -> int:
@@ -127,8 +128,12 @@ class _Sink:
         block, page = self.block, TARGET_PAGE_SIZE
         assert block is not None
         t0 = now_ns()
-        buf = block.buf
-        recv_exact_into_many(self.sock, [buf[a * page:b * page] for a, b in page_runs(self.idx)], self.payload_what)
+        if self.pio is not None:
+            self.pio.recv_pages(address_of(block.pages), self.idx << TARGET_PAGE_BITS, 0)
+        else:
+            buf = block.buf
+            recv_exact_into_many(self.sock, [buf[a * page:b * page] for a, b in page_runs(self.idx)],
+                                 self.payload_what)
         if self.trace is not None:
             self.trace.span(RECV_PAYLOAD, t0)
 
@@ -199,6 +204,7 @@ def _channel_loop(me: ChannelEnd, setup: RecvSetup) -> None:
     page = TARGET_PAGE_SIZE
     # a plain socket takes a plain packet's pages with one recvmsg of an iovec array
     pio = PageIO(sock, sink.payload_what, header) if type(sock) is socket.socket else None
+    sink.pio = pio
     bases = {b.name: address_of(b.pages) for b in ram}
     try:
         while True:

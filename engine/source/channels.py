@@ -70,8 +70,8 @@ class _Batch:
     """The pages of the packet being sent (implements ``compression.PageBatch``). For ``none``
     they are views of guest RAM: the kernel copies them straight from the guest's pages into
     the socket. Those pages stay mapped in the channel; they are the guest's memory, shared,
-    not the channel's own (its private memory is a few buffers). Other methods read them with
-    preadv into one reused buffer."""
+    not the channel's own (its private memory is a few buffers). zlib and zstd compress from
+    views too; lz4 reads them with preadv into one reused buffer."""
 
     def __init__(self) -> None:
         self.scratch = aligned_pages(PAGES_PER_PACKET)  # preadv's copies from the page cache at full speed
@@ -108,7 +108,7 @@ class _Batch:
 
     def views_at(self, block: RamBlock, pages: Sequence[int]) -> list[memoryview]:
         """:meth:`views` for a job's page indices (sorted, as RamSaver.save_section hands them
-        out; at least one): the channel's common path for ``none``."""
+        out; at least one): ``none`` on a TLS or zero-copy socket."""
         buf, page = block.buf, TARGET_PAGE_SIZE
         return [buf[a * page:b * page] for a, b in consecutive_runs(pages)]
 
@@ -171,12 +171,11 @@ class _Sender:
         self.what = f"multifd channel {me.index}"
         self.raw = method.flag == MULTIFD_FLAG_NOCOMP  # the payload is the pages themselves
         self.detect_zero = setup.detect_zero
-        self.lean = self.raw and not setup.detect_zero  # views straight from the job's pages
         self.prepare_span = GATHER if method.flag == 0 else COMPRESS
         self.zc = ZeroCopySender(self.sock, self.what, self.sock.gettimeout() or 20.0) if setup.zero_copy else None
         # the common case (none, plain socket): one sendmsg of an iovec array per packet
         self.pio = (PageIO(self.sock, self.what, self.enc.buf)
-                    if self.lean and self.zc is None and type(self.sock) is socket.socket else None)
+                    if self.raw and self.zc is None and type(self.sock) is socket.socket else None)
         self.bases = [address_of(b.pages) for b in self.blocks]
 
     def run(self) -> None:
@@ -221,49 +220,46 @@ class _Sender:
     def packet(self, msg: bytes, rec: int, t0: int) -> int:
         """Send the packet of the job's record at ``rec``; returns the trace clock."""
         _, npages, block_idx, packet_num, flags = _JOB.unpack_from(msg, rec)
-        pages = np.frombuffer(msg, _PAGE_INDEX, npages, rec + _JOB.size)
-        tr, mine = self.trace, self.counters
-        if self.pio is not None:
-            self.enc.encode_pages(flags=flags | self.flag, packet_num=packet_num, ramblock=self.names[block_idx], pages=pages,
-                                  next_packet_size=npages * TARGET_PAGE_SIZE)
-            if tr is not None:
-                t0 = tr.span(GATHER, t0)
-            sent = self.pio.send_packet(PACKET_HEADER_SIZE, self.bases[block_idx], pages)
-            if tr is not None:
-                t0 = tr.span(SEND, t0)
-            mine[_PACKETS] += 1
-            mine[_PAGES] += npages
-            mine[_BYTES] += sent
-            return t0
-        batch, block = self.batch, self.blocks[block_idx]
+        pages = normal_idx = np.frombuffer(msg, _PAGE_INDEX, npages, rec + _JOB.size)
+        batch, block, tr = self.batch, self.blocks[block_idx], self.trace
         nzero = 0
-        payload: Sequence[Any]
-        if self.lean:
-            payload = batch.views_at(block, pages.tolist())
-        else:
+        if self.detect_zero:
             batch.start(block, pages)
-            if self.detect_zero:
-                zeros = batch.drop_zero_pages()
-                if len(zeros):  # the header lists the normal pages first, then the zero pages
-                    pages, nzero = np.concatenate((batch.idx, zeros)), len(zeros)
-                if tr is not None:
-                    t0 = tr.span(ZERO_SCAN, t0)
-            payload = self.ctx.send_prepare(batch) if len(batch.idx) else ()
+            zeros = batch.drop_zero_pages()
+            if len(zeros):  # the header lists the normal pages first, then the zero pages
+                normal_idx, nzero = batch.idx, len(zeros)
+                pages = np.concatenate((normal_idx, zeros))
+            if tr is not None:
+                t0 = tr.span(ZERO_SCAN, t0)
         normal = npages - nzero
-        if self.raw:
-            size = normal * TARGET_PAGE_SIZE
+        if self.pio is not None:  # none on a plain socket: guest pages through the iovec array
+            self.enc.encode_pages(flags=flags | self.flag, packet_num=packet_num, ramblock=self.names[block_idx],
+                                  pages=pages, next_packet_size=normal * TARGET_PAGE_SIZE, zero_pages=nzero)
+            if tr is not None:
+                t0 = tr.span(self.prepare_span, t0)
+            sent = self.pio.send_packet(PACKET_HEADER_SIZE, self.bases[block_idx], normal_idx)
         else:
-            size = sum(memoryview(p).nbytes for p in payload)  # type: ignore[arg-type,misc]
-        header = self.enc.encode_pages(flags=flags | self.flag, packet_num=packet_num, ramblock=self.names[block_idx],
-                                       pages=pages, next_packet_size=size, zero_pages=nzero)
-        if tr is not None:
-            t0 = tr.span(self.prepare_span, t0)
-        if self.zc is not None and payload:  # the header copied, then guest RAM pinned (QEMU does the same)
-            sent = send_all(self.sock, [header], self.what, PACKET_HEADER_SIZE) + self.zc.send(payload, size)
-        else:
-            sent = send_all(self.sock, [header, *payload], self.what, PACKET_HEADER_SIZE + size)
+            payload: Sequence[Any]
+            if self.raw:
+                size = normal * TARGET_PAGE_SIZE
+                payload = batch.views_at(block, normal_idx.tolist()) if normal else ()
+            else:
+                if not self.detect_zero:
+                    batch.start(block, pages)
+                payload = self.ctx.send_prepare(batch) if len(batch.idx) else ()
+                size = sum(memoryview(p).nbytes for p in payload)  # type: ignore[arg-type,misc]
+            header = self.enc.encode_pages(flags=flags | self.flag, packet_num=packet_num,
+                                           ramblock=self.names[block_idx], pages=pages, next_packet_size=size,
+                                           zero_pages=nzero)
+            if tr is not None:
+                t0 = tr.span(self.prepare_span, t0)
+            if self.zc is not None and payload:  # the header copied, then guest RAM pinned (as QEMU does)
+                sent = send_all(self.sock, [header], self.what, PACKET_HEADER_SIZE) + self.zc.send(payload, size)
+            else:
+                sent = send_all(self.sock, [header, *payload], self.what, PACKET_HEADER_SIZE + size)
         if tr is not None:
             t0 = tr.span(SEND, t0)
+        mine = self.counters
         mine[_PACKETS] += 1
         mine[_PAGES] += normal
         mine[_ZERO] += nzero

@@ -65,6 +65,7 @@ def run_incoming(
     if prealloc and not declared:
         raise ConfigError("--prealloc needs the destination's RAM blocks declared with --ram [NAME=]SIZE")
     tls = TlsCreds.load(params.tls_creds, "server") if params.tls_creds else None
+    GuestRam.prepare()
     declared_ram = GuestRam.create(declared) if declared else None
     standby: RecvChannels | None = None
     trace = Trace("destination main") if trace_file else None

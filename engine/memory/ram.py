@@ -206,9 +206,7 @@ class GuestRam:
             dup = next(n for n in names if names.count(n) > 1)
             raise ConfigError(f"RAM block {dup!r} given twice; block names must be unique")
         check_shm_space(sum(s.size for s in specs))
-        # SharedMemory starts the tracker on first use, after the segment is already in
-        # /dev/shm: a SIGKILL while the tracker process starts (~0.1 s) would leak the segment
-        resource_tracker.ensure_running()
+        cls.prepare()
         ram = cls([], [], owner=True)
         try:
             for spec in specs:
@@ -222,6 +220,15 @@ class GuestRam:
             ram.close()
             raise
         return ram
+
+    @staticmethod
+    def prepare() -> None:
+        """Start this process's resource tracker now, if it is not running. ``SharedMemory``
+        would start it on first use, after the segment is already in /dev/shm, where a SIGKILL
+        while the tracker starts (a new interpreter, ~0.1 s of CPU) would leak the segment;
+        and a destination that learns its RAM from the stream calls it before listening, so
+        that start-up is not paid during the migration."""
+        resource_tracker.ensure_running()
 
     # -- access
 

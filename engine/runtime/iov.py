@@ -69,7 +69,6 @@ class PageIO:
         self._cols = np.frombuffer(raw, dtype=np.uint64).reshape(PAGES_PER_PACKET + 2, 2)
         self._cols[:, 1] = TARGET_PAGE_SIZE
         self._header = (ctypes.c_char * len(header)).from_buffer(header)
-        self._header_len = len(header)
         self._iov_at = ctypes.addressof(self._iov)
         self._msg = _MsgHdr()
         self._msg_ref = ctypes.byref(self._msg)

@@ -411,7 +411,7 @@ def pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
 def zero_pages(words: npt.NDArray[np.uint64]) -> npt.NDArray[np.bool_]:
     """Which rows (pages, as 512 uint64 words) are all zero. Only pages whose first word is zero
     are scanned whole: most non-zero pages are ruled out by one word. An OR of the words is
-    about a fifth cheaper than their max."""
+    cheaper than their max."""
     zero = words[:, 0] == 0
     cand = np.flatnonzero(zero)
     if len(cand):

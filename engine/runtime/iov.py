@@ -1,11 +1,11 @@
 """One ``sendmsg`` / ``recvmsg`` per packet over guest pages, with no Python object per page.
 
 ``socket.sendmsg`` wants one buffer object per run of pages, and the runs must be found first:
-a Python loop over the packet's pages and a memoryview per run, about 20 us a packet of the
-mixed guest (33 runs), in every channel. Here a packet's iovec array (header, then one 4 KiB
-entry per page) is filled from the page indices by one numpy operation and handed to libc's
-``sendmsg`` / ``recvmsg`` through ctypes, so the per-packet cost no longer depends on how the
-pages are scattered; the kernel walks 128 entries as fast as 33.
+a Python loop over the packet's pages and a memoryview per run, in every channel, for every
+packet. Here a packet's iovec array (header, then one 4 KiB entry per page) is filled from the
+page indices by one numpy operation and handed to libc's ``sendmsg`` / ``recvmsg`` through
+ctypes, so the per-packet cost no longer depends on how the pages are scattered; the kernel
+walks one entry per page as fast as one per run (docs/performance.md).
 
 The socket keeps its Python timeout (it is non-blocking underneath): a call that finds the
 socket full (or empty) waits in ``poll`` for at most that timeout, as ``socket.sendmsg`` does,

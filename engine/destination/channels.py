@@ -202,8 +202,8 @@ def _channel_loop(me: ChannelEnd, setup: RecvSetup) -> None:
     ahead = 0  # bytes of the next header already received with the last payload
     held, index_of = setup.held, {b.name: i for i, b in enumerate(ram)}
     page = TARGET_PAGE_SIZE
-    # a plain socket takes a plain packet's pages with one recvmsg of an iovec array
-    pio = PageIO(sock, sink.payload_what, header) if type(sock) is socket.socket else None
+    # none on a plain socket: a packet's pages come with one recvmsg of an iovec array
+    pio = PageIO(sock, sink.payload_what, header) if plain_path and type(sock) is socket.socket else None
     sink.pio = pio
     bases = {b.name: address_of(b.pages) for b in ram}
     try:

@@ -408,12 +408,13 @@ def pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
         view, offset = view[n:], offset + n
 
 
-def zero_pages(words: npt.NDArray[np.uint64]) -> npt.NDArray[np.bool_]:
-    """Which rows (pages, as 512 uint64 words) are all zero. Only pages whose first word is zero
-    are scanned whole: most non-zero pages are ruled out by one word. An OR of the words is
+def zero_pages(words: npt.NDArray[np.uint64], idx: npt.NDArray[np.int64] | None = None) -> npt.NDArray[np.bool_]:
+    """Which rows (pages, as 512 uint64 words) are all zero: every row of ``words``, or rows
+    ``idx`` of it. Only pages whose first word is zero are read whole (most non-zero pages are
+    ruled out by one word), so scattered rows cost no copy of the others. An OR of the words is
     cheaper than their max."""
-    zero = words[:, 0] == 0
+    zero = (words[:, 0] if idx is None else words[idx, 0]) == 0
     cand = np.flatnonzero(zero)
     if len(cand):
-        zero[cand] = np.bitwise_or.reduce(words[cand], axis=1) == 0
+        zero[cand] = np.bitwise_or.reduce(words[cand if idx is None else idx[cand]], axis=1) == 0
     return zero  # type: ignore[no-any-return]

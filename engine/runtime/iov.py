@@ -121,9 +121,7 @@ class PageIO:
                     entry.base += r
                     entry.len -= r
                 msg.iov, msg.iovlen = at + k * _ENTRY, first + count - k
-        except OSError as exc:
-            if isinstance(exc, (ChannelError, MigrationTimeout)):
-                raise
+        except OSError as exc:  # the call's own errors (ours are not OSErrors)
             verb = "send" if events == select.POLLOUT else "receive"
             raise ChannelError(f"{self.what}: {verb} failed: {exc.strerror or exc}") from exc
         finally:

@@ -266,7 +266,7 @@ def save_channel(me: ChannelEnd, setup: SaveSetup) -> None:
             if hole:
                 pages[:] = 0  # for the checksum of pages present from an earlier round
         else:
-            zero = zero_pages(words if len(t) == n else words[t])
+            zero = zero_pages(words, None if len(t) == n else t)
         present[t] = ~zero
         nzero = int(np.count_nonzero(zero))
         mine[_ZERO] += nzero

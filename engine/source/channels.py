@@ -39,7 +39,7 @@ from ..runtime.transport import send_all
 from ..runtime.zerocopy import ZeroCopySender
 from ..stats import Counters
 from ..wire.packet import (MULTIFD_FLAG_NOCOMP, MULTIFD_FLAG_SYNC, PACKET_HEADER_SIZE, PAGES_PER_PACKET,
-                           TARGET_PAGE_SIZE, PacketEncoder, consecutive_runs)
+                           TARGET_PAGE_SIZE, PacketEncoder)
 
 #: Jobs a channel may have queued in its pipe. QEMU 7.2 uses 1 (one ``pages`` buffer per
 #: channel); with processes, a wake-up on a busy 2-core machine costs more than a thread
@@ -82,15 +82,12 @@ class _Batch:
         self.block, self.idx = block, idx
 
     def drop_zero_pages(self) -> npt.NDArray[np.int64]:
-        """``zero-page-detection=multifd``: find the zero pages by reading them in guest RAM
-        (one numpy scan per run of pages, no copy), keep the others as this batch (in order)
-        and return the zero pages' indices."""
-        block = self.block
-        assert block is not None
-        words, idx = block.words, self.idx
-        runs = page_runs(idx)
-        zero = zero_pages(words[runs[0][0]:runs[0][1]]) if len(runs) == 1 else np.concatenate(
-            [zero_pages(words[a:b]) for a, b in runs])
+        """``zero-page-detection=multifd``: find the zero pages where they are in guest RAM
+        (no copy but of the candidates), keep the others as this batch (in order) and return
+        the zero pages' indices."""
+        assert self.block is not None
+        idx = self.idx
+        zero = zero_pages(self.block.words, idx)
         if not zero.any():
             return _NO_PAGES
         zeros: npt.NDArray[np.int64] = idx[zero]
@@ -102,15 +99,13 @@ class _Batch:
         return len(self.idx)
 
     def views(self) -> Sequence[Any]:
-        """Views of the pages in guest RAM, one per run (what zlib and zstd compress from)."""
+        """Views of the pages in guest RAM, one per run: what zlib and zstd compress from, and
+        what ``none`` sends on a TLS or zero-copy socket."""
         assert self.block is not None
-        return self.views_at(self.block, self.idx.tolist()) if len(self.idx) else []
-
-    def views_at(self, block: RamBlock, pages: Sequence[int]) -> list[memoryview]:
-        """:meth:`views` for a job's page indices (sorted, as RamSaver.save_section hands them
-        out; at least one): ``none`` on a TLS or zero-copy socket."""
-        buf, page = block.buf, TARGET_PAGE_SIZE
-        return [buf[a * page:b * page] for a, b in consecutive_runs(pages)]
+        if not len(self.idx):
+            return []
+        buf, page = self.block.buf, TARGET_PAGE_SIZE
+        return [buf[a * page:b * page] for a, b in page_runs(self.idx)]
 
     def gather(self) -> npt.NDArray[np.uint8]:
         """Copy the pages into the scratch buffer, for a method that needs them contiguous
@@ -220,43 +215,35 @@ class _Sender:
     def packet(self, msg: bytes, rec: int, t0: int) -> int:
         """Send the packet of the job's record at ``rec``; returns the trace clock."""
         _, npages, block_idx, packet_num, flags = _JOB.unpack_from(msg, rec)
-        pages = normal_idx = np.frombuffer(msg, _PAGE_INDEX, npages, rec + _JOB.size)
-        batch, block, tr = self.batch, self.blocks[block_idx], self.trace
+        pages = np.frombuffer(msg, _PAGE_INDEX, npages, rec + _JOB.size)
+        batch, tr = self.batch, self.trace
+        batch.start(self.blocks[block_idx], pages)
         nzero = 0
         if self.detect_zero:
-            batch.start(block, pages)
             zeros = batch.drop_zero_pages()
             if len(zeros):  # the header lists the normal pages first, then the zero pages
-                normal_idx, nzero = batch.idx, len(zeros)
-                pages = np.concatenate((normal_idx, zeros))
+                pages, nzero = np.concatenate((batch.idx, zeros)), len(zeros)
             if tr is not None:
                 t0 = tr.span(ZERO_SCAN, t0)
         normal = npages - nzero
-        if self.pio is not None:  # none on a plain socket: guest pages through the iovec array
-            self.enc.encode_pages(flags=flags | self.flag, packet_num=packet_num, ramblock=self.names[block_idx],
-                                  pages=pages, next_packet_size=normal * TARGET_PAGE_SIZE, zero_pages=nzero)
-            if tr is not None:
-                t0 = tr.span(self.prepare_span, t0)
-            sent = self.pio.send_packet(PACKET_HEADER_SIZE, self.bases[block_idx], normal_idx)
+        payload: Sequence[Any] = ()
+        if self.raw:  # the pages themselves: through the iovec array, else as views of guest RAM
+            size = normal * TARGET_PAGE_SIZE
+            if self.pio is None:
+                payload = batch.views()
         else:
-            payload: Sequence[Any]
-            if self.raw:
-                size = normal * TARGET_PAGE_SIZE
-                payload = batch.views_at(block, normal_idx.tolist()) if normal else ()
-            else:
-                if not self.detect_zero:
-                    batch.start(block, pages)
-                payload = self.ctx.send_prepare(batch) if len(batch.idx) else ()
-                size = sum(memoryview(p).nbytes for p in payload)  # type: ignore[arg-type,misc]
-            header = self.enc.encode_pages(flags=flags | self.flag, packet_num=packet_num,
-                                           ramblock=self.names[block_idx], pages=pages, next_packet_size=size,
-                                           zero_pages=nzero)
-            if tr is not None:
-                t0 = tr.span(self.prepare_span, t0)
-            if self.zc is not None and payload:  # the header copied, then guest RAM pinned (as QEMU does)
-                sent = send_all(self.sock, [header], self.what, PACKET_HEADER_SIZE) + self.zc.send(payload, size)
-            else:
-                sent = send_all(self.sock, [header, *payload], self.what, PACKET_HEADER_SIZE + size)
+            payload = self.ctx.send_prepare(batch) if normal else ()
+            size = sum(memoryview(p).nbytes for p in payload)  # type: ignore[arg-type,misc]
+        header = self.enc.encode_pages(flags=flags | self.flag, packet_num=packet_num, ramblock=self.names[block_idx],
+                                       pages=pages, next_packet_size=size, zero_pages=nzero)
+        if tr is not None:
+            t0 = tr.span(self.prepare_span, t0)
+        if self.pio is not None:
+            sent = self.pio.send_packet(PACKET_HEADER_SIZE, self.bases[block_idx], batch.idx)
+        elif self.zc is not None and payload:  # the header copied, then guest RAM pinned (as QEMU does)
+            sent = send_all(self.sock, [header], self.what, PACKET_HEADER_SIZE) + self.zc.send(payload, size)
+        else:
+            sent = send_all(self.sock, [header, *payload], self.what, PACKET_HEADER_SIZE + size)
         if tr is not None:
             t0 = tr.span(SEND, t0)
         mine = self.counters

@@ -150,10 +150,7 @@ class RamSaver:
     def _scan(self, words: npt.NDArray[np.uint64], chunk: npt.NDArray[np.int64]) -> npt.NDArray[np.bool_]:
         """Which pages of ``chunk`` are zero (zero-page-detection=legacy)."""
         t0 = now_ns()
-        if chunk[-1] - chunk[0] == len(chunk) - 1:  # a contiguous run: scan a view, no gather
-            zero = zero_pages(words[chunk[0]:chunk[-1] + 1])
-        else:
-            zero = zero_pages(words[chunk])
+        zero = zero_pages(words, chunk)
         if self.trace is not None:
             self.trace.span(ZERO_SCAN, t0)
         return zero

@@ -46,7 +46,6 @@ from engine_runs import (  # noqa: E402
     EngineProcess, GiB, MiB, RunFailed, engine_env, make_image, remove_leftover_segments, shm_tag, wait_line, write_json,
 )
 
-QEMU10 = ROOT / ".qemu" / "10.0" / "qemu-system-x86_64"
 FAST = 64 << 30  # max-bandwidth: effectively unlimited
 
 
@@ -94,7 +93,7 @@ def _disk(path: Path) -> int:
 
 def qemu_file(kind: str, image: Path, size: int, workdir: Path, channels: int, timeout: float) -> dict[str, Any]:
     """QEMU 7.2 ``exec:cat`` (kind "exec") or QEMU 10.0 mapped-ram (kind "mapped-ram")."""
-    binary = None if kind == "exec" else str(QEMU10)
+    binary = None if kind == "exec" else str(qemu_peer.QEMU10)
     path = workdir / f"qemu-{kind}.img"
     path.unlink(missing_ok=True)
     save_uri, load_uri = (f"exec:cat > {path}", f"exec:cat {path}") if kind == "exec" else (f"file:{path}",) * 2
@@ -208,12 +207,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             image, size, workdir, args.channels, args.compression, args.save_compression, args.timeout, tag,
             args.no_fsync),
     }
-    if QEMU10.exists():
+    if qemu_peer.QEMU10.exists():
         sides["QEMU 10.0 mapped-ram"] = lambda: qemu_file("mapped-ram", image, size, workdir, args.channels,
                                                           args.timeout)
         sides[f"engine, QEMU 10.0 VM (file {args.save_compression})"] = lambda: engine_file(
             image, size, workdir, args.channels, args.compression, args.save_compression, args.timeout, tag,
-            args.no_fsync, str(QEMU10))
+            args.no_fsync, str(qemu_peer.QEMU10))
     runs: dict[str, list[dict[str, Any]]] = {k: [] for k in sides}
     try:
         image = workdir / "ram.img"

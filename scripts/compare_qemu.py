@@ -187,7 +187,6 @@ def traced_runs(image: Path, size: int, jobs: Sequence[Job], directory: Path, *,
 # ----------------------------------------------------------------------- QEMU processes
 
 
-QEMU10_WRAPPER = ROOT / ".qemu" / "10.0" / "qemu-system-x86_64"  # what scripts/install-qemu10 installs
 
 
 @dataclass(frozen=True)
@@ -232,8 +231,8 @@ def find_qemus(paths: Sequence[str] | None) -> list[Qemu]:
         wanted = list(paths)
     else:
         wanted = [p for p in (qemu_peer.QEMU_BINARY,) if qemu_peer.qemu_available(p)]
-        if os.access(QEMU10_WRAPPER, os.X_OK):
-            wanted.append(str(QEMU10_WRAPPER))
+        if os.access(qemu_peer.QEMU10, os.X_OK):
+            wanted.append(str(qemu_peer.QEMU10))
         if not wanted:
             raise QemuNotUsable(f"{qemu_peer.QEMU_BINARY} not found (apt-get install qemu-system-x86)"
                                 " and QEMU 10.0 not installed (scripts/install-qemu10)")

@@ -48,6 +48,8 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 QEMU_BINARY = os.environ.get("QEMU_BINARY", "qemu-system-x86_64")
+#: QEMU 10.0, where scripts/install-qemu10 unpacks it (a wrapper next to its private apt state)
+QEMU10 = Path(__file__).resolve().parent.parent / ".qemu" / "10.0" / "qemu-system-x86_64"
 FINAL_STATES = frozenset({"completed", "failed", "cancelled"})
 DEFAULT_TIMEOUT = 30.0
 

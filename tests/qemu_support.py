@@ -54,7 +54,7 @@ def needs_qemu(test: F) -> F:
 Image = tuple[Path, bytes]
 
 #: QEMU 10.0 as ``scripts/install-qemu10`` unpacks it (``./scripts/test`` runs that)
-QEMU10 = ROOT / ".qemu" / "10.0" / "qemu-system-x86_64"
+QEMU10 = qemu_peer.QEMU10
 
 
 def qemu_binary(version: str) -> str | None:

@@ -23,7 +23,7 @@ CONFIG = bytes([QEMU_VM_CONFIGURATION]) + struct.pack(">I", 13) + b"pc-i440fx-7.
 
 
 def test_machine_state_round_trip() -> None:
-    ms = MachineState("pc-i440fx-7.2", CONFIG, b"\x04devices\x00\x06vmdesc", 3, bytes(range(16)),
+    ms = MachineState(CONFIG, b"\x04devices\x00\x06vmdesc", 3, bytes(range(16)),
                       {"send-switchover-start": False})
     assert MachineState.unpack(ms.pack()) == ms
 
@@ -34,7 +34,7 @@ def test_machine_state_round_trip() -> None:
     (lambda b: b + b"?", "machine state lengths add up to"),
 ])
 def test_machine_state_damage(damage, message: str) -> None:
-    raw = MachineState("pc", CONFIG, b"\x00").pack()
+    raw = MachineState(CONFIG, b"\x00").pack()
     with pytest.raises(ValueError, match="^" + message.replace("(", r"\(").replace(")", r"\)")):
         MachineState.unpack(damage(raw))
 
@@ -69,10 +69,9 @@ def test_a_damaged_machine_state_is_refused(tmp_path: Path) -> None:
 
     path = tmp_path / "vm.snap"
     with GuestRam.create([BlockSpec("pc.ram", 1 << 20)]) as ram:
-        from engine.snapshot.jobs import SnapshotSave
+        from engine.snapshot.jobs import save
 
-        with SnapshotSave(path, ram, machine_state=MachineState("pc", CONFIG, b"\x00")) as job:
-            job.wait(30)
+        save(path, ram, machine_state=MachineState(CONFIG, b"\x00"), timeout=30)
     data = bytearray(path.read_bytes())
     h = parse_header(path, bytes(data[:HEADER_SIZE]), len(data))
     data[h.meta_offset + 8:h.meta_offset + 16] = b"NOTMACHS"  # the record's magic, checksum fixed up
@@ -118,6 +117,33 @@ def test_a_snapshot_is_not_sent_to_a_file(tmp_path: Path, capsys: Any) -> None:
     assert [line for line in p.stderr.splitlines() if line.startswith("engine: error:")] == [
         f"engine: error: --snapshot sends a snapshot file to a tcp: or unix: URI; 'file:{tmp_path}/b.snap' would be"
         " another snapshot file (copy the file instead)"]
+
+
+def test_a_snapshot_file_is_not_saved_again(tmp_path: Path, capsys: Any) -> None:
+    """``incoming file:A --save B`` would be a copy: refused in one line, nothing written."""
+    from engine import BlockSpec, GuestRam
+
+    with GuestRam.create([BlockSpec("pc.ram", 1 << 20)]) as ram:
+        save(tmp_path / "a.snap", ram)
+    p = run_main(capsys, "incoming", f"file:{tmp_path}/a.snap", "--save", str(tmp_path / "b.snap"))
+    assert p.returncode != 0 and "Traceback" not in p.stderr and not (tmp_path / "b.snap").exists()
+    assert [line for line in p.stderr.splitlines() if line.startswith("engine: error:")] == [
+        f"engine: error: --save checkpoints a tcp: or unix: migration; 'file:{tmp_path}/a.snap' already is a"
+        " snapshot file (copy it instead)"]
+
+
+def test_a_checkpoint_keeps_its_machine(tmp_path: Path, capsys: Any) -> None:
+    """A checkpoint's configuration section is replayed as saved: another --machine is refused."""
+    from engine import BlockSpec, GuestRam
+
+    snap = tmp_path / "vm.snap"
+    with GuestRam.create([BlockSpec("pc.ram", 1 << 20)]) as ram:
+        save(snap, ram, machine_state=MachineState(CONFIG, b"\x00"))
+    p = run_main(capsys, "migrate", "tcp:127.0.0.1:1", "--snapshot", str(snap), "--machine", "pc-q35-9.2")
+    assert p.returncode != 0 and "Traceback" not in p.stderr
+    assert [line for line in p.stderr.splitlines() if line.startswith("engine: error:")] == [
+        f"engine: error: --machine 'pc-q35-9.2': '{snap}' is a checkpoint of machine 'pc-i440fx-7.2', whose"
+        " configuration section is sent as saved"]
 
 
 def test_a_checkpoint_resumes_in_its_source_dialect(tmp_path: Path) -> None:

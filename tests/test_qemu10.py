@@ -17,12 +17,10 @@ from pathlib import Path
 import pytest
 
 from qemu_support import (  # noqa: F401 - ram_image is a fixture
-    NONE_RAM, CaptureProxy, Image, compare_pages, engine_into_qemu, host_port, incoming, qemu_into_engine, qemu_peer,
-    ram_image,
+    NONE_RAM, QEMU10, CaptureProxy, Image, compare_pages, engine_into_qemu, host_port, incoming, qemu_into_engine,
+    qemu_peer, ram_image,
 )
-from support import ROOT, read_dump, run_engine
-
-QEMU10 = ROOT / ".qemu" / "10.0" / "qemu-system-x86_64"
+from support import read_dump, run_engine
 
 pytestmark = [
     pytest.mark.qemu,

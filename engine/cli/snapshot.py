@@ -92,19 +92,25 @@ def dispatch(args: argparse.Namespace) -> int | None:
     return None
 
 
-def _no_tls(args: argparse.Namespace, path: Path) -> None:
-    if getattr(args, "tls_creds", None) is not None:
-        raise ConfigError(f"--tls-creds secures tcp: and unix: migrations; 'file:{path}' is a snapshot file,"
-                          " which is not encrypted")
+#: options that mean nothing when the far end of a migration is a snapshot file
+_NOT_WITH_FILES = (
+    ("tls_creds", "--tls-creds secures tcp: and unix: migrations; {file} is a snapshot file, which is not encrypted"),
+    ("snapshot", "--snapshot sends a snapshot file to a tcp: or unix: URI; {file} would be another snapshot file"
+                 " (copy the file instead)"),
+    ("save", "--save checkpoints a tcp: or unix: migration; {file} already is a snapshot file (copy it instead)"),
+)
+
+
+def _check_file_options(args: argparse.Namespace, path: Path) -> None:
+    for attr, message in _NOT_WITH_FILES:
+        if getattr(args, attr, None) is not None:
+            raise ConfigError(message.format(file=f"'file:{path}'"))
 
 
 def cmd_save(args: argparse.Namespace, path: Path) -> int:
     from ..snapshot.jobs import SnapshotSave
 
-    _no_tls(args, path)
-    if getattr(args, "snapshot", None) is not None:
-        raise ConfigError(f"--snapshot sends a snapshot file to a tcp: or unix: URI; 'file:{path}' would be"
-                          " another snapshot file (copy the file instead)")
+    _check_file_options(args, path)
     params = params_from_args(args)
     fsync = not getattr(args, "no_fsync", False)
     out = run_live_job(args, lambda ram, log, guest: SnapshotSave(path, ram, params, tracker=log, guest=guest,
@@ -116,7 +122,7 @@ def cmd_save(args: argparse.Namespace, path: Path) -> int:
 def cmd_restore(args: argparse.Namespace, path: Path) -> int:
     from ..snapshot.jobs import SnapshotRestore
 
-    _no_tls(args, path)
+    _check_file_options(args, path)
     job = SnapshotRestore(path, params_from_args(args))
     with job.run() as ram:
         out = job.stats.to_json()
@@ -182,17 +188,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run_command(body, "snapshot")
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
-
 # ----------------------------------------------------------------- VM checkpoints
 
 def check_save_path(path: Path) -> None:
     """``incoming --save FILE``: its directory exists and is writable, and FILE is no directory."""
     import os
 
-    parent = path.parent if str(path.parent) else Path(".")
+    parent = path.parent
     if path.is_dir():
         raise ConfigError(f"--save {str(path)!r} is a directory, expected a file to write the snapshot to")
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
@@ -204,14 +206,11 @@ def save_received(args: argparse.Namespace, result: Any) -> dict[str, Any]:
     """``incoming --save FILE``: the received RAM and machine state into a snapshot file (with
     the file's own compression); returns what the save reports."""
     from ..params import MigrationParams
-    from ..snapshot.jobs import SnapshotSave
+    from ..snapshot.jobs import save
 
     params = MigrationParams(channels=args.channels, compression=args.save_compression,
                              stall_timeout=args.stall_timeout)
-    with SnapshotSave(args.save, result.ram, params, machine_state=result.machine_state,
-                      fsync=not args.no_fsync) as job:
-        stats = job.wait()
-    out = stats.to_json()
+    out = save(args.save, result.ram, params, machine_state=result.machine_state, fsync=not args.no_fsync).to_json()
     return {k: out[k] for k in ("file", "compression", "total-time", "file-size", "disk-usage", "format-version")
             if k in out} | {"machine": result.machine_state.machine if result.machine_state else None}
 
@@ -226,11 +225,14 @@ def cmd_migrate_snapshot(args: argparse.Namespace) -> int:
     if args.dirty_rate is not None:
         raise ConfigError("--snapshot sends a saved guest as it was; --dirty-rate would change its RAM under its"
                           " saved device state")
-    restore = SnapshotRestore(args.snapshot, channels=args.channels, params=params_from_args(args))
+    restore = SnapshotRestore(args.snapshot, params_from_args(args))
     ram = restore.run()
     ms = restore.machine_state
     try:
         if ms is not None:
+            if ms.configuration and args.machine not in (None, ms.machine):
+                raise ConfigError(f"--machine {args.machine!r}: {str(args.snapshot)!r} is a checkpoint of machine"
+                                  f" {ms.machine!r}, whose configuration section is sent as saved")
             if args.machine is None:
                 args.machine = ms.machine or None
             if args.uuid is None and any(ms.uuid):
@@ -258,3 +260,6 @@ def _dialect_of(args: argparse.Namespace, dialect: dict[str, Any]) -> None:
         if getattr(args, attr) is None and isinstance(dialect.get(name), bool):
             setattr(args, attr, "on" if dialect[name] else "off")
 
+
+if __name__ == "__main__":
+    sys.exit(main())

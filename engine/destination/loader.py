@@ -220,8 +220,7 @@ class Loader:
         dialect = {"multifd-flush-after-each-section": not self.flushes,
                    "send-switchover-start": self.switchover_start,
                    "zero-page-detection": "multifd" if zero_in_packets else "legacy"}
-        return MachineState(self.machine or "", self.configuration, self.tail, self.ram_section_id,
-                            self.params.uuid, dialect)
+        return MachineState(self.configuration, self.tail, self.ram_section_id, self.params.uuid, dialect)
 
     def _mem_size(self, ev: RamMemSize) -> None:
         if self.ram is not None:

@@ -214,8 +214,10 @@ def encode_index(blocks: Sequence[BlockIndex], compressed: bool, machine: Machin
     return b"".join(parts)
 
 
-def decode_index(path: str | Path, data: bytes, header: Header, compressed: bool) -> list[BlockIndex]:
-    """Parse and validate the index (its CRC already checked)."""
+def decode_index(path: str | Path, data: bytes, header: Header,
+                 compressed: bool) -> tuple[MachineState | None, list[BlockIndex]]:
+    """Parse and validate the index (its CRC already checked): the machine state (version 2
+    on; None if the file has none) and the blocks."""
     pos = 0
 
     def take(n: int, what: str) -> bytes:
@@ -226,6 +228,14 @@ def decode_index(path: str | Path, data: bytes, header: Header, compressed: bool
         pos += n + (-n % 8)
         return out
 
+    machine = None
+    if header.version >= 2:
+        (n,) = struct.unpack("<Q", take(8, "the machine state's length"))
+        record = take(n, f"a machine state of {n} bytes")
+        try:
+            machine = MachineState.unpack(record) if n else None
+        except ValueError as exc:
+            raise _err(path, f"index: {exc}") from None
     entries = []
     for i in range(header.nblocks):
         name_len, _, _, size, data_offset = _BLOCK.unpack(take(_BLOCK.size, f"block table entry {i}"))
@@ -271,7 +281,7 @@ def decode_index(path: str | Path, data: bytes, header: Header, compressed: bool
         out.append(blk)
     if pos != len(data):
         raise _err(path, f"index: {len(data) - pos} unexpected bytes after the last block")
-    return out
+    return machine, out
 
 
 # ------------------------------------------------------------------------------ checksums
@@ -331,17 +341,7 @@ def read_snapshot(path: str | Path, fd: int) -> Snapshot:
     got = zlib.crc32(meta)
     if got != header.meta_crc:
         raise crc_mismatch(path, f"index at offset {header.meta_offset:#x}", got, header.meta_crc)
-    machine = None
-    if header.version >= 2:
-        (n,) = struct.unpack_from("<Q", meta) if len(meta) >= 8 else (len(meta),)
-        if 8 + n > len(meta):
-            raise _err(path, f"index: a machine state of {n} bytes runs past the index ({len(meta)} bytes)")
-        try:
-            machine = MachineState.unpack(meta[8:8 + n]) if n else None
-        except ValueError as exc:
-            raise _err(path, f"index: {exc}") from None
-        meta = meta[8 + n + (-n % 8):]
-    blocks = decode_index(path, meta, header, header.method != "none")
+    machine, blocks = decode_index(path, meta, header, header.method != "none")
     return Snapshot(str(path), header, blocks, st.st_size, st.st_blocks * 512, machine)
 
 

@@ -204,10 +204,11 @@ class SnapshotSave(BackgroundJob):
 
 def save(path: str | Path, ram: GuestRam, params: MigrationParams | None = None, *,
          tracker: DirtyTracker | None = None, guest: Guest | None = None, fsync: bool = True,
-         timeout: float | None = None) -> MigrationStats:
-    """Save ``ram`` to a snapshot file and wait (blocking). Raises :class:`MigrationError`
-    (:class:`SnapshotError` for file problems) on failure; the partial file is removed."""
-    with SnapshotSave(path, ram, params, tracker=tracker, guest=guest, fsync=fsync) as s:
+         timeout: float | None = None, machine_state: MachineState | None = None) -> MigrationStats:
+    """Save ``ram`` (with a VM's ``machine_state``, if given) to a snapshot file and wait
+    (blocking). Raises :class:`MigrationError` (:class:`SnapshotError` for file problems) on
+    failure; the partial file is removed."""
+    with SnapshotSave(path, ram, params, tracker=tracker, guest=guest, fsync=fsync, machine_state=machine_state) as s:
         return s.wait(timeout)
 
 

@@ -15,7 +15,6 @@ or cancel the guest is resumed (its RAM was only read) and every channel is stop
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -44,7 +43,7 @@ from ..wire.encoder import StreamEncoder
 from ..wire.machine import MachineState
 from ..wire.packet import PAGES_PER_PACKET, TARGET_PAGE_SIZE, MultiFDInit
 from .channels import SendChannels
-from .ram_saver import RAM_SECTION_ID, ZERO_SCAN_CHUNK, RamSaver
+from .ram_saver import ZERO_SCAN_CHUNK, RamSaver
 
 
 class Migration(BackgroundJob):
@@ -62,8 +61,9 @@ class Migration(BackgroundJob):
                  guest: Guest | None = None, trace_file: str | Path | None = None,
                  machine_state: MachineState | None = None) -> None:
         super().__init__(ram, params, tracker, guest)
-        #: a checkpointed VM's state besides RAM, replayed around it as its source sent it
-        self.machine_state = machine_state
+        #: what the stream carries besides RAM: a checkpointed VM's, replayed as its source sent
+        #: it, or an engine guest's (the configuration section, then EOF and an empty vmdesc)
+        self.machine_state = machine_state or MachineState.fresh(params.machine)
         self.uri = uri
         self.addr = parse_uri(uri)
         self._channels: SendChannels | None = None
@@ -132,10 +132,7 @@ class Migration(BackgroundJob):
         self._main = open_channel("main channel", p.handshake_timeout)
         self._main.settimeout(p.stall_timeout)
         enc.header()
-        if self.machine_state is not None:
-            enc.raw(self.machine_state.configuration)
-        else:
-            enc.configuration(p.machine)
+        enc.raw(self.machine_state.configuration)
         data = enc.take()
         self._main_send(data)
         self.stats.ram.main_bytes += len(data)
@@ -178,7 +175,7 @@ class Migration(BackgroundJob):
                          scan_zero=self.params.zero_page_detection == "legacy",
                          flush_records=not self.params.multifd_flush_after_each_section,
                          switchover_start=bool(self.params.send_switchover_start),
-                         section_id=self.machine_state.ram_section_id if self.machine_state else RAM_SECTION_ID)
+                         section_id=self.machine_state.ram_section_id)
         saver.trace = self.trace
         return saver
 
@@ -211,11 +208,7 @@ class Migration(BackgroundJob):
         self._section_pages = count_pages(dirty)
         self._saver.after_chunk = self._check  # stop-and-copy ignores max-bandwidth
         self._saver.save_section(dirty, end=True)
-        if self.machine_state is not None and self.machine_state.device_state:  # devices, EOF, vmdesc as received
-            self._enc.raw(self.machine_state.device_state)
-        else:
-            self._enc.eof()
-            self._enc.vmdesc(vmdesc_json())
+        self._enc.raw(self.machine_state.device_state)  # device sections, EOF, vmdesc
         data = self._enc.take()
         self._main_send(data)
         st.ram.main_bytes += len(data)
@@ -264,11 +257,6 @@ def tls_hostname(params: MigrationParams, addr: Address) -> str:
         return addr.host
     raise ConfigError(f"tls-creds with {addr.uri!r} needs tls-hostname: a unix: URI has no host name to check"
                       " the destination's certificate against")
-
-
-def vmdesc_json() -> bytes:
-    """The trailing vmdesc: no device sections follow RAM in an engine stream."""
-    return json.dumps({"page_size": TARGET_PAGE_SIZE, "devices": []}, separators=(", ", ": ")).encode()
 
 
 def migrate(uri: str, ram: GuestRam, params: MigrationParams, *, tracker: DirtyTracker | None = None,

@@ -27,10 +27,9 @@ from ..runtime.trace import SYNC_WAIT, ZERO_SCAN, Trace, now_ns
 from ..stats import MigrationStats
 from ..wire.encoder import StreamEncoder
 from ..wire.packet import PAGES_PER_PACKET, TARGET_PAGE_SIZE
-from ..wire.stream import RAM_SECTION_IDSTR, RAM_SECTION_VERSION
+from ..wire.stream import RAM_SECTION_ID, RAM_SECTION_IDSTR, RAM_SECTION_VERSION
 from .channels import SendChannels
 
-RAM_SECTION_ID = 2
 ZERO_SCAN_CHUNK = 1024  # pages per numpy zero scan (16 MiB)
 MAIN_FLUSH = 256 * 1024
 

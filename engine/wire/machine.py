@@ -16,6 +16,10 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any
 
+from .encoder import StreamEncoder
+from .packet import TARGET_PAGE_SIZE
+from .stream import QEMU_VM_CONFIGURATION, RAM_SECTION_ID
+
 MAGIC = b"MACHSTAT"
 RECORD_VERSION = 1
 _HEAD = struct.Struct("<8sII16sIIQ")  # magic, version, ram section id, uuid, config, dialect, device state lengths
@@ -23,13 +27,29 @@ _HEAD = struct.Struct("<8sII16sIIQ")  # magic, version, ram section id, uuid, co
 
 @dataclass(frozen=True)
 class MachineState:
-    machine: str
     configuration: bytes  # the configuration section as received, from its type byte (b"": none was sent)
     device_state: bytes  # from the first device section after RAM to the end of the stream
-    ram_section_id: int = 2
+    ram_section_id: int = RAM_SECTION_ID
     uuid: bytes = bytes(16)
     #: what the source spoke (``multifd-flush-after-each-section``, ``send-switchover-start``, ...)
     dialect: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def fresh(cls, machine: str) -> MachineState:
+        """An engine guest's: a configuration section naming ``machine``, and no device
+        sections after RAM (EOF, then a vmdesc that lists none)."""
+        enc = StreamEncoder()
+        enc.configuration(machine)
+        configuration = enc.take()
+        enc.eof()
+        enc.vmdesc(json.dumps({"page_size": TARGET_PAGE_SIZE, "devices": []}, separators=(", ", ": ")).encode())
+        return cls(configuration, enc.take())
+
+    @property
+    def machine(self) -> str:
+        """The machine type the configuration section names ("" when the source sent none)."""
+        c = self.configuration
+        return c[5:5 + int.from_bytes(c[1:5], "big")].decode("utf-8", "replace") if c else ""
 
     def pack(self) -> bytes:
         dialect = json.dumps(self.dialect, sort_keys=True).encode()
@@ -58,8 +78,6 @@ class MachineState:
         except ValueError:
             raise ValueError("machine state dialect is not JSON") from None
         pos += n_dialect
-        if config and (config[0] != 0x07 or len(config) < 5):
+        if config and (config[0] != QEMU_VM_CONFIGURATION or len(config) < 5):  # (none: send-configuration=off)
             raise ValueError("machine state's configuration is not a configuration section")
-        name_len = int.from_bytes(config[1:5], "big")  # (none: a source with send-configuration=off)
-        machine = config[5:5 + name_len].decode("utf-8", "replace")
-        return cls(machine, bytes(config), bytes(data[pos:pos + n_state]), section_id, bytes(uuid), dialect)
+        return cls(bytes(config), bytes(data[pos:pos + n_state]), section_id, bytes(uuid), dialect)

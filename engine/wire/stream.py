@@ -63,6 +63,7 @@ RAM_FLAGS_MASK = TARGET_PAGE_SIZE - 1
 
 RAM_SECTION_IDSTR = "ram"
 RAM_SECTION_VERSION = 4
+RAM_SECTION_ID = 2  # the id an engine source gives it (a replayed VM keeps its source's)
 
 SECTION_NAMES = {
     QEMU_VM_SECTION_START: "START",

@@ -138,8 +138,8 @@ class MigrationParams:
             raise ConfigError(f"max-time {self.max_time} must be >= 0 (0 = no limit)")
 
     def _check_tls(self) -> None:
-        if isinstance(self.tls_authz, str):  # one pattern given as a string
-            object.__setattr__(self, "tls_authz", (self.tls_authz,))
+        authz = self.tls_authz  # one pattern, or any sequence of them: a tuple (the params stay hashable)
+        object.__setattr__(self, "tls_authz", (authz,) if isinstance(authz, str) else tuple(authz))
         if self.tls_creds is None:
             for name in ("tls_hostname", "tls_authz"):
                 if getattr(self, name):

@@ -68,10 +68,12 @@ def add_channel_args(p: argparse.ArgumentParser) -> None:
 
 def add_tls_args(p: argparse.ArgumentParser, endpoint: str) -> None:
     """QEMU's tls-creds-x509 directory and, per side, tls-hostname or tls-authz."""
-    files = "server-cert.pem, server-key.pem" if endpoint == "server" else "client-cert.pem, client-key.pem"
+    from ..runtime.tls import CA_CERT, ENDPOINT_FILES
+
+    files = ", ".join((CA_CERT, *ENDPOINT_FILES[endpoint]))
     tls = p.add_argument_group("TLS (QEMU's tls-creds-x509)")
     tls.add_argument("--tls-creds", metavar="DIR", default=None,
-                     help=f"TLS on every channel with the files in DIR: ca-cert.pem, {files} (default: plain text)")
+                     help=f"TLS on every channel with the files in DIR: {files} (default: plain text)")
     if endpoint == "client":
         tls.add_argument("--tls-hostname", metavar="NAME", default=None,
                          help="the name the destination's certificate must carry (default: the URI's host)")
@@ -124,8 +126,6 @@ def params_from_args(args: argparse.Namespace) -> MigrationParams:
     for name in ("multifd_flush_after_each_section", "send_switchover_start"):
         if name in given:
             given[name] = given[name] == "on"
-    if "tls_authz" in given:
-        given["tls_authz"] = tuple(given["tls_authz"])
     if "max_bandwidth" in given:
         given["max_bandwidth"] = parse_size(given["max_bandwidth"], "--max-bandwidth")
     return MigrationParams(**given)

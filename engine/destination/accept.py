@@ -137,7 +137,7 @@ def accept_migration(listener: socket.socket, params: MigrationParams, *, listen
     wait_all: Deadline | None = None
     listen_deadline = Deadline(listen_timeout)
     silent = 0  # connections dropped because they sent no handshake in time
-    refused: list[str] = []  # why each refused TLS session was refused
+    refusals, last_refusal = 0, ""  # refused TLS sessions, and why the last one was
     ok = False
 
     def no_handshake() -> str:
@@ -145,8 +145,8 @@ def accept_migration(listener: socket.socket, params: MigrationParams, *, listen
         out = ""
         if n:
             out = f"; {n} connection{'s' if n > 1 else ''} sent no handshake within {params.handshake_timeout:g}s"
-        if refused:
-            out += f"; {len(refused)} connection{'s' if len(refused) > 1 else ''} refused, the last: {refused[-1]}"
+        if refusals:
+            out += f"; {refusals} connection{'s' if refusals > 1 else ''} refused, the last: {last_refusal}"
         return out
 
     try:
@@ -183,7 +183,7 @@ def accept_migration(listener: socket.socket, params: MigrationParams, *, listen
                 try:
                     kind = classify(conn, params, chans)
                 except TlsRefused as exc:
-                    refused.append(str(exc))
+                    refusals, last_refusal = refusals + 1, str(exc)
                     log(f"refused {peer_name(conn)}: {exc}")
                     kind = "refused"
                 if kind is None:
@@ -194,7 +194,7 @@ def accept_migration(listener: socket.socket, params: MigrationParams, *, listen
                 elif kind == "multifd":
                     pass
                 else:
-                    if kind != "refused":
+                    if kind in DROPPED:  # a refusal is logged with its reason above
                         log(DROPPED[kind])
                     conn.close()
                     continue

@@ -18,7 +18,6 @@ from __future__ import annotations
 import errno
 import os
 import re
-import select
 import socket
 import ssl
 from dataclasses import dataclass
@@ -40,8 +39,6 @@ _SHORT = {"commonName": "CN", "organizationName": "O", "organizationalUnitName":
 class TlsCreds:
     """A loaded ``tls-creds-x509`` directory for one endpoint (``server`` or ``client``)."""
 
-    directory: str
-    endpoint: str
     context: ssl.SSLContext
 
     @classmethod
@@ -81,7 +78,7 @@ class TlsCreds:
         except _Encrypted:
             raise ConfigError(f"tls-creds {str(path)!r}: {key.name} is encrypted; it needs a key without a"
                               " passphrase (as QEMU's tls-creds-x509 without passwordid)") from None
-        return cls(str(path), endpoint, ctx)
+        return cls(ctx)
 
 
 class _Encrypted(Exception):
@@ -191,38 +188,30 @@ class TlsSocket(ssl.SSLSocket):
         """Wait (up to the timeout) for the first record, then decrypt every record already
         received into the buffers in order, without waiting again: one call per burst of
         records rather than per record, as ``recvmsg_into`` takes what the socket holds."""
-        if self._early:
-            return self.recv_into(buffers[0]), [], 0, None
-        read, timeout = self._sslobj.read, self.gettimeout()  # type: ignore[attr-defined]
         got = 0
-        self.settimeout(0.0)  # every read below returns at once; the one wait is _wait's poll
         try:
-            for b in buffers:
-                n, pos = memoryview(b).nbytes, 0
-                while pos < n:
-                    try:
+            got = first = self.recv_into(buffers[0])  # the one wait: the socket's timeout, in ssl's own poll
+            if self._early or not got:
+                return got, [], 0, None
+            read, timeout = self._sslobj.read, self.gettimeout()  # type: ignore[attr-defined]
+            self.settimeout(0.0)  # from here on, only records already received
+            try:
+                for i, b in enumerate(buffers):
+                    n, pos = memoryview(b).nbytes, first if i == 0 else 0
+                    while pos < n:
                         r = read(n - pos, b[pos:] if pos else b)
-                    except (ssl.SSLWantReadError, ssl.SSLWantWriteError) as want:
-                        if got:
+                        if not r:  # the end of the session
                             return got, [], 0, None
-                        self._wait(isinstance(want, ssl.SSLWantWriteError), timeout)
-                        continue
-                    if not r:  # the end of the session
-                        return got, [], 0, None
-                    pos += r
-                    got += r
+                        pos += r
+                        got += r
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                pass  # no more received yet
+            finally:
+                self.settimeout(timeout)
         except ssl.SSLError as exc:
             if exc.args[0] != ssl.SSL_ERROR_EOF:
                 raise OSError(errno.EPROTO, describe(exc)) from None
-        finally:
-            self.settimeout(timeout)
         return got, [], 0, None
-
-    def _wait(self, write: bool, timeout: float | None) -> None:
-        poller = select.poll()
-        poller.register(self.fileno(), select.POLLOUT if write else select.POLLIN)
-        if not poller.poll(None if timeout is None else timeout * 1000):
-            raise TimeoutError("timed out")
 
     def recv_nowait(self, buffer: Any) -> int | None:
         """What is already here, up to ``len(buffer)``; None if a record is still incomplete
@@ -320,26 +309,18 @@ class TlsSocket(ssl.SSLSocket):
 def client_session(sock: socket.socket, creds: TlsCreds, hostname: str, what: str) -> TlsSocket:
     """The client's handshake on a connected socket (its timeout is the handshake's deadline);
     a refusal is a :class:`~engine.errors.TlsError` naming ``what`` and why."""
-    try:
-        hostname.encode("idna")  # what the handshake would fail on after taking over the socket
-    except UnicodeError:
-        sock.close()
-        raise ConfigError(f"tls-hostname {hostname!r} is not a valid host name or address") from None
-    try:
+    try:  # a failed wrap_socket has closed the connection (it owned it)
         tls = creds.context.wrap_socket(sock, server_hostname=hostname)
     except TimeoutError:
-        sock.close()
         raise MigrationTimeout(f"{what}: the TLS handshake did not finish within {sock.gettimeout():g}s") from None
     except (ssl.SSLError, OSError) as exc:
-        sock.close()
         raise TlsError(f"{what}: TLS handshake failed: {describe(exc, handshake=True)}") from None
     assert isinstance(tls, TlsSocket)
     return tls
 
 
 def server_session(conn: socket.socket, creds: TlsCreds) -> TlsSocket:
-    """Start a non-blocking server session on an accepted connection (:meth:`TlsSocket.handshake_step`)."""
-    conn.setblocking(False)
+    """Start a server session on an accepted, non-blocking connection (:meth:`TlsSocket.handshake_step`)."""
     tls = creds.context.wrap_socket(conn, server_side=True, do_handshake_on_connect=False)
     assert isinstance(tls, TlsSocket)
     return tls

@@ -98,7 +98,7 @@ class _Batch:
     def normal_pages(self) -> int:
         return len(self.idx)
 
-    def views(self) -> Sequence[Any]:
+    def views(self) -> list[memoryview]:
         """Views of the pages in guest RAM, one per run: what zlib and zstd compress from, and
         what ``none`` sends on a TLS or zero-copy socket."""
         assert self.block is not None

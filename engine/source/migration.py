@@ -251,12 +251,15 @@ class Migration(BackgroundJob):
 
 def tls_hostname(params: MigrationParams, addr: Address) -> str:
     """The name the destination's certificate must carry: ``tls-hostname``, else the URI's host (as QEMU)."""
-    if params.tls_hostname:
-        return params.tls_hostname
-    if isinstance(addr, TcpAddress):
-        return addr.host
-    raise ConfigError(f"tls-creds with {addr.uri!r} needs tls-hostname: a unix: URI has no host name to check"
-                      " the destination's certificate against")
+    name = params.tls_hostname or (addr.host if isinstance(addr, TcpAddress) else None)
+    if name is None:
+        raise ConfigError(f"tls-creds with {addr.uri!r} needs tls-hostname: a unix: URI has no host name to check"
+                          " the destination's certificate against")
+    try:
+        name.encode("idna")  # what every handshake would fail on after taking over its socket
+    except UnicodeError:
+        raise ConfigError(f"tls-hostname {name!r} is not a valid host name or address") from None
+    return name
 
 
 def migrate(uri: str, ram: GuestRam, params: MigrationParams, *, tracker: DirtyTracker | None = None,

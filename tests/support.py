@@ -128,6 +128,12 @@ def run_main(capsys: Any, *args: str, main: Any = None) -> subprocess.CompletedP
     return subprocess.CompletedProcess(["engine", *args], code, out, err)
 
 
+def error_lines(stderr: str) -> list[str]:
+    """The engine's one-line errors in ``stderr`` (and no traceback)."""
+    assert "Traceback" not in stderr, stderr
+    return [line for line in stderr.splitlines() if line.startswith("engine: error:")]
+
+
 def children(pid: int, *, zombies: bool = False) -> list[int]:
     """The child processes of ``pid`` (/proc), without zombies unless ``zombies``."""
     out = []

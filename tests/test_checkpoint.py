@@ -17,7 +17,7 @@ from engine.snapshot.format import HEADER_SIZE, Header, describe_snapshot, parse
 from engine.snapshot.jobs import restore, save
 from engine.wire.machine import MachineState
 from engine.wire.stream import QEMU_VM_CONFIGURATION
-from support import Incoming, assert_same_ram, make_image, read_dump, run_engine, run_main
+from support import Incoming, assert_same_ram, error_lines, make_image, read_dump, run_engine, run_main
 
 CONFIG = bytes([QEMU_VM_CONFIGURATION]) + struct.pack(">I", 13) + b"pc-i440fx-7.2"
 
@@ -114,7 +114,7 @@ def test_engine_checkpoint_and_resume(tmp_path: Path, save_compression: str) -> 
 def test_a_snapshot_is_not_sent_to_a_file(tmp_path: Path, capsys: Any) -> None:
     p = run_main(capsys, "migrate", f"file:{tmp_path}/b.snap", "--snapshot", str(tmp_path / "a.snap"))
     assert p.returncode != 0 and "Traceback" not in p.stderr
-    assert [line for line in p.stderr.splitlines() if line.startswith("engine: error:")] == [
+    assert error_lines(p.stderr) == [
         f"engine: error: --snapshot sends a snapshot file to a tcp: or unix: URI; 'file:{tmp_path}/b.snap' would be"
         " another snapshot file (copy the file instead)"]
 
@@ -127,7 +127,7 @@ def test_a_snapshot_file_is_not_saved_again(tmp_path: Path, capsys: Any) -> None
         save(tmp_path / "a.snap", ram)
     p = run_main(capsys, "incoming", f"file:{tmp_path}/a.snap", "--save", str(tmp_path / "b.snap"))
     assert p.returncode != 0 and "Traceback" not in p.stderr and not (tmp_path / "b.snap").exists()
-    assert [line for line in p.stderr.splitlines() if line.startswith("engine: error:")] == [
+    assert error_lines(p.stderr) == [
         f"engine: error: --save checkpoints a tcp: or unix: migration; 'file:{tmp_path}/a.snap' already is a"
         " snapshot file (copy it instead)"]
 
@@ -141,7 +141,7 @@ def test_a_checkpoint_keeps_its_machine(tmp_path: Path, capsys: Any) -> None:
         save(snap, ram, machine_state=MachineState(CONFIG, b"\x00"))
     p = run_main(capsys, "migrate", "tcp:127.0.0.1:1", "--snapshot", str(snap), "--machine", "pc-q35-9.2")
     assert p.returncode != 0 and "Traceback" not in p.stderr
-    assert [line for line in p.stderr.splitlines() if line.startswith("engine: error:")] == [
+    assert error_lines(p.stderr) == [
         f"engine: error: --machine 'pc-q35-9.2': '{snap}' is a checkpoint of machine 'pc-i440fx-7.2', whose"
         " configuration section is sent as saved"]
 
@@ -184,7 +184,7 @@ def test_a_failed_source_leaves_no_file(tmp_path: Path) -> None:
         finally:
             src.communicate(timeout=30)
         assert dst.wait(60) == 1
-    lines = [line for line in dst.stderr.splitlines() if line.startswith("engine: error:")]
+    lines = error_lines(dst.stderr)
     assert len(lines) == 1 and "Traceback" not in dst.stderr, dst.stderr
     assert not snap.exists()
 
@@ -202,7 +202,7 @@ def test_a_corrupt_region_fails_the_resume_in_one_line(tmp_path: Path, capsys: A
     data[HEADER_SIZE + 100] ^= 0xFF  # inside the first group slot
     snap.write_bytes(bytes(data))
     p = run_main(capsys, "migrate", "tcp:127.0.0.1:1", "--snapshot", str(snap), "--channels", "2")
-    lines = [line for line in p.stderr.splitlines() if line.startswith("engine: error:")]
+    lines = error_lines(p.stderr)
     assert p.returncode == 1 and "Traceback" not in p.stderr
     assert len(lines) == 1 and lines[0].startswith(f"engine: error: snapshot {snap}: block 'pc.ram' region at offset")
     assert "checksum mismatch" in lines[0]
@@ -211,7 +211,7 @@ def test_a_corrupt_region_fails_the_resume_in_one_line(tmp_path: Path, capsys: A
 def test_save_path_checked_before_listening(tmp_path: Path, capsys: Any) -> None:
     p = run_main(capsys, "incoming", "tcp:127.0.0.1:0", "--save", str(tmp_path / "nope" / "vm.snap"))
     assert p.returncode != 0 and "listening" not in p.stderr
-    assert [line for line in p.stderr.splitlines() if line.startswith("engine: error:")] == [
+    assert error_lines(p.stderr) == [
         f"engine: error: --save '{tmp_path}/nope/vm.snap': its directory '{tmp_path}/nope' does not exist"]
     p = run_main(capsys, "incoming", "tcp:127.0.0.1:0", "--save", str(tmp_path))
     assert f"engine: error: --save '{tmp_path}' is a directory, expected a file to write the snapshot to" in p.stderr

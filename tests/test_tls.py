@@ -22,7 +22,7 @@ from engine import BlockSpec, GuestRam, IncomingMigration, MigrationParams, migr
 from engine.errors import ConfigError
 from engine.memory.workload import fill_pages
 from engine.runtime.tls import TlsCreds, authorized, peer_dn
-from support import ROOT, Incoming, assert_same_ram, make_image, read_dump, run_engine, run_main, start_source
+from support import ROOT, Incoming, assert_same_ram, error_lines, make_image, read_dump, run_engine, run_main, start_source
 
 sys.path.insert(0, str(ROOT / "scripts"))
 import tls_creds  # noqa: E402
@@ -54,11 +54,6 @@ def image(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("tls-image") / "ram.img"
     make_image(path, PAGES, "mixed", seed=3)
     return path
-
-
-def _error_lines(stderr: str) -> list[str]:
-    assert "Traceback" not in stderr, stderr
-    return [line for line in stderr.splitlines() if line.startswith("engine: error:")]
 
 
 # ------------------------------------------------------------------ pure parts
@@ -125,7 +120,7 @@ def test_a_bad_tls_hostname_is_one_line(pki: Pki, capsys: Any) -> None:
         p = run_main(capsys, "migrate", f"tcp:127.0.0.1:{port}", "--ram-size", "1M", "--tls-creds", str(pki.client),
                      "--tls-hostname", "a..b")
     assert p.returncode != 0
-    assert _error_lines(p.stderr) == ["engine: error: tls-hostname 'a..b' is not a valid host name or address"]
+    assert error_lines(p.stderr) == ["engine: error: tls-hostname 'a..b' is not a valid host name or address"]
 
 
 def test_params_checks() -> None:
@@ -140,7 +135,7 @@ def test_params_checks() -> None:
 def test_unix_uri_needs_tls_hostname(pki: Pki, tmp_path: Path, capsys: Any) -> None:
     p = run_main(capsys, "migrate", f"unix:{tmp_path}/sock", "--ram-size", "1M", "--tls-creds", str(pki.client))
     assert p.returncode != 0
-    assert _error_lines(p.stderr) == [
+    assert error_lines(p.stderr) == [
         f"engine: error: tls-creds with 'unix:{tmp_path}/sock' needs tls-hostname: a unix: URI has no host name"
         " to check the destination's certificate against"]
 
@@ -148,7 +143,7 @@ def test_unix_uri_needs_tls_hostname(pki: Pki, tmp_path: Path, capsys: Any) -> N
 def test_snapshot_files_take_no_tls(pki: Pki, tmp_path: Path, capsys: Any) -> None:
     p = run_main(capsys, "migrate", f"file:{tmp_path}/g.snap", "--ram-size", "1M", "--tls-creds", str(pki.client))
     assert p.returncode != 0 and not (tmp_path / "g.snap").exists()
-    assert _error_lines(p.stderr) == [f"engine: error: --tls-creds secures tcp: and unix: migrations;"
+    assert error_lines(p.stderr) == [f"engine: error: --tls-creds secures tcp: and unix: migrations;"
                                       f" 'file:{tmp_path}/g.snap' is a snapshot file, which is not encrypted"]
 
 
@@ -263,13 +258,13 @@ def test_refusals(pki: Pki, image: Path, case: str) -> None:
         assert dst.wait(20) == 1
     assert time.monotonic() - t0 < 20
     assert src.returncode == 1, src_err
-    lines = _error_lines(src_err)
+    lines = error_lines(src_err)
     assert len(lines) == 1, src_err
     if src_error is not None:
         assert lines[0] == "engine: error: " + src_error.format(uri=dst.uri)
     # the destination refused every connection with the reason, received nothing, and says so
     assert f": {dst_log}" in dst.stderr, dst.stderr
-    dst_lines = _error_lines(dst.stderr)
+    dst_lines = error_lines(dst.stderr)
     assert len(dst_lines) == 1 and dst_lines[0].startswith("engine: error: no migration arrived within 6s;"), dst.stderr
     assert f"refused, the last: {dst_log}" in dst_lines[0]
 
@@ -282,7 +277,7 @@ def test_tls_source_to_plain_destination(pki: Pki) -> None:
                          timeout=20)
         assert dst.wait(20) == 1
     assert time.monotonic() - t0 < 20
-    assert _error_lines(src.stderr) == [
+    assert error_lines(src.stderr) == [
         f"engine: error: main channel to {dst.uri}: TLS handshake failed: the peer closed the connection during the"
         " TLS handshake (does it use TLS, with our CA?)"]
     assert "dropped a TLS connection: this destination has no tls-creds (plain text)" in dst.stderr

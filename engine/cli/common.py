@@ -305,6 +305,15 @@ def _wait_running(workload: Any, timeout: float = 10.0) -> None:
         time.sleep(0.005)
 
 
+def vm_manifest(directory: Path, machine: str | None, devices: Any) -> dict[str, Any]:
+    """What a dump's manifest says of a VM besides its RAM: the machine, and ``devices.json``
+    (written here) when there are device sections."""
+    extra: dict[str, Any] = {"machine": machine}
+    if devices is not None:
+        extra["devices"] = write_devices(directory, devices)
+    return extra
+
+
 def write_devices(directory: Path, devices: Any) -> str:
     """``devices.json`` in the dump directory; returns its name for the manifest."""
     try:

@@ -35,7 +35,7 @@ from .common import (
     run_command,
     run_live_job,
     stats_line,
-    write_devices,
+    vm_manifest,
 )
 
 if TYPE_CHECKING:
@@ -157,10 +157,7 @@ def cmd_incoming(args: argparse.Namespace) -> int:
             if args.digest:
                 out["ram-digest"] = {b.name: block_digest(b) for b in result.ram}
             if args.dump is not None:
-                extra: dict[str, Any] = {"machine": result.machine}
-                if result.devices is not None:
-                    extra["devices"] = write_devices(args.dump, result.devices)
-                dump_ram(result.ram, args.dump, extra)
+                dump_ram(result.ram, args.dump, vm_manifest(args.dump, result.machine, result.devices))
             if args.save is not None:
                 out["snapshot"] = snapshot.save_received(args, result)
     emit(out, args.json, "destination")

@@ -29,7 +29,7 @@ from .common import (
     params_from_args,
     run_command,
     run_live_job,
-    write_devices,
+    vm_manifest,
 )
 
 FILE_SCHEME = "file:"
@@ -132,15 +132,8 @@ def cmd_restore(args: argparse.Namespace, path: Path) -> int:
         if ms is not None:
             out["machine"] = ms.machine
         if args.dump is not None:
-            extra: dict[str, Any] | None = None
-            if ms is not None:  # as incoming --dump writes a VM's: the machine and its decoded devices
-                from ..wire.vmstate import parse_device_state, parse_tail
-
-                extra = {"machine": ms.machine}
-                devices = parse_device_state(*parse_tail(ms.device_state))
-                if devices is not None:
-                    extra["devices"] = write_devices(args.dump, devices)
-            dump_ram(ram, args.dump, extra)
+            # as incoming --dump writes a VM's: the machine and its decoded devices
+            dump_ram(ram, args.dump, vm_manifest(args.dump, ms.machine, ms.devices()) if ms is not None else None)
     _emit_snapshot(out, args.json, "snapshot restore")
     return 0
 

@@ -35,8 +35,8 @@ from ..runtime.procs import FORK, Connection, self_usage
 from ..runtime.trace import BARRIER, DECOMPRESS, RECV_HEADER, RECV_PAYLOAD, WRITE, Trace, now_ns
 from ..runtime.transport import recv_at_least_into_many, recv_exact_into, recv_exact_into_many
 from ..stats import Counters
-from ..wire.packet import (MAX_PACKET_PAYLOAD, MULTIFD_FLAG_NOCOMP, PACKET_FIXED_SIZE, PACKET_HEADER_SIZE, TARGET_PAGE_BITS,
-                           TARGET_PAGE_SIZE, consecutive_runs, decode_packet_header, plain_packet)
+from ..wire.packet import (MAX_PACKET_PAYLOAD, MULTIFD_FLAG_NOCOMP, PACKET_FIXED_SIZE, PACKET_HEADER_SIZE,
+                           TARGET_PAGE_BITS, TARGET_PAGE_SIZE, consecutive_runs, decode_packet_header, plain_packet)
 
 RELEASE = b"r"
 QUIT = b"q"

@@ -19,6 +19,7 @@ from typing import Any
 from .encoder import StreamEncoder
 from .packet import TARGET_PAGE_SIZE
 from .stream import QEMU_VM_CONFIGURATION, RAM_SECTION_ID
+from .vmstate import parse_device_state, parse_tail
 
 MAGIC = b"MACHSTAT"
 RECORD_VERSION = 1
@@ -50,6 +51,10 @@ class MachineState:
         """The machine type the configuration section names ("" when the source sent none)."""
         c = self.configuration
         return c[5:5 + int.from_bytes(c[1:5], "big")].decode("utf-8", "replace") if c else ""
+
+    def devices(self) -> Any:
+        """The device sections after RAM decoded through the vmdesc (None if there are none)."""
+        return parse_device_state(*parse_tail(self.device_state))
 
     def pack(self) -> bytes:
         dialect = json.dumps(self.dialect, sort_keys=True).encode()

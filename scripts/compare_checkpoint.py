@@ -57,14 +57,9 @@ def _vm(workdir: Path, image: Path, size: int, binary: str | None, name: str) ->
     if GUEST is None:
         return qemu_peer.QemuPeer(workdir, name=name, memory=f"{size // MiB}M", mem_path=image,
                                   extra_args=["-mem-prealloc"], timeout=60.0 + 10.0 * size / GiB, binary=binary)
-    serial = workdir / f"{name}.serial"
-    serial.unlink(missing_ok=True)
-    peer = qemu_peer.QemuPeer(workdir, name=name, machine=linux_guest.MACHINE, memory=linux_guest.MEMORY,
-                              extra_args=linux_guest.qemu_args(GUEST, serial), binary=binary)
+    peer, serial = linux_guest.peer(workdir, GUEST, name, binary=binary)
     try:
-        peer.execute("cont")
-        linux_guest.wait_serial(serial, lambda t: len(linux_guest.ticks(t)) >= 3, 60, what="3 ticks",
-                                alive=peer.alive)
+        linux_guest.run_until_ticks(peer, serial)
     except BaseException:
         peer.close()
         raise
@@ -75,9 +70,7 @@ def _fresh(workdir: Path, size: int, binary: str | None) -> qemu_peer.QemuPeer:
     if GUEST is None:
         return qemu_peer.QemuPeer(workdir, name="resumed", memory=f"{size // MiB}M", incoming=True,
                                   timeout=60.0 + 10.0 * size / GiB, binary=binary)
-    return qemu_peer.QemuPeer(workdir, name="resumed", machine=linux_guest.MACHINE, memory=linux_guest.MEMORY,
-                              incoming=True, extra_args=linux_guest.qemu_args(GUEST, workdir / "resumed.serial"),
-                              binary=binary)
+    return linux_guest.peer(workdir, GUEST, "resumed", binary=binary, incoming=True)[0]
 
 
 def _completed(peer: qemu_peer.QemuPeer, timeout: float) -> dict[str, Any]:

@@ -35,7 +35,8 @@ its contents and rebuilt only when busybox or the init script change.
 
 Boot (QEMU 7.2 and 10.0, TCG)::
 
-    QemuPeer(workdir, machine=MACHINE, memory=MEMORY, extra_args=qemu_args(files, serial))
+    vm, serial = peer(workdir, files, "vm")   # a QemuPeer with qemu_args(files, serial)
+    run_until_ticks(vm, serial)
 
 ``qemu_args`` holds only what QemuPeer does not add itself (it adds ``-accel tcg -nodefaults
 -no-user-config -display none`` and ``-M``/``-m``), so the same call serves a source and an
@@ -59,6 +60,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -438,28 +440,42 @@ class BootReport:
     ramblocks: str
 
 
+def peer(workdir: Path, files: GuestFiles, name: str, *, binary: str | None = None,
+         incoming: bool = False) -> tuple[Any, Path]:
+    """A QEMU for the guest (a ``qemu_peer.QemuPeer``, started paused, or waiting for an
+    incoming migration) and the file its serial console goes to."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import qemu_peer
+
+    serial = workdir / f"{name}.serial"
+    serial.unlink(missing_ok=True)
+    return qemu_peer.QemuPeer(workdir, name=name, machine=MACHINE, memory=MEMORY, incoming=incoming,
+                              extra_args=qemu_args(files, serial), binary=binary), serial
+
+
+def run_until_ticks(vm: Any, serial: Path, count: int = 3, timeout: float = 60.0) -> str:
+    """``cont``, then the serial console's text once it shows ``count`` ticks."""
+    vm.execute("cont")
+    return wait_serial(serial, lambda t: len(ticks(t)) >= count, timeout, what=f"{count} ticks", alive=vm.alive)
+
+
 def boot_once(files: GuestFiles, workdir: Path, *, binary: str | None = None, count: int = 5,
               timeout: float = 120.0) -> BootReport:
     """Boot under QemuPeer (as the tests do) until ``count`` ok ticks, timing the way there;
     also lists the RAM blocks (``info ramblock``) a migration of this guest carries."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    import qemu_peer
-
-    serial = workdir / "serial.txt"
-    serial.unlink(missing_ok=True)
+    vm, serial = peer(workdir, files, "linux-guest", binary=binary)
     t0 = time.monotonic()
-    with qemu_peer.QemuPeer(workdir, name="linux-guest", machine=MACHINE, memory=MEMORY,
-                            extra_args=qemu_args(files, serial), binary=binary) as peer:
-        peer.execute("cont")
-        alive = peer.alive
+    with vm:
+        vm.execute("cont")
+        alive = vm.alive
         wait_serial(serial, lambda t: boots(t) > 0, timeout, what="GUEST-INIT boot", alive=alive)
         t_init = time.monotonic() - t0
         wait_serial(serial, lambda t: len(ticks(t)) > 0, timeout, what="the first tick", alive=alive)
         t_tick = time.monotonic() - t0
         text = wait_serial(serial, lambda t: len(ticks(t)) >= count, timeout, what=f"{count} ticks", alive=alive)
         t_last = time.monotonic() - t0
-        ramblocks = str(peer.execute("human-monitor-command", {"command-line": "info ramblock"}))
-        version = peer.execute("query-version")["qemu"]
+        ramblocks = str(vm.execute("human-monitor-command", {"command-line": "info ramblock"}))
+        version = vm.execute("query-version")["qemu"]
     return BootReport(qemu="{major}.{minor}.{micro}".format(**version), to_init=t_init, to_first_tick=t_tick,
                       to_last_tick=t_last, serial=text, ramblocks=ramblocks)
 

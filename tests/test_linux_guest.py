@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from qemu_support import QemuPeer, guest_files, requires_qemu  # noqa: F401 - guest_files is a fixture
+from qemu_support import guest_files, requires_qemu  # noqa: F401 - guest_files is a fixture
 
 # isort: split
 import linux_guest  # scripts/linux_guest.py: qemu_support puts scripts/ on sys.path
@@ -35,9 +35,8 @@ def _run_of(numbers: list[int], length: int) -> bool:
 
 
 def test_linux_guest_boots_and_ticks(tmp_path: Path, guest_files: linux_guest.GuestFiles) -> None:
-    serial = tmp_path / "serial.txt"
-    with QemuPeer(tmp_path, name="guest", machine=linux_guest.MACHINE, memory=linux_guest.MEMORY,
-                  extra_args=linux_guest.qemu_args(guest_files, serial)) as peer:
+    vm, serial = linux_guest.peer(tmp_path, guest_files, "guest")
+    with vm as peer:
         peer.execute("cont")
         text = linux_guest.wait_serial(serial, lambda t: _run_of(linux_guest.ticks(t), 3), BOOT_DEADLINE,
                                        what="3 consecutive ok ticks", alive=peer.alive)

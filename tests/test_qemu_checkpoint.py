@@ -67,14 +67,6 @@ CHAINS = [
 ]
 
 
-def _guest(tmp_path: Path, files: linux_guest.GuestFiles, name: str, binary: str | None,
-           incoming: bool = False) -> tuple[qemu_peer.QemuPeer, Path]:
-    serial = tmp_path / f"{name}.serial"
-    peer = qemu_peer.QemuPeer(tmp_path, name=name, machine=linux_guest.MACHINE, memory=linux_guest.MEMORY,
-                              incoming=incoming, extra_args=linux_guest.qemu_args(files, serial), binary=binary)
-    return peer, serial
-
-
 def _checkpoint(vm: qemu_peer.QemuPeer, snap: Path, hop: tuple[str, int, str]) -> None:
     """Live: the guest runs until the migration stops it (no pause before it starts)."""
     method, channels, file_compression = hop
@@ -122,16 +114,14 @@ def test_live_linux_guest_checkpointed_twice_and_resumed(tmp_path: Path, guest_f
     guest's own check of a 32 MiB pattern in its RAM still passes."""
     binary = qemu_binary(version)
     compat = ["--compat", "10.0"] if version == "10.0" else []
-    vm, serial = _guest(tmp_path, guest_files, "vm", binary)
+    vm, serial = linux_guest.peer(tmp_path, guest_files, "vm", binary=binary)
     with vm:
-        vm.execute("cont")
-        linux_guest.wait_serial(serial, lambda t: len(linux_guest.ticks(t)) >= 3, 60, what="3 ticks",
-                                alive=vm.alive)
+        linux_guest.run_until_ticks(vm, serial)
         _checkpoint(vm, tmp_path / "one.snap", first)
         last = max(linux_guest.ticks(linux_guest.read_serial(serial)))
     # resumed from file one, it runs on and is checkpointed into file two; then resumed from that
     for name, snap, hop, then in (("second", "one.snap", second, "two.snap"), ("third", "two.snap", first, None)):
-        peer, log = _guest(tmp_path, guest_files, name, binary, incoming=True)
+        peer, log = linux_guest.peer(tmp_path, guest_files, name, binary=binary, incoming=True)
         with peer:
             _resume(peer, tmp_path / snap, hop, compat)
             _continues(log, last, peer)

@@ -20,7 +20,7 @@ import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -77,19 +77,20 @@ class Authority:
         directory.mkdir(parents=True, exist_ok=True)
         (directory / "ca-cert.pem").write_bytes(self.cert.public_bytes(serialization.Encoding.PEM))
         (directory / f"{endpoint}-cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        key_file = directory / f"{endpoint}-key.pem"
-        key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                               serialization.NoEncryption()))
-        key_file.chmod(0o600)
+        _write_key(directory / f"{endpoint}-key.pem", key)
         return directory
 
     def save(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         (directory / "ca-cert.pem").write_bytes(self.cert.public_bytes(serialization.Encoding.PEM))
-        key_file = directory / "ca-key.pem"
-        key_file.write_bytes(self.key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                                    serialization.NoEncryption()))
-        key_file.chmod(0o600)
+        _write_key(directory / "ca-key.pem", self.key)
+
+
+def _write_key(path: Path, key: Any) -> None:
+    """An unencrypted PKCS#8 PEM key that only its owner can read (as QEMU's docs ask)."""
+    path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                       serialization.NoEncryption()))
+    path.chmod(0o600)
 
 
 def _name(common_name: str) -> x509.Name:

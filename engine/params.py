@@ -6,7 +6,7 @@ parameter names with underscores (``channels`` is ``multifd-channels``) and the 
 QEMU's, except ``max_bandwidth`` (0 = unlimited; QEMU limits by default) and the multifd
 dialect: ``compat`` (default 7.2, so that a QEMU 7.2 destination needs no extra setting) sets
 ``zero_page_detection``, ``multifd_flush_after_each_section`` and ``send_switchover_start`` as
-QEMU's machine-type compat properties do. The engine adds ``tcp_congestion``,
+QEMU's machine-type compat properties do. The engine adds ``tcp_congestion``, ``packet_pages``,
 ``max_iterations``, ``max_time`` and two deadlines (QEMU has none and can hang). Every check
 raises :class:`ConfigError` naming the received and the accepted values.
 Every parameter (QEMU name, CLI flag, field, default, meaning): docs/parameters.md.
@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 
 from .compression import get_method
 from .compression.base import MultiFDMethod
-from .errors import ConfigError
-from .wire.packet import MAX_CHANNELS, parse_uuid
+from .errors import ConfigError, LocalProtocolError
+from .wire.packet import MAX_CHANNELS, PAGES_PER_PACKET, check_packet_pages, parse_uuid
 
 DEFAULT_CHANNELS = 2
 DEFAULT_HANDSHAKE_TIMEOUT = 15.0
@@ -72,6 +72,9 @@ class MigrationParams:
     send_switchover_start: bool | None = None  # on from 10.0: SWITCHOVER_START before the END section
     tcp_congestion: str = "auto"  # (engine) the source's TCP congestion control: auto or a name
     zero_copy_send: bool = False  # the zero-copy-send capability: MSG_ZEROCOPY on the channel sockets
+    #: (engine) pages per multifd packet: QEMU's 128, or up to 1024 when both sides are this
+    #: engine and set the same (fewer packets: less work per byte in every channel)
+    packet_pages: int = PAGES_PER_PACKET
     #: tls-creds: a directory as QEMU's tls-creds-x509 reads it (ca-cert.pem and the endpoint's
     #: certificate and key); TLS on every channel. None: plain text
     tls_creds: str | None = None
@@ -112,6 +115,10 @@ class MigrationParams:
                 f" without a copy)"
             )
         self._check_tls()
+        try:
+            check_packet_pages(self.packet_pages)
+        except LocalProtocolError as exc:
+            raise ConfigError(str(exc)) from None
         if not _CONGESTION_NAME.match(self.tcp_congestion):
             raise ConfigError(
                 f"tcp-congestion {self.tcp_congestion!r} is not a congestion control name: expected auto or"

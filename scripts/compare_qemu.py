@@ -153,7 +153,7 @@ def trace_summary(path: Path) -> dict[str, dict[str, float]]:
 
 
 def traced_runs(image: Path, size: int, jobs: Sequence[Job], directory: Path, *, channels: int, level: int,
-                timeout: float, workdir: Path, tag: str) -> list[dict[str, Any]]:
+                timeout: float, workdir: Path, tag: str, extra: Sequence[str] = ()) -> list[dict[str, Any]]:
     """One extra engine run per job with ``--trace`` on both sides (not counted in the medians)."""
     directory.mkdir(parents=True, exist_ok=True)
     out = []
@@ -164,8 +164,8 @@ def traced_runs(image: Path, size: int, jobs: Sequence[Job], directory: Path, *,
             r = run_engine(image, size, channels=channels, compression=job.compression,
                            level=level if job.compression != "none" else None, prealloc=job.mode == "prealloc",
                            workdir=workdir, timeout=timeout, tag=tag,
-                           extra_src=["--trace", str(files["source"])],
-                           extra_dst=["--trace", str(files["destination"])])
+                           extra_src=[*extra, "--trace", str(files["source"])],
+                           extra_dst=[*extra, "--trace", str(files["destination"])])
         except RunFailed as exc:
             print(f"compare-qemu: traced {job.key} failed: {exc}", file=sys.stderr)
             continue
@@ -704,7 +704,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--tls", action="store_true",
                    help="every migration over TLS on every channel (tls-creds-x509 for QEMU, --tls-creds for the"
                         " engine), with a throw-away CA and certificates made in the work directory")
+    p.add_argument("--packet-pages", type=int, default=128, metavar="N",
+                   help="the engine's pages per packet on both sides (default 128, as QEMU, which always uses 128;"
+                        " up to 1024)")
     args = check_run_args(p, p.parse_args(argv))
+    if not 128 <= args.packet_pages <= 1024:
+        p.error(f"--packet-pages {args.packet_pages} is out of range, expected 128..1024")
     if args.note is not None and (not args.results or not args.note.replace("-", "").isalnum()):
         p.error("--note needs --results and one word of letters, digits and '-'")
     return args
@@ -757,9 +762,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"compare-qemu: {size / GiB:g} GiB image generated in {time.monotonic() - t0:.1f}s ({image})",
                   file=sys.stderr)
         tls = tls_creds.make_pair(workdir / "tls") if args.tls else None
-        engine_tls: dict[str, Any] = {}
+        packets = ["--packet-pages", str(args.packet_pages)] if args.packet_pages != 128 else []
+        engine_extra: dict[str, Any] = {"extra_dst": packets, "extra_src": packets}
         if tls is not None:
-            engine_tls = {"extra_dst": ["--tls-creds", str(tls[0])], "extra_src": ["--tls-creds", str(tls[1])]}
+            engine_extra = {"extra_dst": [*packets, "--tls-creds", str(tls[0])],
+                            "extra_src": [*packets, "--tls-creds", str(tls[1])]}
         groups = plan(args.cases, args.modes, qemus)
         width = max(24, *(len(j.key) for g in groups for j in g))
         print(f"compare-qemu: {args.rounds} rounds of {sum(len(g) for g in groups)} runs, {args.channels} channels,"
@@ -784,7 +791,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                          binary=qemu.path, tls=tls, **kw)
                             r["qemu-version"] = qemu.version
                         else:
-                            r = run_engine(image, size, workdir=workdir / "engine", tag=tag, **engine_tls, **kw)
+                            r = run_engine(image, size, workdir=workdir / "engine", tag=tag, **engine_extra, **kw)
                     except RunFailed as exc:
                         r = {"impl": job.impl, "status": "failed", "error": str(exc)}
                         if job.impl == "qemu":
@@ -800,7 +807,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.trace is not None:
             engine_jobs = [j for g in groups for j in g if j.impl == "engine"]
             traces = traced_runs(image, size, engine_jobs, args.trace, channels=args.channels, level=args.level,
-                                 timeout=args.timeout, workdir=workdir / "engine", tag=tag)
+                                 timeout=args.timeout, workdir=workdir / "engine", tag=tag, extra=packets)
     except KeyboardInterrupt:
         interrupted = True
         print("compare-qemu: interrupted; summarising what completed", file=sys.stderr)
@@ -817,7 +824,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if SLOW & set(args.cases) and 0 < args.slow_rounds < args.rounds else ""
     names = " and ".join(q.short if len(qemus) > 1 and i else f"QEMU {q.short}" for i, q in enumerate(qemus))
     title = (f"{names} vs engine: {size / MiB:g} MiB guest, {args.channels} multifd channels, TCP loopback"
-             f"{', TLS on every channel' if args.tls else ''}, medians of {args.rounds} interleaved rounds{slow}")
+             f"{', TLS on every channel' if args.tls else ''}"
+             f"{f', engine packet-pages {args.packet_pages}' if args.packet_pages != 128 else ''},"
+             f" medians of {args.rounds} interleaved rounds{slow}")
     summary = [f"{title}\n", table(rows, args.channels, qemus)]
     loads = [r["load"] for runs in results.values() for r in runs if "load" in r]
     others = [r["others-cpu-s"] for runs in results.values() for r in runs if "others-cpu-s" in r]
@@ -837,7 +846,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "started": started,
         "config": {"size": args.size_bytes, "rounds": args.rounds, "cases": args.cases, "modes": args.modes,
                    "channels": args.channels, "level": args.level, "transport": "tcp:127.0.0.1",
-                   "tls": args.tls,
+                   "tls": args.tls, "engine-packet-pages": args.packet_pages,
                    "qemu-max-bandwidth": QEMU_MAX_BANDWIDTH, "cpus": os.cpu_count(),
                    "tcp-congestion": {"qemu": system_cc, "engine": "auto"}},
         "qemu-version": qemus[0].version_line,

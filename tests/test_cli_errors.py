@@ -70,7 +70,8 @@ def test_bad_uri(uri: str, fragment: str, capsys) -> None:
       " (only guest RAM itself can be sent without a copy)"),
      (["--zero-copy-send", "--zero-page-detection", "multifd"],
       "zero-copy-send needs multifd-compression none and zero-page-detection legacy or none, got none and"
-      " multifd")],
+      " multifd"),
+     (["--packet-pages", "64"], "packet-pages 64 is out of range, expected 128..1024 (128 for a QEMU peer)")],
 )
 def test_bad_parameters(args: list[str], fragment: str, capsys) -> None:
     p = run_main(capsys, "migrate", "tcp:127.0.0.1:1", "--ram-size", "1M", *args)

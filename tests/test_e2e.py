@@ -8,7 +8,7 @@ import pytest
 
 from engine.compression import method_names
 from support import (
-    Incoming, assert_same_ram, image_args, make_image, read_dump, run_engine,
+    Incoming, assert_same_ram, error_lines, image_args, make_image, read_dump, run_engine,
     run_main,
 )
 
@@ -216,12 +216,14 @@ def test_zero_page_detection_modes(tmp_path: Path, images, mode: str, method: st
 
 
 @pytest.mark.slow
-def test_inspect_lists_zero_pages_sent_in_packets(tmp_path: Path, images) -> None:
+@pytest.mark.parametrize("packet_pages", [128, 1024])
+def test_inspect_lists_zero_pages_sent_in_packets(tmp_path: Path, images, packet_pages: int) -> None:
     """An engine -> engine capture with zero-page-detection=multifd: inspect counts the zero
-    pages listed in packets, and they add up with the normal ones to every page."""
+    pages listed in packets, and they add up with the normal ones to every page; it reads the
+    header size of bigger packets from their pages_alloc."""
     from qemu_support import CaptureProxy, host_port
 
-    common = ["--channels", "2", "--compression", "lz4"]
+    common = ["--channels", "2", "--compression", "lz4", "--packet-pages", str(packet_pages)]
     with Incoming("tcp:127.0.0.1:0", *common, "--json") as dst:
         with CaptureProxy(host_port(dst.uri), tmp_path / "cap") as proxy:
             src = run_engine("migrate", proxy.uri, *image_args(images), *common, "--zero-page-detection", "multifd",
@@ -259,3 +261,38 @@ def test_channel_private_memory_does_not_grow_with_the_guest() -> None:
         private[size] = [c["private-rss-kib"] for c in channels]
     assert max(private["512M"]) < 64 * 1024, private
     assert max(private["512M"]) - max(private["64M"]) < 8 * 1024, private
+
+
+@pytest.mark.parametrize("pages, method, prealloc", [(512, "none", True), (1024, "zstd", False), (1024, "none", False)])
+def test_bigger_packets_engine_to_engine(tmp_path: Path, images, pages: int, method: str, prealloc: bool) -> None:
+    """--packet-pages on both sides: fewer, bigger packets, byte-exact; with 1024 a packet has
+    more pages than one sendmsg/recvmsg takes iovecs."""
+    import json
+
+    common = ["--channels", "2", "--compression", method, "--packet-pages", str(pages), "--json"]
+    ram = ["--ram", f"pc.ram={1024 * 4096}", "--ram", f"/rom@etc/acpi/tables={32 * 4096}",
+           "--ram", f"pc.bios={64 * 4096}", "--ram", f"zeros={16 * 4096}", "--prealloc"] if prealloc else []
+    with Incoming("tcp:127.0.0.1:0", *common, *ram, "--dump", str(tmp_path / "dst")) as dst:
+        src = run_engine("migrate", dst.uri, *image_args(images), *common, "--dump", str(tmp_path / "src"))
+        assert src.returncode == 0, src.stderr
+        assert dst.wait() == 0, dst.stderr
+    assert_same_ram(read_dump(tmp_path / "src"), read_dump(tmp_path / "dst"))
+    out = json.loads(src.stdout)
+    assert out["packet-pages"] == pages
+    # 1024 mixed pages, a quarter of them zero: with 128-page packets that would be 6 data packets
+    assert sum(c["packets"] for c in out["channels"]) < 6 + 2 * 3
+
+
+@pytest.mark.parametrize("src_pages, dst_pages, message", [
+    (512, None, "received pages_alloc 512, expected <= 128 (an engine source with packet-pages? set the same on"
+                " both sides)"),
+    (None, 256, "received pages_alloc 128, expected 256 (packet-pages: the source must set the same; a QEMU source"
+                " sends 128)"),
+])
+def test_packet_pages_must_match(tmp_path: Path, src_pages: int | None, dst_pages: int | None, message: str) -> None:
+    """The header's length depends on packet-pages, so the destination names a mismatch at the first packet."""
+    opt = lambda n: ["--packet-pages", str(n)] if n else []  # noqa: E731
+    with Incoming("tcp:127.0.0.1:0", *opt(dst_pages)) as dst:
+        run_engine("migrate", dst.uri, "--ram-size", "4M", *opt(src_pages))  # may finish into the socket buffers
+        assert dst.wait() == 1
+    assert error_lines(dst.stderr) == [f"engine: error: multifd channel 0 (destination): multifd channel 0, packet_num 0: {message}"]

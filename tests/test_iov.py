@@ -126,3 +126,37 @@ def test_send_packet_to_a_closed_peer_is_a_channel_error() -> None:
         pio = PageIO(a, "multifd channel 5", bytearray(PACKET_HEADER_SIZE))
         with pytest.raises(ChannelError, match=r"^multifd channel 5: send failed: Broken pipe$"):
             pio.send_packet(PACKET_HEADER_SIZE, address_of(ram), PAGES)
+
+
+def test_a_packet_of_more_pages_than_iov_max_goes_whole_both_ways() -> None:
+    """packet-pages 1024: 1025 entries to send, 1026 to receive, more than one call takes."""
+    from engine.runtime.iov import IOV_MAX
+    from engine.wire.packet import MAX_PACKET_PAGES, header_size
+
+    pages = np.random.default_rng(6).permutation(2 * MAX_PACKET_PAGES)[:MAX_PACKET_PAGES].astype(np.int64)
+    assert len(pages) + 1 > IOV_MAX
+    src = np.random.default_rng(7).integers(0, 256, size=(2 * MAX_PACKET_PAGES, TARGET_PAGE_SIZE), dtype=np.uint8)
+    dst = np.zeros_like(src)
+    size = header_size(MAX_PACKET_PAGES)
+    out_header = bytearray(np.random.default_rng(8).integers(0, 256, size, dtype=np.uint8).tobytes())
+    in_header = bytearray(size)
+    a, b = _pair(sndbuf=65536)
+    with a, b:
+        received: list[int] = []
+
+        def read() -> None:
+            got = 0
+            while got < size:  # the header the plain way, then the pages through the iovec array
+                got += b.recv_into(memoryview(in_header)[got:])
+            pio = PageIO(b, "multifd channel 6 payload", in_header, MAX_PACKET_PAGES)
+            received.append(pio.recv_pages(address_of(dst), (pages * TARGET_PAGE_SIZE).astype(">u8"), 0))
+
+        reader = threading.Thread(target=read)
+        reader.start()
+        pio = PageIO(a, "multifd channel 6", out_header, MAX_PACKET_PAGES)
+        assert pio.send_packet(size, address_of(src), pages) == size + MAX_PACKET_PAGES * TARGET_PAGE_SIZE
+        reader.join(10)
+    assert received == [0]
+    assert in_header == out_header
+    assert np.array_equal(dst[pages], src[pages])
+    assert not np.delete(dst, pages, axis=0).any()

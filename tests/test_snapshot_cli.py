@@ -13,7 +13,7 @@ import pytest
 
 from engine.cli.main import build_parser
 from engine.cli.snapshot import dispatch
-from support import ROOT, _env, assert_same_ram, image_args, make_image, read_dump, run_main
+from support import ROOT, _env, assert_same_ram, error_lines, image_args, make_image, read_dump, run_main
 
 CODE = "import sys; from engine.cli.snapshot import main; sys.exit(main(sys.argv[1:]))"
 
@@ -128,3 +128,11 @@ def test_migrate_and_incoming_file_uris_route_to_save_and_restore(tmp_path: Path
     assert dispatch(build_parser().parse_args(["migrate", "tcp:127.0.0.1:1", "--ram-size", "4M"])) is None
     with pytest.raises(Exception, match="file: offsets are not supported"):
         dispatch(build_parser().parse_args(["incoming", f"file:{path},offset=0x1000"]))
+
+
+def test_snapshot_files_take_no_packet_pages(tmp_path: Path, capsys) -> None:
+    p = run_main(capsys, "migrate", f"file:{tmp_path}/g.snap", "--ram-size", "1M", "--packet-pages", "512")
+    assert p.returncode != 0 and not (tmp_path / "g.snap").exists()
+    assert error_lines(p.stderr) == [f"engine: error: --packet-pages sizes the packets of a tcp: or unix: migration;"
+                                      f" 'file:{tmp_path}/g.snap' is a snapshot file, whose regions have their own size"]
+

@@ -361,7 +361,7 @@ MALFORMED: list[tuple[str, bytes, int, str]] = [
      "received packet magic 0x5145564d, expected 0x11223344"),
     ("version", _poke(_valid(), ">I", 4, 2), MULTIFD_FLAG_ZLIB, "received packet version 2, expected 1"),
     ("pages_alloc-129", _poke(_valid(), ">I", 12, 129), MULTIFD_FLAG_ZLIB,
-     "received pages_alloc 129, expected <= 128"),
+     "received pages_alloc 129, expected <= 128 (an engine source with packet-pages? set the same on both sides)"),
     ("pages_alloc-huge-empty", _poke(_valid(), ">II", 12, 0xFFFFFFFF, 0), MULTIFD_FLAG_ZLIB,
      "received pages_alloc 4294967295, expected <= 128"),
     ("normal_pages-above-pages_alloc", _poke(_valid(), ">II", 12, 64, 65), MULTIFD_FLAG_ZLIB,
@@ -512,3 +512,50 @@ def test_qemu_10_packets_the_engine_lacks_are_named(flags: int, message: str) ->
     with pytest.raises(RemoteProtocolError) as exc:
         _decode(_valid(flags=flags))
     assert str(exc.value) == WHERE + message
+
+
+# ----------------------------------------------------- packet-pages between engines
+
+
+def test_bigger_packets_round_trip_with_their_own_header_size() -> None:
+    from engine.wire.packet import header_size, plain_packet
+
+    enc = PacketEncoder(512)
+    pages = np.arange(10, 522, dtype=np.int64)
+    blocks = {"ram": 1024 * PAGE}
+    raw = bytes(enc.encode_pages(flags=0, packet_num=9, ramblock=b"ram", pages=pages, next_packet_size=512 * PAGE))
+    assert len(raw) == header_size(512) == PACKET_FIXED_SIZE + 8 * 512
+    hdr = decode_packet_header(raw, channel=0, expected_compression=MULTIFD_FLAG_NOCOMP, blocks=blocks,
+                               packet_pages=512)
+    assert (hdr.pages_alloc, hdr.normal_pages) == (512, 512)
+    assert hdr.offsets.tolist() == (pages * PAGE).tolist()
+    plain = plain_packet(raw, blocks, 512)
+    assert plain is not None and list(plain.listed) == (pages * PAGE).tolist()
+    with pytest.raises(LocalProtocolError, match=r"^packet with 513 pages, at most 512 fit$"):
+        enc.encode_pages(flags=0, packet_num=0, ramblock=b"ram", pages=np.arange(513), next_packet_size=0)
+
+
+def test_a_packet_size_the_sides_do_not_share_is_named() -> None:
+    """A QEMU (128-page) header read by a 512-page destination, read whole so that only
+    pages_alloc tells; and the other way round the header is simply too short."""
+    qemu = _valid() + bytes(8 * (512 - PAGES_PER_PACKET))
+    with pytest.raises(RemoteProtocolError, match=re.escape(
+            WHERE + "received pages_alloc 128, expected 512 (packet-pages: the source must set the same;"
+            " a QEMU source sends 128)")):
+        decode_packet_header(qemu, channel=3, expected_compression=MULTIFD_FLAG_ZLIB, blocks=BLOCKS, packet_pages=512)
+    from engine.wire.packet import plain_packet
+
+    assert plain_packet(qemu, BLOCKS, 512) is None  # so it goes to the decoder, which names it
+    with pytest.raises(RemoteProtocolError, match=r"^multifd channel 0: packet header is 1344 bytes, expected 4416$"):
+        decode_packet_header(_valid(), channel=0, expected_compression=MULTIFD_FLAG_ZLIB, blocks=BLOCKS,
+                             packet_pages=512)
+
+
+@pytest.mark.parametrize("pages", [127, 1025, 0])
+def test_packet_pages_out_of_range(pages: int) -> None:
+    from engine.errors import ConfigError
+    from engine.params import MigrationParams
+
+    with pytest.raises(ConfigError, match=re.escape(
+            f"packet-pages {pages} is out of range, expected 128..1024 (128 for a QEMU peer)")):
+        MigrationParams(packet_pages=pages)

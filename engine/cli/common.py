@@ -30,7 +30,7 @@ from ..params import (
     parse_size,
 )
 from ..stats import human_summary
-from ..wire.packet import TARGET_PAGE_SIZE
+from ..wire.packet import MAX_PACKET_PAGES, PAGES_PER_PACKET, TARGET_PAGE_SIZE
 
 if TYPE_CHECKING:
     from ..precopy import BackgroundJob
@@ -51,6 +51,9 @@ def add_channel_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compression", "--multifd-compression", dest="compression", default="none",
                    metavar="|".join(method_names()), help="multifd-compression (default none)")
     p.add_argument("--uuid", default=None, help="uuid for the channel handshake (default all zeros, as QEMU's)")
+    p.add_argument("--packet-pages", type=int, default=None, metavar="N",
+                   help=f"pages per multifd packet: {PAGES_PER_PACKET} (QEMU's, the default) up to {MAX_PACKET_PAGES},"
+                        " for an engine peer that sets the same (fewer, bigger packets: less CPU per GiB)")
     p.add_argument("--dump", metavar="DIR", type=Path, default=None,
                    help="write each RAM block to a file in DIR plus DIR/manifest.json")
     p.add_argument("--json", action="store_true", help="print one JSON object (query-migrate names) instead of a summary")

@@ -28,7 +28,7 @@ from ..compression.registry import method_name_for_flag
 from ..errors import ConfigError, MigrationError, RemoteProtocolError, TruncatedError
 from ..wire.packet import (
     INIT_SIZE, MULTIFD_FLAG_COMPRESSION_MASK, MULTIFD_FLAG_SYNC, MULTIFD_MAGIC, MULTIFD_VERSION, PACKET_FIXED,
-    PACKET_FIXED_SIZE, PACKET_HEADER_SIZE, PAGES_PER_PACKET, TARGET_PAGE_SIZE, MultiFDInit, format_uuid,
+    MAX_PACKET_PAGES, PACKET_FIXED_SIZE, PAGES_PER_PACKET, TARGET_PAGE_SIZE, MultiFDInit, format_uuid, header_size,
 )
 from ..wire.stream import (
     QEMU_VM_FILE_MAGIC, RAM_SAVE_FLAG_CONTINUE, RAM_SAVE_FLAG_EOS, Configuration, MainStreamParser, RamEOS, RamFlush,
@@ -205,32 +205,39 @@ def inspect_channel(path: Path, data: bytes, rounds: _Rounds | None = None) -> d
     mine: list[list[np.ndarray]] = [[]]  # this channel's page keys, per sync round
     if rounds is not None:
         rounds.per_channel.append(mine)
+    header_bytes = 0
     pos = INIT_SIZE
     while pos < len(data):
-        if len(data) - pos < PACKET_HEADER_SIZE:
+        if len(data) - pos < PACKET_FIXED_SIZE:
             truncated = f"{path}: ends {len(data) - pos} bytes into a packet header at byte {pos}"
             break
         magic, version, fl, pages_alloc, normal, next_size, packet_num, zero, _, name = PACKET_FIXED.unpack_from(view, pos)
+        slots = max(pages_alloc, PAGES_PER_PACKET)  # an engine peer's packet-pages, else QEMU's 128
+        hsize = header_size(slots)
         where = f"inspect: {path}: packet at byte {pos}"
         if magic != MULTIFD_MAGIC or version != MULTIFD_VERSION:
             raise RemoteProtocolError(
                 f"{where}: received magic {magic:#010x} version {version},"
                 f" expected {MULTIFD_MAGIC:#010x} version {MULTIFD_VERSION}"
             )
-        if normal + zero > pages_alloc or pages_alloc > PAGES_PER_PACKET:
+        if normal + zero > pages_alloc or pages_alloc > MAX_PACKET_PAGES:
             raise RemoteProtocolError(
                 f"{where}: received normal_pages {normal} zero_pages {zero} pages_alloc {pages_alloc}, expected"
-                f" normal_pages + zero_pages <= pages_alloc <= {PAGES_PER_PACKET}"
+                f" normal_pages + zero_pages <= pages_alloc <= {MAX_PACKET_PAGES}"
             )
+        if len(data) - pos < hsize:
+            truncated = f"{path}: ends {len(data) - pos} bytes into a packet header at byte {pos}"
+            break
         comp = fl & MULTIFD_FLAG_COMPRESSION_MASK
         payload_len = 0
         if normal:
             payload_len = next_size if comp else normal * TARGET_PAGE_SIZE
-        end = pos + PACKET_HEADER_SIZE + payload_len
+        end = pos + hsize + payload_len
         if end > len(data):
             truncated = f"{path}: ends inside the payload of packet_num {packet_num} at byte {pos}"
             break
         nums.append(packet_num)
+        header_bytes += hsize
         flags[fl] += 1
         sync = bool(fl & MULTIFD_FLAG_SYNC)
         if normal or zero:
@@ -245,7 +252,7 @@ def inspect_channel(path: Path, data: bytes, rounds: _Rounds | None = None) -> d
             comps.add(comp)
             sizes.append(payload_len)
             if decode_error is None:
-                decode_error = _decode(decoders, comp, view[pos + PACKET_HEADER_SIZE:end], normal, packet_num)
+                decode_error = _decode(decoders, comp, view[pos + hsize:end], normal, packet_num)
         elif not zero:
             kinds["sync" if sync else "empty"] += 1
             if next_size or bytes(name[:1]) != b"\0":
@@ -274,7 +281,7 @@ def inspect_channel(path: Path, data: bytes, rounds: _Rounds | None = None) -> d
         "normal_pages": pages,
         "zero_pages": zero_pages,  # listed in packets (zero-page-detection=multifd)
         "payload_bytes": sum(sizes),
-        "header_bytes": len(nums) * PACKET_HEADER_SIZE,
+        "header_bytes": header_bytes,
         "payload_size": ({"min": min(sizes), "max": max(sizes), "mean": round(sum(sizes) / len(sizes))}
                          if sizes else None),
         "packet_num": {"first": nums[0], "last": nums[-1], "min": min(nums), "max": max(nums),

@@ -98,6 +98,8 @@ _NOT_WITH_FILES = (
     ("snapshot", "--snapshot sends a snapshot file to a tcp: or unix: URI; {file} would be another snapshot file"
                  " (copy the file instead)"),
     ("save", "--save checkpoints a tcp: or unix: migration; {file} already is a snapshot file (copy it instead)"),
+    ("packet_pages", "--packet-pages sizes the packets of a tcp: or unix: migration; {file} is a snapshot file,"
+                     " whose regions have their own size"),
 )
 
 

@@ -35,8 +35,9 @@ from ..runtime.procs import FORK, Connection, self_usage
 from ..runtime.trace import BARRIER, DECOMPRESS, RECV_HEADER, RECV_PAYLOAD, WRITE, Trace, now_ns
 from ..runtime.transport import recv_at_least_into_many, recv_exact_into, recv_exact_into_many
 from ..stats import Counters
-from ..wire.packet import (MAX_PACKET_PAYLOAD, MULTIFD_FLAG_NOCOMP, PACKET_FIXED_SIZE, PACKET_HEADER_SIZE,
-                           TARGET_PAGE_BITS, TARGET_PAGE_SIZE, consecutive_runs, decode_packet_header, plain_packet)
+from ..wire.packet import (MULTIFD_FLAG_NOCOMP, PACKET_FIXED_SIZE, PAGES_PER_PACKET, TARGET_PAGE_BITS,
+                           TARGET_PAGE_SIZE, consecutive_runs, decode_packet_header, header_size, max_payload,
+                           plain_packet)
 
 RELEASE = b"r"
 QUIT = b"q"
@@ -90,12 +91,12 @@ class HeldData:
 class _Sink:
     """The packet being received (implements ``compression.PacketSink``)."""
 
-    def __init__(self, sock: socket.socket, what: str) -> None:
+    def __init__(self, sock: socket.socket, what: str, packet_pages: int = PAGES_PER_PACKET) -> None:
         self.sock = sock
         self.what = what
         self.payload_what = f"{what} payload"
         # a compressed payload; page-aligned, so that pwrite's copies run at full speed
-        self.payload_view = aligned_bytes(MAX_PACKET_PAYLOAD)
+        self.payload_view = aligned_bytes(max_payload(packet_pages))
         self.block: RamBlock | None = None
         self.idx: npt.NDArray[np.int64] = np.zeros(0, dtype=np.int64)
         self.next_packet_size = 0
@@ -173,6 +174,7 @@ class RecvSetup:
     method: MultiFDMethod
     stall_timeout: float
     tracing: bool
+    packet_pages: int = PAGES_PER_PACKET
 
 
 def _channel_loop(me: ChannelEnd, setup: RecvSetup) -> None:
@@ -190,9 +192,11 @@ def _channel_loop(me: ChannelEnd, setup: RecvSetup) -> None:
     ctx = method.recv_setup()
     tr = Trace(f"destination channel {me.index}") if setup.tracing else None
     what = f"multifd channel {me.index}"
-    header = bytearray(PACKET_HEADER_SIZE)
+    packet_pages = setup.packet_pages
+    header_len = header_size(packet_pages)
+    header = bytearray(header_len)
     hview = memoryview(header)
-    sink = _Sink(sock, what)
+    sink = _Sink(sock, what, packet_pages)
     sink.trace = tr
     sink.mapped = setup.sock is None  # a standby channel has mapped every page
     lengths = ram.lengths
@@ -203,7 +207,7 @@ def _channel_loop(me: ChannelEnd, setup: RecvSetup) -> None:
     held, index_of = setup.held, {b.name: i for i, b in enumerate(ram)}
     page = TARGET_PAGE_SIZE
     # none on a plain socket: a packet's pages come with one recvmsg of an iovec array
-    pio = PageIO(sock, sink.payload_what, header) if plain_path and type(sock) is socket.socket else None
+    pio = PageIO(sock, sink.payload_what, header, packet_pages) if plain_path and type(sock) is socket.socket else None
     sink.pio = pio
     bases = {b.name: address_of(b.pages) for b in ram}
     try:
@@ -216,14 +220,14 @@ def _channel_loop(me: ChannelEnd, setup: RecvSetup) -> None:
             if tr is not None:
                 tr.span(RECV_HEADER, t0)
             ahead = 0
-            plain = plain_packet(header, lengths) if plain_path else None
+            plain = plain_packet(header, lengths, packet_pages) if plain_path else None
             if plain is not None:
                 pages = len(plain.listed)
                 held.mark_written(index_of[plain.ramblock])
                 t0 = now_ns() if tr is not None else 0
                 if pio is not None:  # the offsets go into the iovecs before the next header lands
                     listed = np.frombuffer(header, _OFFSET, pages, PACKET_FIXED_SIZE)
-                    ahead = pio.recv_pages(bases[plain.ramblock], listed, PACKET_HEADER_SIZE)
+                    ahead = pio.recv_pages(bases[plain.ramblock], listed, header_len)
                 else:
                     buf = ram[plain.ramblock].buf
                     views = [buf[a:b] for a, b in consecutive_runs(plain.listed, page)]
@@ -233,12 +237,12 @@ def _channel_loop(me: ChannelEnd, setup: RecvSetup) -> None:
                     tr.span(RECV_PAYLOAD, t0)
                 mine[_PACKETS] += 1
                 mine[_PAGES] += pages
-                mine[_BYTES] += PACKET_HEADER_SIZE + pages * TARGET_PAGE_SIZE
+                mine[_BYTES] += header_len + pages * TARGET_PAGE_SIZE
                 continue
             hdr = decode_packet_header(header, channel=me.index, expected_compression=method.flag, blocks=lengths,
-                                       expected_name=method.name)
+                                       expected_name=method.name, packet_pages=packet_pages)
             mine[_PACKETS] += 1
-            wire_bytes = PACKET_HEADER_SIZE
+            wire_bytes = header_len
             if hdr.zero_pages:  # zero-page-detection=multifd: before the data, as QEMU 9.0 does
                 held.zero_pages(hdr.ramblock, hdr.zero_offsets >> TARGET_PAGE_BITS)
                 mine[_ZERO] += hdr.zero_pages
@@ -297,7 +301,7 @@ class RecvChannels(ChannelSet):
 
     def __init__(self, socks: Sequence[socket.socket] | int, ram: GuestRam, method: MultiFDMethod, *,
                  stall_timeout: float, close_in_children: Sequence[Any] = (), tracing: bool = False,
-                 known_zero: bool = False) -> None:
+                 known_zero: bool = False, packet_pages: int = PAGES_PER_PACKET) -> None:
         """``socks``: the channels' connections; or, for pre-allocated RAM, how many channels to
         start ahead of them (standby: each maps all of the RAM now, :meth:`wait_ready`, and
         receives plain packets straight into it once :meth:`attach` hands it its socket).
@@ -315,11 +319,11 @@ class RecvChannels(ChannelSet):
         try:
             if isinstance(socks, int):
                 for _ in range(n):
-                    setup = RecvSetup(None, ram, self.held, method, stall_timeout, tracing)
+                    setup = RecvSetup(None, ram, self.held, method, stall_timeout, tracing, packet_pages)
                     self.start(_channel_loop, setup, FORK.Pipe(duplex=True), others=close_in_children)
             else:
                 for sock in socks:
-                    setup = RecvSetup(sock, ram, self.held, method, stall_timeout, tracing)
+                    setup = RecvSetup(sock, ram, self.held, method, stall_timeout, tracing, packet_pages)
                     self.start(_channel_loop, setup, FORK.Pipe(duplex=False), own=sock,
                                others=[*socks, *close_in_children])
         except BaseException:

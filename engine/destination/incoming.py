@@ -80,7 +80,8 @@ def run_incoming(
                 prefault(block, populate=tls is not None)
             if tls is None:
                 standby = RecvChannels(params.channels, declared_ram, params.method,
-                                       stall_timeout=params.stall_timeout, tracing=trace is not None)
+                                       stall_timeout=params.stall_timeout, tracing=trace is not None,
+                                       packet_pages=params.packet_pages)
                 standby.wait_ready(max(60.0, params.stall_timeout))
         listener = listen(addr, backlog=params.channels + 1)
     except BaseException:

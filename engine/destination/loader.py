@@ -247,7 +247,8 @@ class Loader:
         else:
             self.channels = RecvChannels(self.acc.channels, self.ram, self.params.method,
                                          stall_timeout=self.params.stall_timeout, close_in_children=others,
-                                         tracing=self.trace is not None, known_zero=self.declared is not None)
+                                         tracing=self.trace is not None, known_zero=self.declared is not None,
+                                         packet_pages=self.params.packet_pages)
         self.stats.setup_time = time.monotonic() - self.stats.start
         self.stats.status = MigrationStatus.ACTIVE
 

@@ -7,6 +7,10 @@ page indices by one numpy operation and handed to libc's ``sendmsg`` / ``recvmsg
 ctypes, so the per-packet cost no longer depends on how the pages are scattered; the kernel
 walks one entry per page as fast as one per run (docs/performance.md).
 
+A call takes at most ``IOV_MAX`` entries, so a packet of more pages than that goes in more
+than one call; after a partial call the next entry is found by a search of the entries'
+running lengths (numpy), not by a walk over them.
+
 The socket keeps its Python timeout (it is non-blocking underneath): a call that finds the
 socket full (or empty) waits in ``poll`` for at most that timeout, as ``socket.sendmsg`` does,
 and the errors read as ``transport``'s. Only plain sockets: TLS and ``zero-copy-send`` keep
@@ -48,6 +52,7 @@ _recvmsg.argtypes = [ctypes.c_int, ctypes.POINTER(_MsgHdr), ctypes.c_int]
 _recvmsg.restype = ctypes.c_ssize_t
 _MSG_NOSIGNAL = getattr(socket, "MSG_NOSIGNAL", 0x4000)
 _ENTRY = ctypes.sizeof(_IoVec)
+IOV_MAX = os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 1024
 
 
 def address_of(array: npt.NDArray[Any]) -> int:
@@ -62,11 +67,11 @@ class PageIO:
     entry after the pages takes whatever follows them in the socket, up to a header's worth
     (the next packet's header: usually one ``recvmsg`` per packet)."""
 
-    def __init__(self, sock: socket.socket, what: str, header: bytearray) -> None:
+    def __init__(self, sock: socket.socket, what: str, header: bytearray, packet_pages: int = PAGES_PER_PACKET) -> None:
         self.sock, self.fd, self.what = sock, sock.fileno(), what
-        self._iov = (_IoVec * (PAGES_PER_PACKET + 2))()
+        self._iov = (_IoVec * (packet_pages + 2))()
         raw = memoryview(self._iov).cast("B")
-        self._cols = np.frombuffer(raw, dtype=np.uint64).reshape(PAGES_PER_PACKET + 2, 2)
+        self._cols = np.frombuffer(raw, dtype=np.uint64).reshape(packet_pages + 2, 2)
         self._cols[:, 1] = TARGET_PAGE_SIZE
         self._header = (ctypes.c_char * len(header)).from_buffer(header)
         self._iov_at = ctypes.addressof(self._iov)
@@ -95,8 +100,10 @@ class PageIO:
         """Run ``call`` over entries ``[first, first + count)`` until at least ``need`` bytes
         have moved; returns the bytes moved (at most the entries' total)."""
         msg, iov, at = self._msg, self._iov, self._iov_at
-        msg.iov, msg.iovlen = at + first * _ENTRY, count
-        k, done, cut = first, 0, False
+        end = first + count
+        msg.iov, msg.iovlen = at + first * _ENTRY, min(count, IOV_MAX)
+        done, cut, by = 0, -1, 0  # the entry a partial call ended in, and by how much its start moved
+        ends: npt.NDArray[np.uint64] | None = None  # the entries' running lengths, from a first partial call
         try:
             while True:
                 r = call(self.fd, self._msg_ref, flags)
@@ -112,20 +119,23 @@ class PageIO:
                 done += r
                 if done >= need:
                     return int(done)
-                cut = True  # skip what went, cut into the entry it ended in
-                while r >= iov[k].len:
-                    r -= iov[k].len
-                    k += 1
-                if r:
-                    entry = iov[k]
-                    entry.base += r
-                    entry.len -= r
-                msg.iov, msg.iovlen = at + k * _ENTRY, first + count - k
+                if ends is None:
+                    ends = np.cumsum(self._cols[first:end, 1])
+                if cut >= 0:  # undo the last cut: entries are cut from their original start
+                    iov[cut].base -= by
+                    iov[cut].len += by
+                k = first + int(np.searchsorted(ends, done, side="right"))  # the entry the next byte is in
+                into = done - (int(ends[k - first - 1]) if k > first else 0)
+                cut, by = k, into
+                if into:
+                    iov[k].base += into
+                    iov[k].len -= into
+                msg.iov, msg.iovlen = at + k * _ENTRY, min(end - k, IOV_MAX)
         except OSError as exc:  # the call's own errors (ours are not OSErrors)
             verb = "send" if events == select.POLLOUT else "receive"
             raise ChannelError(f"{self.what}: {verb} failed: {exc.strerror or exc}") from exc
         finally:
-            if cut:  # the page entries' lengths are reused by the next packet
+            if cut >= 0:  # the page entries' lengths are reused by the next packet
                 self._cols[:, 1] = TARGET_PAGE_SIZE
 
     def send_packet(self, header_len: int, base: int, pages: npt.NDArray[np.int64]) -> int:

@@ -1,11 +1,11 @@
 """Source side multifd channels: the migration thread hands out jobs, N channel processes send.
 
-The migration thread batches the pages of one RAM block into packets of at most 128 pages and
-writes them, two packets to a job (half the hand-offs, wake-ups and pipe calls), into the job
-pipe of an idle channel, like QEMU's ``multifd_send_pages``. A job names pages and never carries
-their bytes; every job has one fixed size below the pipe's atomic-write size, so each write
-lands whole, each read returns one job, and the order holds: a SYNC job written after data jobs
-is handled after them. A channel process owns one socket and one compression context; per
+The migration thread batches the pages of one RAM block into packets of at most 128 pages
+(``packet-pages``) and writes them, two 128-page packets to a job (half the hand-offs, wake-ups
+and pipe calls), into the job pipe of an idle channel, like QEMU's ``multifd_send_pages``. A
+job names pages and never carries their bytes; every job of a migration has one size, each is
+written and read whole (the pipe has one writer), and the order holds: a SYNC job written after
+data jobs is handled after them. A channel process owns one socket and one compression context; per
 packet it encodes the header from the page indices and sends header and payload with one
 ``sendmsg``. For a SYNC job it writes an empty SYNC packet and reports :class:`Synced`:
 :meth:`SendChannels.sync` returns once every channel has *written* its SYNC packet
@@ -38,8 +38,8 @@ from ..runtime.trace import COMPRESS, GATHER, SEND, WAIT, ZERO_SCAN, Trace, now_
 from ..runtime.transport import send_all
 from ..runtime.zerocopy import ZeroCopySender
 from ..stats import Counters
-from ..wire.packet import (MULTIFD_FLAG_NOCOMP, MULTIFD_FLAG_SYNC, PACKET_HEADER_SIZE, PAGES_PER_PACKET,
-                           TARGET_PAGE_SIZE, PacketEncoder)
+from ..wire.packet import (MULTIFD_FLAG_NOCOMP, MULTIFD_FLAG_SYNC, PAGES_PER_PACKET, TARGET_PAGE_SIZE,
+                           PacketEncoder, header_size)
 
 #: Jobs a channel may have queued in its pipe. QEMU 7.2 uses 1 (one ``pages`` buffer per
 #: channel); with processes, a wake-up on a busy 2-core machine costs more than a thread
@@ -53,12 +53,19 @@ JOB_QUIT = 3
 #: bytes); then the page indices (8-byte aligned int64), which become the header's offsets.
 _JOB = struct.Struct("<BxHIQI4x")
 _PAGE_INDEX = np.dtype("<i8")
-RECORD_SIZE = _JOB.size + _PAGE_INDEX.itemsize * PAGES_PER_PACKET  # 1048 bytes
-#: A job carries up to two packets; 2096 bytes, < PIPE_BUF: written and read whole. An unused
-#: second record has kind 0.
-PACKETS_PER_JOB = 2
-JOB_SIZE = PACKETS_PER_JOB * RECORD_SIZE
-_RECORDS = tuple(range(0, JOB_SIZE, RECORD_SIZE))
+#: Pages a job carries at most: two of QEMU's packets (2096 bytes, < PIPE_BUF), one bigger one.
+JOB_PAGES = 2 * PAGES_PER_PACKET
+
+
+class JobLayout:
+    """The jobs of a migration with ``packet_pages``-page packets: ``records`` offsets of
+    packet records (an unused one has kind 0) in ``size`` bytes."""
+
+    def __init__(self, packet_pages: int) -> None:
+        self.packet_pages = packet_pages
+        record = _JOB.size + _PAGE_INDEX.itemsize * packet_pages
+        self.size = max(1, JOB_PAGES // packet_pages) * record
+        self.records = tuple(range(0, self.size, record))
 # the counter columns a channel updates per packet
 _PACKETS, _PAGES, _ZERO, _BYTES = Counters.PACKETS, Counters.PAGES, Counters.ZERO, Counters.BYTES
 _ZC_MISSED = Counters.ZERO_COPY_MISSED
@@ -73,8 +80,8 @@ class _Batch:
     not the channel's own (its private memory is a few buffers). zlib and zstd compress from
     views too; lz4 reads them with preadv into one reused buffer."""
 
-    def __init__(self) -> None:
-        self.scratch = aligned_pages(PAGES_PER_PACKET)  # preadv's copies from the page cache at full speed
+    def __init__(self, packet_pages: int) -> None:
+        self.scratch = aligned_pages(packet_pages)  # preadv's copies from the page cache at full speed
         self.block: RamBlock | None = None
         self.idx: npt.NDArray[np.int64] = np.zeros(0, dtype=np.int64)
 
@@ -145,6 +152,7 @@ class SendSetup:
     detect_zero: bool
     #: zero-copy-send: guest pages go with MSG_ZEROCOPY (the socket has SO_ZEROCOPY already)
     zero_copy: bool = False
+    packet_pages: int = PAGES_PER_PACKET
 
 
 def _channel_loop(me: ChannelEnd, setup: SendSetup) -> None:
@@ -159,7 +167,9 @@ class _Sender:
         self.me, self.counters, self.sock = me, me.counters, setup.sock
         self.ready, self.done = setup.ready, setup.done.data
         self.ctx, self.flag = method.send_setup(setup.level), method.flag
-        self.enc, self.batch = PacketEncoder(), _Batch()
+        self.jobs = JobLayout(setup.packet_pages)
+        self.enc, self.batch = PacketEncoder(setup.packet_pages), _Batch(setup.packet_pages)
+        self.header_size = len(self.enc.buf)
         self.trace = Trace(f"source channel {me.index}") if setup.tracing else None
         self.blocks = setup.ram.blocks
         self.names = [b.name.encode() for b in self.blocks]
@@ -169,21 +179,22 @@ class _Sender:
         self.prepare_span = GATHER if method.flag == 0 else COMPRESS
         self.zc = ZeroCopySender(self.sock, self.what, self.sock.gettimeout() or 20.0) if setup.zero_copy else None
         # the common case (none, plain socket): one sendmsg of an iovec array per packet
-        self.pio = (PageIO(self.sock, self.what, self.enc.buf)
+        self.pio = (PageIO(self.sock, self.what, self.enc.buf, setup.packet_pages)
                     if self.raw and self.zc is None and type(self.sock) is socket.socket else None)
         self.bases = [address_of(b.pages) for b in self.blocks]
 
     def run(self) -> None:
         """Jobs until QUIT, or until the parent closes the pipe (it is tearing the migration down)."""
         read, jobs, tr, data, sync = os.read, self.me.control, self.trace, self.data, self.sync
+        size = self.jobs.size
         try:
             while True:
                 t0 = now_ns() if tr is not None else 0
-                msg = read(jobs, JOB_SIZE)
-                if len(msg) != JOB_SIZE:
+                msg = read(jobs, size)
+                if len(msg) != size:
                     if not msg:
                         break
-                    raise ChannelError(f"{self.what}: a job of {len(msg)} bytes, expected {JOB_SIZE}")
+                    msg = self.rest_of_job(msg)
                 if tr is not None:
                     t0 = tr.span(WAIT, t0)
                 kind = msg[0]  # a SYNC or QUIT job is one record; a data job's records are data or unused
@@ -204,9 +215,20 @@ class _Sender:
             self.sock.shutdown(socket.SHUT_RDWR)
         self.sock.close()
 
+    def rest_of_job(self, msg: bytes) -> bytes:
+        """A job bigger than the pipe's atomic size can come in pieces: read the rest."""
+        parts, got = [msg], len(msg)
+        while got < self.jobs.size:
+            more = os.read(self.me.control, self.jobs.size - got)
+            if not more:
+                raise ChannelError(f"{self.what}: a job of {got} bytes, expected {self.jobs.size}")
+            parts.append(more)
+            got += len(more)
+        return b"".join(parts)
+
     def data(self, msg: bytes, t0: int) -> None:
         """A data job: its packets, then the job counted done and ``channels_ready`` posted."""
-        for rec in _RECORDS:
+        for rec in self.jobs.records:
             if msg[rec] == JOB_DATA:
                 t0 = self.packet(msg, rec, t0)
         self.done[self.me.index] += 1  # only this process writes done[channel]
@@ -239,11 +261,11 @@ class _Sender:
         if tr is not None:
             t0 = tr.span(self.prepare_span, t0)
         if self.pio is not None:
-            sent = self.pio.send_packet(PACKET_HEADER_SIZE, self.bases[block_idx], batch.idx)
+            sent = self.pio.send_packet(self.header_size, self.bases[block_idx], batch.idx)
         elif self.zc is not None and payload:  # the header copied, then guest RAM pinned (as QEMU does)
-            sent = send_all(self.sock, [header], self.what, PACKET_HEADER_SIZE) + self.zc.send(payload, size)
+            sent = send_all(self.sock, [header], self.what, self.header_size) + self.zc.send(payload, size)
         else:
-            sent = send_all(self.sock, [header, *payload], self.what, PACKET_HEADER_SIZE + size)
+            sent = send_all(self.sock, [header, *payload], self.what, self.header_size + size)
         if tr is not None:
             t0 = tr.span(SEND, t0)
         mine = self.counters
@@ -283,9 +305,12 @@ class SendChannels(ChannelSet):
     def __init__(self, socks: Sequence[socket.socket], ram: GuestRam, method: MultiFDMethod, level: int, *,
                  stall_timeout: float, close_in_children: Sequence[socket.socket] = (),
                  queue_depth: int = QUEUE_DEPTH, should_stop: Callable[[], None] = lambda: None,
-                 tracing: bool = False, detect_zero: bool = False, zero_copy: bool = False) -> None:
+                 tracing: bool = False, detect_zero: bool = False, zero_copy: bool = False,
+                 packet_pages: int = PAGES_PER_PACKET) -> None:
         n = len(socks)
         super().__init__(n, "source")
+        self.packet_pages, self.header_size = packet_pages, header_size(packet_pages)
+        self.jobs = jobs = JobLayout(packet_pages)
         self.method, self.stall_timeout, self.queue_depth = method, stall_timeout, queue_depth
         self.bytes_committed = 0  # header + raw page bytes of every packet handed off
         self.should_stop = should_stop  # raises to abandon a wait (cancellation)
@@ -296,14 +321,15 @@ class SendChannels(ChannelSet):
         self._done = np.frombuffer(self._done_shared, dtype=np.uint64)
         self._done_v = self._done.data  # read per packet (plain ints, cheaper than numpy scalars)
         self._issued = [0] * n
-        self._job = bytearray(JOB_SIZE)  # the job being written (reused)
-        self._job_pages = [np.frombuffer(self._job, dtype=_PAGE_INDEX, count=PAGES_PER_PACKET, offset=rec + _JOB.size)
-                           for rec in _RECORDS]
+        self._job = bytearray(jobs.size)  # the job being written (reused)
+        self._job_pages = [np.frombuffer(self._job, dtype=_PAGE_INDEX, count=packet_pages, offset=rec + _JOB.size)
+                           for rec in jobs.records]
         self._held = 0  # data records already written into the job, waiting for the next packet
         self.sync_wait = 0.0  # seconds spent waiting for SYNC rounds
         try:
             for sock in socks:
-                setup = SendSetup(sock, ram, method, level, self._ready, self._done, tracing, detect_zero, zero_copy)
+                setup = SendSetup(sock, ram, method, level, self._ready, self._done, tracing, detect_zero, zero_copy,
+                                  packet_pages)
                 self.start(_channel_loop, setup, os.pipe(), own=sock, others=[*socks, *close_in_children])
         except BaseException:
             self.close(graceful=False)
@@ -315,17 +341,19 @@ class SendChannels(ChannelSet):
 
     def _record(self, rec: int, kind: int, block_idx: int, flags: int, idx: npt.NDArray[np.int64] = _NO_PAGES) -> None:
         """Write packet record ``rec`` of the job (the next packet_num goes with it)."""
-        _JOB.pack_into(self._job, _RECORDS[rec], kind, len(idx), block_idx, self.packet_num, flags)
+        _JOB.pack_into(self._job, self.jobs.records[rec], kind, len(idx), block_idx, self.packet_num, flags)
         self.packet_num += 1
         self._job_pages[rec][: len(idx)] = idx
 
     def _send_job(self, ch: int, used: int) -> None:
         """The job's first ``used`` records into channel ``ch``'s pipe (the rest marked unused)."""
         job = self._job
-        for rec in _RECORDS[used:]:
+        for rec in self.jobs.records[used:]:
             job[rec] = 0
         try:
-            os.write(self.control[ch], job)
+            sent = os.write(self.control[ch], job)
+            while sent < len(job):  # a job bigger than PIPE_BUF may go in parts
+                sent += os.write(self.control[ch], memoryview(job)[sent:])
         except OSError as exc:  # the channel process is gone: say why, if it told us
             deadline = time.monotonic() + 1.0
             while time.monotonic() < deadline:
@@ -338,13 +366,13 @@ class SendChannels(ChannelSet):
             self.unexpected(ev)
 
     def send_pages(self, block_idx: int, idx: npt.NDArray[np.int64]) -> None:
-        """Queue one packet (at most 128 page indices of one block). Packets go to the channels
-        two to a job: the first waits in the job until the second comes, or until
-        :meth:`flush` (which every sync round calls first)."""
-        self.bytes_committed += PACKET_HEADER_SIZE + len(idx) * TARGET_PAGE_SIZE
+        """Queue one packet (at most ``packet_pages`` page indices of one block). 128-page
+        packets go to the channels two to a job: the first waits in the job until the second
+        comes, or until :meth:`flush` (which every sync round calls first)."""
+        self.bytes_committed += self.header_size + len(idx) * TARGET_PAGE_SIZE
         self._record(self._held, JOB_DATA, block_idx, 0, idx)
         self._held += 1
-        if self._held == PACKETS_PER_JOB:
+        if self._held == len(self.jobs.records):
             self.flush()
 
     def flush(self) -> None:
@@ -384,7 +412,7 @@ class SendChannels(ChannelSet):
     def sync(self) -> None:
         """``multifd_send_sync_main``: a SYNC packet on every channel, all of them written."""
         t0 = time.perf_counter()
-        self.bytes_committed += self.n * PACKET_HEADER_SIZE
+        self.bytes_committed += self.n * self.header_size
         self._to_every_channel(JOB_SYNC, MULTIFD_FLAG_SYNC)
         synced: set[int] = set()
         deadline = time.monotonic() + self.stall_timeout

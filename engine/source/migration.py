@@ -88,6 +88,8 @@ class Migration(BackgroundJob):
         """Page counts are the channels' (``normal``: pages they sent whole; zero pages they
         listed in packets) plus the ZERO records of the migration thread."""
         st.extra["dialect"] = self.params.dialect
+        if self.params.packet_pages != PAGES_PER_PACKET:  # an engine-to-engine setting
+            st.extra["packet-pages"] = self.params.packet_pages
         if self._channels is not None:
             st.channels = self._channels.stats()
             st.ram.multifd_bytes = sum(c.bytes for c in st.channels)
@@ -150,7 +152,7 @@ class Migration(BackgroundJob):
                                           stall_timeout=p.stall_timeout, close_in_children=[self._main],
                                           should_stop=self._check, tracing=self.trace is not None,
                                           detect_zero=p.zero_page_detection == "multifd",
-                                          zero_copy=p.zero_copy_send)
+                                          zero_copy=p.zero_copy_send, packet_pages=p.packet_pages)
         finally:
             if self._channels is None:
                 for s in socks:

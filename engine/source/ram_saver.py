@@ -26,7 +26,7 @@ from ..memory.ram import GuestRam, zero_pages
 from ..runtime.trace import SYNC_WAIT, ZERO_SCAN, Trace, now_ns
 from ..stats import MigrationStats
 from ..wire.encoder import StreamEncoder
-from ..wire.packet import PAGES_PER_PACKET, TARGET_PAGE_SIZE
+from ..wire.packet import TARGET_PAGE_SIZE
 from ..wire.stream import RAM_SECTION_ID, RAM_SECTION_IDSTR, RAM_SECTION_VERSION
 from .channels import SendChannels
 
@@ -35,12 +35,13 @@ MAIN_FLUSH = 256 * 1024
 
 
 class MultiFDQueue:
-    """``multifd_queue_page`` for whole arrays: batches of <= 128 pages of one block."""
+    """``multifd_queue_page`` for whole arrays: batches of <= ``packet_pages`` pages of one block."""
 
     def __init__(self, channels: SendChannels) -> None:
         self.channels = channels
+        self.size = size = channels.packet_pages  # pages per packet
         self._block = -1
-        self._pending = np.empty(PAGES_PER_PACKET, dtype=np.int64)
+        self._pending = np.empty(size, dtype=np.int64)
         self._count = 0
         self.pages = 0
 
@@ -51,18 +52,18 @@ class MultiFDQueue:
         if block_idx != self._block:
             self.flush()
             self._block = block_idx
-        pos = 0
+        pos, size = 0, self.size
         if self._count:
-            take = min(PAGES_PER_PACKET - self._count, len(idx))
+            take = min(size - self._count, len(idx))
             self._pending[self._count:self._count + take] = idx[:take]
             self._count += take
             pos = take
-            if self._count < PAGES_PER_PACKET:
+            if self._count < size:
                 return
             self.flush()
-        full_end = pos + (len(idx) - pos) // PAGES_PER_PACKET * PAGES_PER_PACKET
-        for start in range(pos, full_end, PAGES_PER_PACKET):
-            self.channels.send_pages(block_idx, idx[start:start + PAGES_PER_PACKET])
+        full_end = pos + (len(idx) - pos) // size * size
+        for start in range(pos, full_end, size):
+            self.channels.send_pages(block_idx, idx[start:start + size])
         rest = len(idx) - full_end
         if rest:
             self._pending[:rest] = idx[full_end:]

@@ -6,7 +6,8 @@ All integers are big-endian and the structures are packed (wire doc sections 1.2
 ``MultiFDInit_t`` (64 bytes) is the first thing on every multifd socket.
 ``MultiFDPacket_t`` is a 320-byte fixed part plus 128 offset slots (1344 bytes on 4 KiB
 pages), always sent whole, followed by ``next_packet_size`` payload bytes when
-``normal_pages > 0``.
+``normal_pages > 0``. Two engines may agree on bigger packets (``packet-pages``, up to 1024):
+the header then has that many slots and ``pages_alloc`` says so; QEMU always uses 128.
 
 Receive-side validation follows QEMU 7.2 (``multifd_recv_unfill_packet``) with its
 off-by-one fixed (a channel id must be ``< multifd-channels``): ramblock, offsets and
@@ -52,6 +53,8 @@ MULTIFD_PACKET_SIZE = 512 * 1024
 PAGES_PER_PACKET = MULTIFD_PACKET_SIZE // TARGET_PAGE_SIZE  # 128
 #: The largest payload a QEMU 7.2 receiver accepts (its buffer is 2 x 512 KiB).
 MAX_PACKET_PAYLOAD = 2 * MULTIFD_PACKET_SIZE
+#: packet-pages between two engines: QEMU's 128 (the default) up to this
+MAX_PACKET_PAGES = 1024
 RAMBLOCK_NAME_FIELD = 256
 MAX_RAMBLOCK_NAME = 255
 MAX_CHANNELS = 255
@@ -63,6 +66,24 @@ INIT_SIZE = INIT_STRUCT.size  # 64
 PACKET_FIXED = struct.Struct(">IIIIIIQI28s256s")
 PACKET_FIXED_SIZE = PACKET_FIXED.size  # 320
 PACKET_HEADER_SIZE = PACKET_FIXED_SIZE + 8 * PAGES_PER_PACKET  # 1344
+
+
+def header_size(packet_pages: int = PAGES_PER_PACKET) -> int:
+    """The header of a packet with ``packet_pages`` offset slots (QEMU's: 1344 bytes)."""
+    return PACKET_FIXED_SIZE + 8 * packet_pages
+
+
+def max_payload(packet_pages: int = PAGES_PER_PACKET) -> int:
+    """The largest payload a receiver of ``packet_pages``-page packets accepts (twice the pages,
+    as QEMU's buffer; a compressor may expand incompressible pages a little)."""
+    return 2 * packet_pages * TARGET_PAGE_SIZE
+
+
+def check_packet_pages(packet_pages: int) -> None:
+    """``packet-pages`` is QEMU's 128 up to :data:`MAX_PACKET_PAGES`."""
+    if not PAGES_PER_PACKET <= packet_pages <= MAX_PACKET_PAGES:
+        raise LocalProtocolError(f"packet-pages {packet_pages} is out of range, expected"
+                                 f" {PAGES_PER_PACKET}..{MAX_PACKET_PAGES} ({PAGES_PER_PACKET} for a QEMU peer)")
 
 _ZERO_UUID = bytes(16)
 
@@ -161,14 +182,17 @@ class PacketHeader:
 
 
 class PacketEncoder:
-    """Builds packet headers into one reusable 1344-byte buffer (one per channel).
+    """Builds packet headers into one reusable buffer (one per channel): 1344 bytes, or the
+    header of ``packet_pages``-page packets.
 
     Unlike QEMU, stale slots and fields are cleared, so every header is deterministic.
     """
 
-    def __init__(self) -> None:
-        self.buf = bytearray(PACKET_HEADER_SIZE)
-        self._offsets = np.frombuffer(self.buf, dtype=">u8", count=PAGES_PER_PACKET, offset=PACKET_FIXED_SIZE)
+    def __init__(self, packet_pages: int = PAGES_PER_PACKET) -> None:
+        check_packet_pages(packet_pages)
+        self.packet_pages = packet_pages
+        self.buf = bytearray(header_size(packet_pages))
+        self._offsets = np.frombuffer(self.buf, dtype=">u8", count=packet_pages, offset=PACKET_FIXED_SIZE)
         self._little = self._offsets.view("<i8")  # the same slots, for encode_pages
         self._used = 0
 
@@ -180,13 +204,14 @@ class PacketEncoder:
         ramblock: bytes = b"",
         offsets: npt.NDArray[np.integer] | None = None,
         next_packet_size: int = 0,
-        pages_alloc: int = PAGES_PER_PACKET,
+        pages_alloc: int | None = None,
         zero_pages: int = 0,
     ) -> bytearray:
         """``offsets`` lists the normal pages' offsets, then the last ``zero_pages`` are the
-        zero pages' (``zero-page-detection=multifd``)."""
+        zero pages' (``zero-page-detection=multifd``). ``pages_alloc`` defaults to the slots."""
         n = 0 if offsets is None else len(offsets)
-        self._fixed(flags, packet_num, ramblock, n, zero_pages, next_packet_size, pages_alloc)
+        self._fixed(flags, packet_num, ramblock, n, zero_pages, next_packet_size,
+                    self.packet_pages if pages_alloc is None else pages_alloc)
         if n:
             self._offsets[:n] = offsets
         return self._clear_from(n)
@@ -200,7 +225,7 @@ class PacketEncoder:
         offsets in place (a shift, then a byte swap: cheaper than one casting ufunc into the
         big-endian slots). Same header, same checks."""
         n = len(pages)
-        self._fixed(flags, packet_num, ramblock, n, zero_pages, next_packet_size, PAGES_PER_PACKET)
+        self._fixed(flags, packet_num, ramblock, n, zero_pages, next_packet_size, self.packet_pages)
         slots = self._little[:n]
         np.left_shift(pages, TARGET_PAGE_BITS, out=slots)
         slots.byteswap(inplace=True)
@@ -209,14 +234,14 @@ class PacketEncoder:
     def _fixed(self, flags: int, packet_num: int, ramblock: bytes, n: int, zero_pages: int,
                next_packet_size: int, pages_alloc: int) -> None:
         """Check what a header of ``n`` offsets can hold and write its fixed part."""
-        if n > PAGES_PER_PACKET:
-            raise LocalProtocolError(f"packet with {n} pages, at most {PAGES_PER_PACKET} fit")
+        if n > self.packet_pages:
+            raise LocalProtocolError(f"packet with {n} pages, at most {self.packet_pages} fit")
         if not 0 <= zero_pages <= n:
             raise LocalProtocolError(f"packet with {zero_pages} zero pages among {n} offsets")
         if len(ramblock) > MAX_RAMBLOCK_NAME:
             raise LocalProtocolError(f"RAM block name of {len(ramblock)} bytes, at most {MAX_RAMBLOCK_NAME}")
-        if next_packet_size > MAX_PACKET_PAYLOAD:
-            raise LocalProtocolError(f"payload of {next_packet_size} bytes, at most {MAX_PACKET_PAYLOAD}")
+        if next_packet_size > max_payload(self.packet_pages):
+            raise LocalProtocolError(f"payload of {next_packet_size} bytes, at most {max_payload(self.packet_pages)}")
         PACKET_FIXED.pack_into(
             self.buf, 0, MULTIFD_MAGIC, MULTIFD_VERSION, flags, pages_alloc, n - zero_pages, next_packet_size,
             packet_num, zero_pages, bytes(28), ramblock,
@@ -243,15 +268,17 @@ def decode_packet_header(
     blocks: Mapping[str, int],
     page_size: int = TARGET_PAGE_SIZE,
     expected_name: str = "",
+    packet_pages: int = PAGES_PER_PACKET,
 ) -> PacketHeader:
-    """Decode and validate one 1344-byte header before anything touches memory.
+    """Decode and validate one header (1344 bytes, or that of ``packet_pages``-page packets)
+    before anything touches memory.
 
     ``blocks`` maps RAM block names to their lengths in bytes. Raises
     :class:`RemoteProtocolError` naming the channel, the packet_num and received vs expected.
     """
-    if len(data) != PACKET_HEADER_SIZE:
+    if len(data) != header_size(packet_pages):
         raise RemoteProtocolError(
-            f"multifd channel {channel}: packet header is {len(data)} bytes, expected {PACKET_HEADER_SIZE}"
+            f"multifd channel {channel}: packet header is {len(data)} bytes, expected {header_size(packet_pages)}"
         )
     magic, version, flags, pages_alloc, normal_pages, next_size, packet_num, zero_pages, _, name_field = (
         PACKET_FIXED.unpack_from(data, 0)
@@ -261,8 +288,8 @@ def decode_packet_header(
         raise RemoteProtocolError(f"{where}: received packet magic {magic:#010x}, expected {MULTIFD_MAGIC:#010x}")
     if version != MULTIFD_VERSION:
         raise RemoteProtocolError(f"{where}: received packet version {version}, expected {MULTIFD_VERSION}")
-    if pages_alloc > PAGES_PER_PACKET:
-        raise RemoteProtocolError(f"{where}: received pages_alloc {pages_alloc}, expected <= {PAGES_PER_PACKET}")
+    if pages_alloc > packet_pages or (packet_pages != PAGES_PER_PACKET and pages_alloc != packet_pages):
+        raise RemoteProtocolError(f"{where}: received pages_alloc {pages_alloc}, expected {_alloc_rule(packet_pages, pages_alloc)}")
     if normal_pages > pages_alloc:
         raise RemoteProtocolError(
             f"{where}: received normal_pages {normal_pages}, expected <= pages_alloc {pages_alloc}"
@@ -302,8 +329,9 @@ def decode_packet_header(
                 f"{where}: received next_packet_size {next_size}, expected {normal_pages * page_size}"
                 f" ({normal_pages} pages)"
             )
-    elif next_size > MAX_PACKET_PAYLOAD:
-        raise RemoteProtocolError(f"{where}: received next_packet_size {next_size}, expected <= {MAX_PACKET_PAYLOAD}")
+    elif next_size > max_payload(packet_pages):
+        raise RemoteProtocolError(
+            f"{where}: received next_packet_size {next_size}, expected <= {max_payload(packet_pages)}")
     name = _block_name(name_field)
     length = blocks.get(name)
     if length is None:
@@ -328,6 +356,15 @@ def decode_packet_header(
     return PacketHeader(flags, pages_alloc, normal_pages, next_size, packet_num, name, offsets)
 
 
+def _alloc_rule(packet_pages: int, pages_alloc: int) -> str:
+    """What ``pages_alloc`` must be: QEMU's rule for its 128 slots; with other sizes the
+    header's length depends on it, so both sides must have set the same packet-pages."""
+    if packet_pages == PAGES_PER_PACKET:
+        return f"<= {PAGES_PER_PACKET}" + (" (an engine source with packet-pages? set the same on both sides)"
+                                           if PAGES_PER_PACKET < pages_alloc <= MAX_PACKET_PAGES else "")
+    return f"{packet_pages} (packet-pages: the source must set the same; a QEMU source sends {PAGES_PER_PACKET})"
+
+
 def _block_name(field: bytes) -> str:
     """The RAM block id in a packet's 256-byte ``ramblock`` field (NUL-terminated)."""
     return field[:MAX_RAMBLOCK_NAME].split(b"\0", 1)[0].decode("utf-8", "replace")
@@ -344,11 +381,12 @@ class PlainPacket(NamedTuple):
 
 #: ``PACKED_OFFSETS[n]`` reads or writes ``n`` page offsets as a packet header lists them
 #: (8-byte big-endian): the destination's plain packets
-PACKED_OFFSETS = [struct.Struct(f">{n}Q") for n in range(PAGES_PER_PACKET + 1)]
+PACKED_OFFSETS = [struct.Struct(f">{n}Q") for n in range(MAX_PACKET_PAGES + 1)]
 _LOW_NIBBLE = bytes(b & 0x0F for b in range(256))
 
 
-def plain_packet(data: bytes | bytearray | memoryview, blocks: Mapping[str, int]) -> PlainPacket | None:
+def plain_packet(data: bytes | bytearray | memoryview, blocks: Mapping[str, int],
+                 packet_pages: int = PAGES_PER_PACKET) -> PlainPacket | None:
     """The common packet, checked without a Python loop: raw pages (``none``) of a known
     block, no flags, no zero pages, every offset page-aligned and inside the block.
 
@@ -363,7 +401,8 @@ def plain_packet(data: bytes | bytearray | memoryview, blocks: Mapping[str, int]
     """
     magic, version, flags, pages_alloc, normal, size, _, zero, _, name_field = PACKET_FIXED.unpack_from(data, 0)
     if (magic != MULTIFD_MAGIC or version != MULTIFD_VERSION or flags or zero
-            or not 0 < normal <= pages_alloc <= PAGES_PER_PACKET
+            or not 0 < normal <= pages_alloc <= packet_pages
+            or (pages_alloc != packet_pages and packet_pages != PAGES_PER_PACKET)
             or (size and size != normal * TARGET_PAGE_SIZE)):
         return None
     name = _block_name(name_field)

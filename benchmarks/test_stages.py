@@ -12,7 +12,7 @@ from engine.compression import get_method, method_names
 from engine.memory.dirty import ChecksumTracker, DirtyLog
 from engine.memory.ram import BlockSpec, GuestRam
 from engine.memory.workload import fill_pages
-from engine.source.channels import _Batch
+from engine.source.batch import Batch
 from engine.source.ram_saver import zero_pages
 from engine.wire.encoder import StreamEncoder
 from engine.wire.stream import MainStreamParser, StreamReader
@@ -38,7 +38,7 @@ def test_stages_zero_page_detection(benchmark, ram) -> None:
 def test_stages_compress_packet(benchmark, ram, method) -> None:
     m = get_method(method)
     ctx = m.send_setup(m.default_level)
-    batch = _Batch(PAGES_PER_PACKET)
+    batch = Batch(PAGES_PER_PACKET)
     batch.block = ram.blocks[0]
     batch.idx = np.arange(1000, 1000 + PAGES_PER_PACKET, dtype=np.int64)
     out = benchmark(lambda: ctx.send_prepare(batch))
@@ -51,7 +51,7 @@ def test_stages_compress_packet(benchmark, ram, method) -> None:
 def test_stages_decompress_packet(benchmark, ram, method) -> None:
     m = get_method(method)
     send = m.send_setup(m.default_level)
-    batch = _Batch(PAGES_PER_PACKET)
+    batch = Batch(PAGES_PER_PACKET)
     batch.block = ram.blocks[0]
     batch.idx = np.arange(2000, 2000 + PAGES_PER_PACKET, dtype=np.int64)
     payloads = [b"".join(bytes(memoryview(x).cast("B")) for x in send.send_prepare(batch)) for _ in range(200)]

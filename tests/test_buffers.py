@@ -10,7 +10,7 @@ import numpy as np
 
 from engine.runtime.buffers import aligned_bytes, aligned_pages
 from engine.destination.channels import _Sink
-from engine.source.channels import _Batch
+from engine.source.batch import Batch
 from engine.wire.packet import MAX_PACKET_PAYLOAD, PAGES_PER_PACKET
 
 PAGE = 4096
@@ -56,4 +56,4 @@ def test_channel_packet_buffers_are_page_aligned() -> None:
         sink = _Sink(s, "multifd channel 0")
     assert len(sink.payload_view) == MAX_PACKET_PAYLOAD
     assert address(sink.payload_view) % PAGE == 0
-    assert _Batch(PAGES_PER_PACKET).scratch.ctypes.data % PAGE == 0
+    assert Batch(PAGES_PER_PACKET).scratch.ctypes.data % PAGE == 0

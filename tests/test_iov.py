@@ -4,6 +4,7 @@ worth; stalls and a peer that goes away give the transport's errors."""
 
 from __future__ import annotations
 
+import mmap
 import socket
 import threading
 
@@ -12,13 +13,19 @@ import pytest
 
 from engine.errors import ChannelError, MigrationTimeout, TruncatedError
 from engine.runtime.iov import PageIO, address_of
+from engine.runtime.splice import PageSplicer, can_splice
 from engine.wire.packet import PACKET_HEADER_SIZE, TARGET_PAGE_SIZE
 
 PAGES = np.array([3, 4, 5, 9, 10, 40, 41, 42, 43, 63], dtype=np.int64)
+#: the source's two ways to send a packet: the kernel copies the pages, or passes references
+SENDERS = [PageIO, pytest.param(PageSplicer, marks=pytest.mark.skipif(not can_splice(), reason="no vmsplice"))]
 
 
-def _ram(seed: int) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 256, size=(64, TARGET_PAGE_SIZE), dtype=np.uint8)
+def _ram(seed: int, pages: int = 64) -> np.ndarray:
+    """Pages on page boundaries, as guest RAM is (a mapping)."""
+    ram = np.frombuffer(mmap.mmap(-1, pages * TARGET_PAGE_SIZE), dtype=np.uint8).reshape(pages, TARGET_PAGE_SIZE)
+    ram[:] = np.random.default_rng(seed).integers(0, 256, size=ram.shape, dtype=np.uint8)
+    return ram
 
 
 def _pair(sndbuf: int | None = None) -> tuple[socket.socket, socket.socket]:
@@ -30,7 +37,8 @@ def _pair(sndbuf: int | None = None) -> tuple[socket.socket, socket.socket]:
     return a, b
 
 
-def test_send_packet_sends_header_then_pages_in_order_through_partial_sends() -> None:
+@pytest.mark.parametrize("io", SENDERS)
+def test_send_packet_sends_header_then_pages_in_order_through_partial_sends(io: type[PageIO]) -> None:
     ram = _ram(1)
     header = bytearray(np.random.default_rng(2).integers(0, 256, PACKET_HEADER_SIZE, dtype=np.uint8).tobytes())
     want = bytes(header) + b"".join(ram[p].tobytes() for p in PAGES)
@@ -48,11 +56,12 @@ def test_send_packet_sends_header_then_pages_in_order_through_partial_sends() ->
 
         reader = threading.Thread(target=read)
         reader.start()
-        pio = PageIO(a, "multifd channel 0", header)
+        pio = io(a, "multifd channel 0", header)
         assert pio.send_packet(PACKET_HEADER_SIZE, address_of(ram), PAGES) == len(want)
         # the entries cut by partial calls are whole again for the next packet
         assert pio.send_packet(PACKET_HEADER_SIZE, address_of(ram), PAGES[:2]) == PACKET_HEADER_SIZE + 2 * 4096
         reader.join(10)
+        pio.close()
     assert bytes(got[:len(want)]) == want
     assert bytes(got[len(want):]) == bytes(header) + ram[3].tobytes() + ram[4].tobytes()
 
@@ -106,36 +115,41 @@ def test_recv_pages_names_a_peer_that_closes_inside_the_payload() -> None:
             pio.recv_pages(address_of(dst), (PAGES * TARGET_PAGE_SIZE).astype(">u8"), PACKET_HEADER_SIZE)
 
 
-def test_send_packet_to_a_peer_that_stops_reading_times_out() -> None:
+@pytest.mark.parametrize("io", SENDERS)
+def test_send_packet_to_a_peer_that_stops_reading_times_out(io: type[PageIO]) -> None:
     ram = _ram(4)
     a, b = _pair(sndbuf=4096)
     with a, b:
         a.settimeout(0.2)
-        pio = PageIO(a, "multifd channel 4", bytearray(PACKET_HEADER_SIZE))
+        pio = io(a, "multifd channel 4", bytearray(PACKET_HEADER_SIZE))
         with pytest.raises(MigrationTimeout,
                            match=r"^multifd channel 4: sending stalled for 0\.2s \(the peer is not reading\)$"):
             for _ in range(200):
                 pio.send_packet(PACKET_HEADER_SIZE, address_of(ram), PAGES)
+        pio.close()
 
 
-def test_send_packet_to_a_closed_peer_is_a_channel_error() -> None:
+@pytest.mark.parametrize("io", SENDERS)
+def test_send_packet_to_a_closed_peer_is_a_channel_error(io: type[PageIO]) -> None:
     ram = _ram(5)
     a, b = _pair()
     b.close()
     with a:
-        pio = PageIO(a, "multifd channel 5", bytearray(PACKET_HEADER_SIZE))
+        pio = io(a, "multifd channel 5", bytearray(PACKET_HEADER_SIZE))
         with pytest.raises(ChannelError, match=r"^multifd channel 5: send failed: Broken pipe$"):
             pio.send_packet(PACKET_HEADER_SIZE, address_of(ram), PAGES)
+        pio.close()
 
 
-def test_a_packet_of_more_pages_than_iov_max_goes_whole_both_ways() -> None:
+@pytest.mark.parametrize("io", SENDERS)
+def test_a_packet_of_more_pages_than_iov_max_goes_whole_both_ways(io: type[PageIO]) -> None:
     """packet-pages 1024: 1025 entries to send, 1026 to receive, more than one call takes."""
     from engine.runtime.iov import IOV_MAX
     from engine.wire.packet import MAX_PACKET_PAGES, header_size
 
     pages = np.random.default_rng(6).permutation(2 * MAX_PACKET_PAGES)[:MAX_PACKET_PAGES].astype(np.int64)
     assert len(pages) + 1 > IOV_MAX
-    src = np.random.default_rng(7).integers(0, 256, size=(2 * MAX_PACKET_PAGES, TARGET_PAGE_SIZE), dtype=np.uint8)
+    src = _ram(7, 2 * MAX_PACKET_PAGES)
     dst = np.zeros_like(src)
     size = header_size(MAX_PACKET_PAGES)
     out_header = bytearray(np.random.default_rng(8).integers(0, 256, size, dtype=np.uint8).tobytes())
@@ -153,10 +167,59 @@ def test_a_packet_of_more_pages_than_iov_max_goes_whole_both_ways() -> None:
 
         reader = threading.Thread(target=read)
         reader.start()
-        pio = PageIO(a, "multifd channel 6", out_header, MAX_PACKET_PAGES)
+        pio = io(a, "multifd channel 6", out_header, MAX_PACKET_PAGES)
         assert pio.send_packet(size, address_of(src), pages) == size + MAX_PACKET_PAGES * TARGET_PAGE_SIZE
         reader.join(10)
+        pio.close()
     assert received == [0]
     assert in_header == out_header
     assert np.array_equal(dst[pages], src[pages])
     assert not np.delete(dst, pages, axis=0).any()
+
+
+def test_a_spliced_packet_leaves_its_header_as_it_was_when_sent() -> None:
+    """The header buffer is reused by the next packet at once: it goes into the pipe as a copy,
+    so what the peer reads is the header of its own packet (the pages go by reference)."""
+    if not can_splice():
+        pytest.skip("no vmsplice")
+    ram = _ram(9)
+    header = bytearray(b"A" * PACKET_HEADER_SIZE)
+    a, b = _pair()
+    with a, b:
+        pio = PageSplicer(a, "multifd channel 7", header)
+        pio.send_packet(PACKET_HEADER_SIZE, address_of(ram), PAGES[:1])
+        header[:] = b"B" * PACKET_HEADER_SIZE
+        pio.send_packet(PACKET_HEADER_SIZE, address_of(ram), np.zeros(0, dtype=np.int64))  # a header alone
+        pio.close()
+        want = b"A" * PACKET_HEADER_SIZE + ram[PAGES[0]].tobytes() + b"B" * PACKET_HEADER_SIZE
+        got = bytearray()
+        while len(got) < len(want):
+            got += b.recv(len(want) - len(got))
+    assert bytes(got) == want
+
+
+def test_pages_off_page_boundaries_are_sent_by_copy() -> None:
+    """vmsplice takes a reference per kernel page: a 4 KiB page that straddles two would take
+    two pipe slots, so such a buffer goes through sendmsg instead, byte-exact."""
+    if not can_splice():
+        pytest.skip("no vmsplice")
+    backing = np.frombuffer(mmap.mmap(-1, 65 * TARGET_PAGE_SIZE), dtype=np.uint8)
+    ram = backing[100:100 + 64 * TARGET_PAGE_SIZE].reshape(64, TARGET_PAGE_SIZE)
+    ram[:] = np.random.default_rng(10).integers(0, 256, size=ram.shape, dtype=np.uint8)
+    header = bytearray(b"H" * PACKET_HEADER_SIZE)
+    want = bytes(header) + b"".join(ram[p].tobytes() for p in PAGES)
+    a, b = _pair()
+    with a, b:
+        pio = PageSplicer(a, "multifd channel 8", header)
+        got = bytearray()
+
+        def read() -> None:
+            while len(got) < len(want):
+                got.extend(b.recv(65536))
+
+        reader = threading.Thread(target=read)
+        reader.start()
+        assert pio.send_packet(PACKET_HEADER_SIZE, address_of(ram), PAGES) == len(want)
+        reader.join(10)
+        pio.close()
+    assert bytes(got) == want

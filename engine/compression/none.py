@@ -12,11 +12,9 @@ from .registry import register_method
 
 class NoneSend(SendContext):
     # Views of the mapping, one iovec per run of pages: the page bytes go from guest RAM to
-    # the socket without a copy in the process. The channel drops the page-table entries every
-    # 8 MiB of packets (_Batch.done in source/channels.py), so its RSS does not grow with the
-    # guest (measured against gather(): docs/performance.md). A source channel's common path
-    # builds the same views from the job's page indices without calling this
-    # (source/channels.py); this serves zero-page-detection=multifd.
+    # the socket without a copy in the process. A plain socket's common path passes the pages
+    # without calling this (runtime/iov.py, runtime/splice.py); this serves TLS and
+    # zero-copy-send sockets.
     def send_prepare(self, batch: PageBatch) -> Sequence[Buffer]:
         return batch.views()
 

@@ -51,7 +51,7 @@ _recvmsg = _libc.recvmsg
 _recvmsg.argtypes = [ctypes.c_int, ctypes.POINTER(_MsgHdr), ctypes.c_int]
 _recvmsg.restype = ctypes.c_ssize_t
 _MSG_NOSIGNAL = getattr(socket, "MSG_NOSIGNAL", 0x4000)
-_ENTRY = ctypes.sizeof(_IoVec)
+ENTRY_SIZE = ctypes.sizeof(_IoVec)  # bytes of one iovec entry
 IOV_MAX = os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 1024
 
 
@@ -80,6 +80,9 @@ class PageIO:
         self._poll = select.poll()
         self._poll.register(self.fd, select.POLLOUT | select.POLLIN)
 
+    def close(self) -> None:
+        """Nothing to release here (a subclass may own file descriptors)."""
+
     def _fill(self, base: int, pages: npt.NDArray[np.int64]) -> int:
         n = len(pages)
         bases = self._cols[1:n + 1, 0]
@@ -101,7 +104,7 @@ class PageIO:
         have moved; returns the bytes moved (at most the entries' total)."""
         msg, iov, at = self._msg, self._iov, self._iov_at
         end = first + count
-        msg.iov, msg.iovlen = at + first * _ENTRY, min(count, IOV_MAX)
+        msg.iov, msg.iovlen = at + first * ENTRY_SIZE, min(count, IOV_MAX)
         done, cut, by = 0, -1, 0  # the entry a partial call ended in, and by how much its start moved
         ends: npt.NDArray[np.uint64] | None = None  # the entries' running lengths, from a first partial call
         try:
@@ -130,7 +133,7 @@ class PageIO:
                 if into:
                     iov[k].base += into
                     iov[k].len -= into
-                msg.iov, msg.iovlen = at + k * _ENTRY, min(end - k, IOV_MAX)
+                msg.iov, msg.iovlen = at + k * ENTRY_SIZE, min(end - k, IOV_MAX)
         except OSError as exc:  # the call's own errors (ours are not OSErrors)
             verb = "send" if events == select.POLLOUT else "receive"
             raise ChannelError(f"{self.what}: {verb} failed: {exc.strerror or exc}") from exc

@@ -28,11 +28,11 @@ import numpy.typing as npt
 
 from ..compression import MultiFDMethod
 from ..errors import ChannelError, MigrationTimeout
-from ..memory.ram import GuestRam, RamBlock, page_runs, zero_pages
-from ..runtime.buffers import aligned_pages
+from ..memory.ram import GuestRam
 from ..runtime.channels import ChannelEnd, ChannelSet, Synced
 from ..runtime.iov import PageIO, address_of
 from ..runtime.procs import FORK
+from ..runtime.splice import PageSplicer, can_splice
 from ..runtime.tls import close_notify
 from ..runtime.trace import COMPRESS, GATHER, SEND, WAIT, ZERO_SCAN, Trace, now_ns
 from ..runtime.transport import send_all
@@ -40,6 +40,7 @@ from ..runtime.zerocopy import ZeroCopySender
 from ..stats import Counters
 from ..wire.packet import (MULTIFD_FLAG_NOCOMP, MULTIFD_FLAG_SYNC, PAGES_PER_PACKET, TARGET_PAGE_SIZE,
                            PacketEncoder, header_size)
+from .batch import Batch
 
 #: Jobs a channel may have queued in its pipe. QEMU 7.2 uses 1 (one ``pages`` buffer per
 #: channel); with processes, a wake-up on a busy 2-core machine costs more than a thread
@@ -71,69 +72,6 @@ _PACKETS, _PAGES, _ZERO, _BYTES = Counters.PACKETS, Counters.PAGES, Counters.ZER
 _ZC_MISSED = Counters.ZERO_COPY_MISSED
 
 _NO_PAGES: npt.NDArray[np.int64] = np.zeros(0, dtype=np.int64)
-
-
-class _Batch:
-    """The pages of the packet being sent (implements ``compression.PageBatch``). For ``none``
-    they are views of guest RAM: the kernel copies them straight from the guest's pages into
-    the socket. Those pages stay mapped in the channel; they are the guest's memory, shared,
-    not the channel's own (its private memory is a few buffers). zlib and zstd compress from
-    views too; lz4 reads them with preadv into one reused buffer."""
-
-    def __init__(self, packet_pages: int) -> None:
-        self.scratch = aligned_pages(packet_pages)  # preadv's copies from the page cache at full speed
-        self.block: RamBlock | None = None
-        self.idx: npt.NDArray[np.int64] = np.zeros(0, dtype=np.int64)
-
-    def start(self, block: RamBlock, idx: npt.NDArray[np.int64]) -> None:
-        self.block, self.idx = block, idx
-
-    def drop_zero_pages(self) -> npt.NDArray[np.int64]:
-        """``zero-page-detection=multifd``: find the zero pages where they are in guest RAM
-        (no copy but of the candidates), keep the others as this batch (in order) and return
-        the zero pages' indices."""
-        assert self.block is not None
-        idx = self.idx
-        zero = zero_pages(self.block.words, idx)
-        if not zero.any():
-            return _NO_PAGES
-        zeros: npt.NDArray[np.int64] = idx[zero]
-        self.idx = idx[~zero]
-        return zeros
-
-    @property
-    def normal_pages(self) -> int:
-        return len(self.idx)
-
-    def views(self) -> list[memoryview]:
-        """Views of the pages in guest RAM, one per run: what zlib and zstd compress from, and
-        what ``none`` sends on a TLS or zero-copy socket."""
-        assert self.block is not None
-        if not len(self.idx):
-            return []
-        buf, page = self.block.buf, TARGET_PAGE_SIZE
-        return [buf[a * page:b * page] for a, b in page_runs(self.idx)]
-
-    def gather(self) -> npt.NDArray[np.uint8]:
-        """Copy the pages into the scratch buffer, for a method that needs them contiguous
-        (lz4's block format): positioned reads of the segment, one per run; a numpy gather
-        from the mapping for segments without a file descriptor."""
-        block = self.block
-        assert block is not None
-        out = self.scratch[: len(self.idx)]
-        fd = block.fd
-        if fd < 0:
-            np.take(block.pages, self.idx, axis=0, out=out)
-            return out
-        flat = memoryview(out).cast("B")  # type: ignore[arg-type]
-        pos = 0
-        for a, b in page_runs(self.idx):
-            end = pos + (b - a) * TARGET_PAGE_SIZE
-            got = os.preadv(fd, (flat[pos:end],), a * TARGET_PAGE_SIZE)
-            if got != end - pos:
-                raise ChannelError(f"short read of RAM block {block.name!r}: {got} of {end - pos} bytes")
-            pos = end
-        return out
 
 
 @dataclass(frozen=True)
@@ -168,7 +106,7 @@ class _Sender:
         self.ready, self.done = setup.ready, setup.done.data
         self.ctx, self.flag = method.send_setup(setup.level), method.flag
         self.jobs = JobLayout(setup.packet_pages)
-        self.enc, self.batch = PacketEncoder(setup.packet_pages), _Batch(setup.packet_pages)
+        self.enc, self.batch = PacketEncoder(setup.packet_pages), Batch(setup.packet_pages)
         self.header_size = len(self.enc.buf)
         self.trace = Trace(f"source channel {me.index}") if setup.tracing else None
         self.blocks = setup.ram.blocks
@@ -179,8 +117,10 @@ class _Sender:
         self.prepare_span = GATHER if method.flag == 0 else COMPRESS
         self.zc = ZeroCopySender(self.sock, self.what, self.sock.gettimeout() or 20.0) if setup.zero_copy else None
         # the common case (none, plain socket): one sendmsg of an iovec array per packet
-        self.pio = (PageIO(self.sock, self.what, self.enc.buf, setup.packet_pages)
-                    if self.raw and self.zc is None and type(self.sock) is socket.socket else None)
+        self.pio: PageIO | None = None
+        if self.raw and self.zc is None and type(self.sock) is socket.socket:
+            io = PageSplicer if can_splice() else PageIO  # the pages by reference where the kernel can
+            self.pio = io(self.sock, self.what, self.enc.buf, setup.packet_pages)
         self.bases = [address_of(b.pages) for b in self.blocks]
 
     def run(self) -> None:
@@ -209,6 +149,8 @@ class _Sender:
             self.ctx.send_cleanup()
             if self.zc is not None:
                 self.zc.close()
+            if self.pio is not None:
+                self.pio.close()
         self.me.hand_over(tr)
         close_notify(self.sock)
         with contextlib.suppress(OSError):

@@ -1,0 +1,109 @@
+"""A source channel's pages into its socket by reference: ``vmsplice`` into a pipe, ``splice`` out.
+
+``sendmsg`` makes the kernel copy every page into the socket's buffers. ``vmsplice`` instead
+puts references to the guest's pages into a pipe (one slot per page, from the same iovec array
+:class:`~engine.runtime.iov.PageIO` fills) and ``splice`` moves them into the socket, where TCP
+(or a UNIX socket) sends them from guest RAM: the source's only copy of the page is gone, and
+the receiver's is the one copy. The header is written into the pipe first (copied: its buffer
+is reused by the next packet). A packet goes in pieces of at most the pipe's size, each drained
+before the next, so ``vmsplice`` never waits; the socket keeps its timeout, as in ``PageIO``.
+
+Like QEMU's ``zero-copy-send``, a page the guest writes while it is in flight may leave with its
+new bytes. That is harmless for the same reason: the write dirtied the page, so a later section
+sends it again, and the destination applies section k+1 only after every packet of section k.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import os
+import select
+import socket
+
+import numpy as np
+import numpy.typing as npt
+
+from ..errors import ChannelError
+from ..wire.packet import PAGES_PER_PACKET, TARGET_PAGE_SIZE
+from .iov import ENTRY_SIZE, PageIO
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_vmsplice = getattr(_libc, "vmsplice", None)  # Linux only
+if _vmsplice is not None:
+    _vmsplice.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint]
+    _vmsplice.restype = ctypes.c_ssize_t
+_F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+_F_GETPIPE_SZ = getattr(fcntl, "F_GETPIPE_SZ", 1032)
+_SPLICE_F_NONBLOCK = getattr(os, "SPLICE_F_NONBLOCK", 2)
+#: the pipe's size asked for: 256 pages (the default limit for unprivileged processes)
+PIPE_SIZE = 1 << 20
+
+
+def can_splice() -> bool:
+    return _vmsplice is not None and hasattr(os, "splice")
+
+
+class PageSplicer(PageIO):
+    """:class:`PageIO` whose :meth:`send_packet` passes the pages by reference. Owns a pipe: :meth:`close`."""
+
+    def __init__(self, sock: socket.socket, what: str, header: bytearray, packet_pages: int = PAGES_PER_PACKET) -> None:
+        super().__init__(sock, what, header, packet_pages)
+        self._header_bytes = header
+        self._r, self._w = os.pipe()
+        try:
+            try:
+                size = fcntl.fcntl(self._w, _F_SETPIPE_SZ, PIPE_SIZE)
+            except OSError:  # a lower pipe-max-size: the pipe keeps its size
+                size = fcntl.fcntl(self._w, _F_GETPIPE_SZ)
+            self._slots = size // TARGET_PAGE_SIZE
+            if self._slots < 2 + len(header) // TARGET_PAGE_SIZE:
+                raise ChannelError(f"{what}: a pipe of {size} bytes cannot hold a packet header and a page")
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        for fd in (self._r, self._w):
+            if fd >= 0:
+                os.close(fd)
+        self._r = self._w = -1
+
+    def send_packet(self, header_len: int, base: int, pages: npt.NDArray[np.int64]) -> int:
+        if base % TARGET_PAGE_SIZE:  # a page across two of the kernel's pages would take two slots
+            return super().send_packet(header_len, base, pages)
+        n = self._fill(base, pages)
+        os.write(self._w, memoryview(self._header_bytes)[:header_len])  # whole: the pipe is empty
+        room = self._slots - (header_len + TARGET_PAGE_SIZE - 1) // TARGET_PAGE_SIZE
+        queued, first = header_len, 1
+        while first <= n:
+            k = min(room, n + 1 - first)
+            got = _vmsplice(self._w, self._iov_at + first * ENTRY_SIZE, k, _SPLICE_F_NONBLOCK)  # type: ignore[misc]
+            if got != k * TARGET_PAGE_SIZE:  # the pipe has room for all k: nothing else stops it
+                err = ctypes.get_errno() if got < 0 else 0
+                raise ChannelError(f"{self.what}: vmsplice of {k} pages moved {got} bytes"
+                                   + (f": {os.strerror(err)}" if err else ""))
+            queued += got
+            first += k
+            self._drain(queued, more=first <= n)
+            queued, room = 0, self._slots
+        if queued:  # a packet without pages: its header alone
+            self._drain(queued, more=False)
+        return header_len + n * TARGET_PAGE_SIZE
+
+    def _drain(self, nbytes: int, more: bool) -> None:
+        """Splice ``nbytes`` from the pipe into the socket, waiting (at most its timeout) while it is full."""
+        flags = os.SPLICE_F_MOVE | (os.SPLICE_F_MORE if more else 0)
+        while nbytes:
+            try:
+                nbytes -= os.splice(self._r, self.fd, nbytes, flags=flags)
+            except BlockingIOError:
+                self._wait(select.POLLOUT)
+            except InterruptedError:
+                continue
+            except OSError as exc:
+                if exc.errno in (errno.EAGAIN, errno.EWOULDBLOCK):
+                    self._wait(select.POLLOUT)
+                    continue
+                raise ChannelError(f"{self.what}: send failed: {exc.strerror or exc}") from exc

@@ -16,7 +16,6 @@ sends it again, and the destination applies section k+1 only after every packet 
 from __future__ import annotations
 
 import ctypes
-import errno
 import fcntl
 import os
 import select
@@ -98,12 +97,9 @@ class PageSplicer(PageIO):
         while nbytes:
             try:
                 nbytes -= os.splice(self._r, self.fd, nbytes, flags=flags)
-            except BlockingIOError:
+            except BlockingIOError:  # the socket is full
                 self._wait(select.POLLOUT)
             except InterruptedError:
                 continue
             except OSError as exc:
-                if exc.errno in (errno.EAGAIN, errno.EWOULDBLOCK):
-                    self._wait(select.POLLOUT)
-                    continue
                 raise ChannelError(f"{self.what}: send failed: {exc.strerror or exc}") from exc

@@ -16,11 +16,11 @@ _NO_PAGES: npt.NDArray[np.int64] = np.zeros(0, dtype=np.int64)
 
 
 class Batch:
-    """The pages of the packet being sent (implements ``compression.PageBatch``). For ``none``
-    they are views of guest RAM: the kernel copies them straight from the guest's pages into
-    the socket. Those pages stay mapped in the channel; they are the guest's memory, shared,
-    not the channel's own (its private memory is a few buffers). zlib and zstd compress from
-    views too; lz4 reads them with preadv into one reused buffer."""
+    """The pages of the packet being sent (implements ``compression.PageBatch``): page indices
+    of a block, and views of them in guest RAM where a method wants buffers (zlib and zstd
+    compress from them; ``none`` sends them on a TLS or zero-copy socket). Pages mapped that way
+    stay mapped in the channel; they are the guest's memory, shared, not the channel's own (its
+    private memory is a few buffers). lz4 reads them with preadv into one reused buffer."""
 
     def __init__(self, packet_pages: int) -> None:
         self.scratch = aligned_pages(packet_pages)  # preadv's copies from the page cache at full speed

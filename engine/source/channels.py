@@ -5,9 +5,9 @@ The migration thread batches the pages of one RAM block into packets of at most 
 and pipe calls), into the job pipe of an idle channel, like QEMU's ``multifd_send_pages``. A
 job names pages and never carries their bytes; every job of a migration has one size, each is
 written and read whole (the pipe has one writer), and the order holds: a SYNC job written after
-data jobs is handled after them. A channel process owns one socket and one compression context; per
-packet it encodes the header from the page indices and sends header and payload with one
-``sendmsg``. For a SYNC job it writes an empty SYNC packet and reports :class:`Synced`:
+data jobs is handled after them. A channel process owns one socket and one compression
+context; per packet it encodes the header from the page indices and sends the header and the
+pages (``runtime.splice``: by reference) or the payload. For a SYNC job it writes an empty SYNC packet and reports :class:`Synced`:
 :meth:`SendChannels.sync` returns once every channel has *written* its SYNC packet
 (``multifd_send_sync_main``), and only then may the main channel carry the EOS.
 """

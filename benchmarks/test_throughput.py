@@ -75,3 +75,17 @@ def test_tcp_congestion(benchmark, make_guest, congestion: str) -> None:
     ram = make_guest("mixed")
     params = MigrationParams(channels=4, compression="none", tcp_congestion=congestion)
     _bench(benchmark, ram, params, "tcp:127.0.0.1:0", rounds=5)
+
+
+@pytest.mark.parametrize("dest", ["fresh", "prealloc"])
+@pytest.mark.parametrize("method", ["none", "zstd"])
+@pytest.mark.parametrize("pages", [128, 512, 1024])
+def test_packet_pages(benchmark, make_guest, pages: int, method: str, dest: str) -> None:
+    """--packet-pages on both engines: QEMU's 128 against fewer, bigger packets, 4 channels, TCP,
+    mixed guest. Run: ./scripts/bench -k packet_pages"""
+    ram = make_guest("mixed")
+    params = MigrationParams(channels=4, compression=method, packet_pages=pages)
+    extra = ["--packet-pages", str(pages)]
+    if dest == "prealloc":
+        extra += ["--ram", f"pc.ram={ram.total_size}", "--prealloc"]
+    _bench(benchmark, ram, params, "tcp:127.0.0.1:0", *extra, rounds=5)

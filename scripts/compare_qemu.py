@@ -117,6 +117,8 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import qemu_peer  # noqa: E402
 import tls_creds  # noqa: E402
 from engine.runtime.transport import LOCAL_CONGESTION, congestion_setting  # noqa: E402
+from engine.errors import LocalProtocolError  # noqa: E402
+from engine.wire.packet import PAGES_PER_PACKET, check_packet_pages  # noqa: E402
 from engine_runs import (  # noqa: E402
     CASES, GiB, MiB, RunFailed, add_run_args, check_run_args, loadavg, machine_busy, machine_cpu, make_image,
     exit_status, proc_cpu, proc_huge_kib, proc_memory, proc_minflt, remove_leftover_segments, run_engine, shm_tag,
@@ -704,12 +706,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--tls", action="store_true",
                    help="every migration over TLS on every channel (tls-creds-x509 for QEMU, --tls-creds for the"
                         " engine), with a throw-away CA and certificates made in the work directory")
-    p.add_argument("--packet-pages", type=int, default=128, metavar="N",
+    p.add_argument("--packet-pages", type=int, default=PAGES_PER_PACKET, metavar="N",
                    help="the engine's pages per packet on both sides (default 128, as QEMU, which always uses 128;"
                         " up to 1024)")
     args = check_run_args(p, p.parse_args(argv))
-    if not 128 <= args.packet_pages <= 1024:
-        p.error(f"--packet-pages {args.packet_pages} is out of range, expected 128..1024")
+    try:
+        check_packet_pages(args.packet_pages)
+    except LocalProtocolError as exc:
+        p.error(f"--{exc}")
     if args.note is not None and (not args.results or not args.note.replace("-", "").isalnum()):
         p.error("--note needs --results and one word of letters, digits and '-'")
     return args
@@ -762,7 +766,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"compare-qemu: {size / GiB:g} GiB image generated in {time.monotonic() - t0:.1f}s ({image})",
                   file=sys.stderr)
         tls = tls_creds.make_pair(workdir / "tls") if args.tls else None
-        packets = ["--packet-pages", str(args.packet_pages)] if args.packet_pages != 128 else []
+        packets = ["--packet-pages", str(args.packet_pages)] if args.packet_pages != PAGES_PER_PACKET else []
         engine_extra: dict[str, Any] = {"extra_dst": packets, "extra_src": packets}
         if tls is not None:
             engine_extra = {"extra_dst": [*packets, "--tls-creds", str(tls[0])],
@@ -825,7 +829,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     names = " and ".join(q.short if len(qemus) > 1 and i else f"QEMU {q.short}" for i, q in enumerate(qemus))
     title = (f"{names} vs engine: {size / MiB:g} MiB guest, {args.channels} multifd channels, TCP loopback"
              f"{', TLS on every channel' if args.tls else ''}"
-             f"{f', engine packet-pages {args.packet_pages}' if args.packet_pages != 128 else ''},"
+             f"{f', engine packet-pages {args.packet_pages}' if args.packet_pages != PAGES_PER_PACKET else ''},"
              f" medians of {args.rounds} interleaved rounds{slow}")
     summary = [f"{title}\n", table(rows, args.channels, qemus)]
     loads = [r["load"] for runs in results.values() for r in runs if "load" in r]

@@ -223,3 +223,44 @@ def test_pages_off_page_boundaries_are_sent_by_copy() -> None:
         reader.join(10)
         pio.close()
     assert bytes(got) == want
+
+
+def _tcp_pair() -> tuple[socket.socket, socket.socket]:
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        a = socket.create_connection(server.getsockname())
+        b, _ = server.accept()
+    a.settimeout(10)
+    b.settimeout(10)
+    return a, b
+
+
+@pytest.mark.parametrize("pipe_size, spliced", [(8192, False), (64 << 10, False), (128 << 10, True), (1 << 20, True)])
+def test_the_source_splices_where_its_pipe_holds_enough_pages(monkeypatch: pytest.MonkeyPatch, pipe_size: int,
+                                                              spliced: bool) -> None:
+    """page_io: by reference over TCP when the pipe gets enough slots, in as many pieces as the
+    pipe needs; else (a low pipe-max-size, or no vmsplice) by sendmsg; the bytes are the same."""
+    from engine.runtime import splice
+
+    if not can_splice():
+        pytest.skip("no vmsplice")
+    monkeypatch.setattr(splice, "PIPE_SIZE", pipe_size)
+    ram = _ram(11, 256)
+    pages = np.arange(0, 256, 2, dtype=np.int64)  # 128 pages: more than a 32-slot pipe takes at once
+    header = bytearray(b"h" * PACKET_HEADER_SIZE)
+    want = bytes(header) + b"".join(ram[p].tobytes() for p in pages)
+    a, b = _tcp_pair()
+    with a, b:
+        pio = splice.page_io(a, "multifd channel 9", header)
+        assert isinstance(pio, PageSplicer) is spliced
+        got = bytearray()
+
+        def read() -> None:
+            while len(got) < len(want):
+                got.extend(b.recv(1 << 20))
+
+        reader = threading.Thread(target=read)
+        reader.start()
+        assert pio.send_packet(PACKET_HEADER_SIZE, address_of(ram), pages) == len(want)
+        reader.join(10)
+        pio.close()
+    assert bytes(got) == want

@@ -12,9 +12,9 @@ from .registry import register_method
 
 class NoneSend(SendContext):
     # Views of the mapping, one iovec per run of pages: the page bytes go from guest RAM to
-    # the socket without a copy in the process. A plain socket's common path passes the pages
-    # without calling this (runtime/iov.py, runtime/splice.py); this serves TLS and
-    # zero-copy-send sockets.
+    # the socket without a copy in the process. The source's channels take the same views (or
+    # the iovec array of runtime/iov.py) themselves; this serves the method's contract for the
+    # snapshot channels and the tests.
     def send_prepare(self, batch: PageBatch) -> Sequence[Buffer]:
         return batch.views()
 

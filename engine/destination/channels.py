@@ -16,6 +16,7 @@ from __future__ import annotations
 import mmap
 import os
 import socket
+import struct
 import time
 from dataclasses import dataclass
 from multiprocessing.reduction import recv_handle, send_handle
@@ -45,6 +46,7 @@ SOCKET = b"s"  # a standby channel's socket follows (SCM_RIGHTS)
 # the counter columns a channel updates per packet
 _PACKETS, _PAGES, _ZERO, _BYTES = Counters.PACKETS, Counters.PAGES, Counters.ZERO, Counters.BYTES
 _OFFSET = np.dtype(">u8")  # a page offset as a header lists it
+_PAGES_ALLOC, _PAGES_ALLOC_AT = struct.Struct(">I"), 12  # a header's pages_alloc (after magic, version, flags)
 
 
 class HeldData:
@@ -210,9 +212,18 @@ def _channel_loop(me: ChannelEnd, setup: RecvSetup) -> None:
     pio = PageIO(sock, sink.payload_what, header, packet_pages) if plain_path and type(sock) is socket.socket else None
     sink.pio = pio
     bases = {b.name: address_of(b.pages) for b in ram}
+    # a header's length follows packet-pages: with bigger packets than QEMU's, read its fixed
+    # part first, so that a source with other packets is named rather than misread
+    fixed_first = packet_pages != PAGES_PER_PACKET
     try:
         while True:
             t0 = now_ns() if tr is not None else 0
+            if fixed_first and ahead < PACKET_FIXED_SIZE:
+                if recv_exact_into(sock, hview[:PACKET_FIXED_SIZE], header_what, eof_ok=True, start=ahead):
+                    ahead = PACKET_FIXED_SIZE
+                    if _PAGES_ALLOC.unpack_from(header, _PAGES_ALLOC_AT)[0] != packet_pages:  # raises, naming it
+                        decode_packet_header(header, channel=me.index, expected_compression=method.flag,
+                                             blocks=lengths, expected_name=method.name, packet_pages=packet_pages)
             if not recv_exact_into(sock, hview, header_what, eof_ok=True, start=ahead):
                 me.hand_over(tr)
                 me.send(Eof(me.index))

@@ -52,7 +52,8 @@ _recvmsg.argtypes = [ctypes.c_int, ctypes.POINTER(_MsgHdr), ctypes.c_int]
 _recvmsg.restype = ctypes.c_ssize_t
 _MSG_NOSIGNAL = getattr(socket, "MSG_NOSIGNAL", 0x4000)
 ENTRY_SIZE = ctypes.sizeof(_IoVec)  # bytes of one iovec entry
-IOV_MAX = os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 1024
+_SYSCONF_IOV_MAX = os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else -1
+IOV_MAX = _SYSCONF_IOV_MAX if _SYSCONF_IOV_MAX > 0 else 1024  # -1: no limit stated (Linux's is 1024)
 
 
 def address_of(array: npt.NDArray[Any]) -> int:

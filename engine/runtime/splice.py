@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import fcntl
+import mmap
 import os
 import select
 import socket
@@ -36,16 +37,31 @@ if _vmsplice is not None:
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 _F_GETPIPE_SZ = getattr(fcntl, "F_GETPIPE_SZ", 1032)
 _SPLICE_F_NONBLOCK = getattr(os, "SPLICE_F_NONBLOCK", 2)
-#: the pipe's size asked for: 256 pages (the default limit for unprivileged processes)
+#: the pipe's size asked for (pipe-max-size's default, which unprivileged processes may use)
 PIPE_SIZE = 1 << 20
+#: fewer pipe slots than this and a packet would go in pieces too small to be worth it
+MIN_SLOTS = 16
 
 
 def can_splice() -> bool:
     return _vmsplice is not None and hasattr(os, "splice")
 
 
+def page_io(sock: socket.socket, what: str, header: bytearray, packet_pages: int = PAGES_PER_PACKET) -> PageIO:
+    """The source's way to send a ``none`` packet on a plain socket: by reference where the
+    kernel can, else one ``sendmsg`` of the iovec array (no vmsplice, or a pipe too small)."""
+    if can_splice():
+        try:
+            return PageSplicer(sock, what, header, packet_pages)
+        except OSError:
+            pass
+    return PageIO(sock, what, header, packet_pages)
+
+
 class PageSplicer(PageIO):
-    """:class:`PageIO` whose :meth:`send_packet` passes the pages by reference. Owns a pipe: :meth:`close`."""
+    """:class:`PageIO` whose :meth:`send_packet` passes the pages by reference. Owns a pipe:
+    :meth:`close`. The pipe's slots hold one kernel page each (a 4 KiB target page inside a
+    bigger host page takes one slot too); raises OSError when the pipe gets too few."""
 
     def __init__(self, sock: socket.socket, what: str, header: bytearray, packet_pages: int = PAGES_PER_PACKET) -> None:
         super().__init__(sock, what, header, packet_pages)
@@ -56,9 +72,10 @@ class PageSplicer(PageIO):
                 size = fcntl.fcntl(self._w, _F_SETPIPE_SZ, PIPE_SIZE)
             except OSError:  # a lower pipe-max-size: the pipe keeps its size
                 size = fcntl.fcntl(self._w, _F_GETPIPE_SZ)
-            self._slots = size // TARGET_PAGE_SIZE
-            if self._slots < 2 + len(header) // TARGET_PAGE_SIZE:
-                raise ChannelError(f"{what}: a pipe of {size} bytes cannot hold a packet header and a page")
+            self._slots = size // mmap.PAGESIZE
+            self._header_slots = -(-len(header) // mmap.PAGESIZE)  # the header's bytes, written into pipe pages
+            if self._slots < self._header_slots + MIN_SLOTS:
+                raise OSError(f"{what}: a pipe of {size} bytes holds too few pages to splice from")
         except BaseException:
             self.close()
             raise
@@ -74,17 +91,17 @@ class PageSplicer(PageIO):
             return super().send_packet(header_len, base, pages)
         n = self._fill(base, pages)
         os.write(self._w, memoryview(self._header_bytes)[:header_len])  # whole: the pipe is empty
-        room = self._slots - (header_len + TARGET_PAGE_SIZE - 1) // TARGET_PAGE_SIZE
+        room = self._slots - self._header_slots
         queued, first = header_len, 1
         while first <= n:
             k = min(room, n + 1 - first)
             got = _vmsplice(self._w, self._iov_at + first * ENTRY_SIZE, k, _SPLICE_F_NONBLOCK)  # type: ignore[misc]
-            if got != k * TARGET_PAGE_SIZE:  # the pipe has room for all k: nothing else stops it
+            if got <= 0 or got % TARGET_PAGE_SIZE:  # whole pages, at least one: the pipe had room
                 err = ctypes.get_errno() if got < 0 else 0
                 raise ChannelError(f"{self.what}: vmsplice of {k} pages moved {got} bytes"
                                    + (f": {os.strerror(err)}" if err else ""))
             queued += got
-            first += k
+            first += got // TARGET_PAGE_SIZE  # fewer than k if the pipe filled early: the rest next time
             self._drain(queued, more=first <= n)
             queued, room = 0, self._slots
         if queued:  # a packet without pages: its header alone
@@ -92,14 +109,18 @@ class PageSplicer(PageIO):
         return header_len + n * TARGET_PAGE_SIZE
 
     def _drain(self, nbytes: int, more: bool) -> None:
-        """Splice ``nbytes`` from the pipe into the socket, waiting (at most its timeout) while it is full."""
+        """Splice ``nbytes`` from the pipe into the socket, waiting (at most its timeout) while it
+        is full. A peer that is gone gives EPIPE, not SIGPIPE: Python ignores SIGPIPE, and the
+        channel processes inherit that."""
         flags = os.SPLICE_F_MOVE | (os.SPLICE_F_MORE if more else 0)
         while nbytes:
             try:
-                nbytes -= os.splice(self._r, self.fd, nbytes, flags=flags)
+                moved = os.splice(self._r, self.fd, nbytes, flags=flags)
             except BlockingIOError:  # the socket is full
                 self._wait(select.POLLOUT)
-            except InterruptedError:
                 continue
             except OSError as exc:
                 raise ChannelError(f"{self.what}: send failed: {exc.strerror or exc}") from exc
+            if moved <= 0:
+                raise ChannelError(f"{self.what}: send failed: splice moved nothing with {nbytes} bytes in the pipe")
+            nbytes -= moved

@@ -1,7 +1,7 @@
 """Source side multifd channels: the migration thread hands out jobs, N channel processes send.
 
-The migration thread batches the pages of one RAM block into packets of at most 128 pages
-(``packet-pages``) and writes them, two 128-page packets to a job (half the hand-offs, wake-ups
+The migration thread batches the pages of one RAM block into packets of at most
+``packet-pages`` pages (QEMU's 128 by default) and writes them, two 128-page packets to a job (half the hand-offs, wake-ups
 and pipe calls), into the job pipe of an idle channel, like QEMU's ``multifd_send_pages``. A
 job names pages and never carries their bytes; every job of a migration has one size, each is
 written and read whole (the pipe has one writer), and the order holds: a SYNC job written after
@@ -32,7 +32,7 @@ from ..memory.ram import GuestRam
 from ..runtime.channels import ChannelEnd, ChannelSet, Synced
 from ..runtime.iov import PageIO, address_of
 from ..runtime.procs import FORK
-from ..runtime.splice import PageSplicer, can_splice
+from ..runtime.splice import page_io
 from ..runtime.tls import close_notify
 from ..runtime.trace import COMPRESS, GATHER, SEND, WAIT, ZERO_SCAN, Trace, now_ns
 from ..runtime.transport import send_all
@@ -116,11 +116,10 @@ class _Sender:
         self.detect_zero = setup.detect_zero
         self.prepare_span = GATHER if method.flag == 0 else COMPRESS
         self.zc = ZeroCopySender(self.sock, self.what, self.sock.gettimeout() or 20.0) if setup.zero_copy else None
-        # the common case (none, plain socket): one sendmsg of an iovec array per packet
+        # the common case (none, plain socket): the packet's pages by reference (runtime.splice)
         self.pio: PageIO | None = None
         if self.raw and self.zc is None and type(self.sock) is socket.socket:
-            io = PageSplicer if can_splice() else PageIO  # the pages by reference where the kernel can
-            self.pio = io(self.sock, self.what, self.enc.buf, setup.packet_pages)
+            self.pio = page_io(self.sock, self.what, self.enc.buf, setup.packet_pages)
         self.bases = [address_of(b.pages) for b in self.blocks]
 
     def run(self) -> None:

@@ -171,7 +171,7 @@ class Migration(BackgroundJob):
         chunk = ZERO_SCAN_CHUNK
         if self.params.max_bandwidth:  # small enough chunks to hold a 100 ms window
             chunk = int(np.clip(self.params.max_bandwidth * RATE_WINDOW / TARGET_PAGE_SIZE / 2,
-                                PAGES_PER_PACKET, ZERO_SCAN_CHUNK))
+                                self.params.packet_pages, max(ZERO_SCAN_CHUNK, self.params.packet_pages)))
         saver = RamSaver(self._main_send, self._enc, self._channels, self.ram, self.stats,
                          after_chunk=after_chunk, chunk_pages=chunk,
                          scan_zero=self.params.zero_page_detection == "legacy",

@@ -425,9 +425,10 @@ def consecutive_runs(values: Sequence[int], step: int = 1) -> list[tuple[int, in
     values need not be sorted): ``[(first, last + step), ...]``. Page indices with ``step`` 1
     (:func:`engine.memory.ram.page_runs`), byte offsets of pages with ``step`` 4096.
 
-    A plain loop: a packet has at most 128 values, and inside a busy channel process one pass
-    in Python costs less than the several numpy calls (or a C-level ``map`` trick) that would
-    do the same (measured: docs/performance.md, "Python per packet").
+    A plain loop: a QEMU packet has at most 128 values, and inside a busy channel process one
+    pass in Python costs less than the several numpy calls (or a C-level ``map`` trick) that
+    would do the same (measured: docs/performance.md, "Python per packet"); bigger packets cost
+    the same per value.
     """
     if not values:
         return []

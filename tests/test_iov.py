@@ -210,19 +210,26 @@ def test_pages_off_page_boundaries_are_sent_by_copy() -> None:
     want = bytes(header) + b"".join(ram[p].tobytes() for p in PAGES)
     a, b = _pair()
     with a, b:
-        pio = PageSplicer(a, "multifd channel 8", header)
-        got = bytearray()
+        assert _sent(PageSplicer(a, "multifd channel 8", header), b, ram, PAGES, len(want)) == want
 
-        def read() -> None:
-            while len(got) < len(want):
-                got.extend(b.recv(65536))
 
-        reader = threading.Thread(target=read)
-        reader.start()
-        assert pio.send_packet(PACKET_HEADER_SIZE, address_of(ram), PAGES) == len(want)
+def _sent(pio: PageIO, peer: socket.socket, ram: np.ndarray, pages: np.ndarray, size: int) -> bytes:
+    """What ``peer`` reads while ``pio`` sends one packet of ``size`` bytes (its header, then
+    ``pages`` of ``ram``); ``pio`` is closed after."""
+    got = bytearray()
+
+    def read() -> None:
+        while len(got) < size:
+            got.extend(peer.recv(1 << 20))
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        assert pio.send_packet(PACKET_HEADER_SIZE, address_of(ram), pages) == size
+    finally:
         reader.join(10)
         pio.close()
-    assert bytes(got) == want
+    return bytes(got)
 
 
 def _tcp_pair() -> tuple[socket.socket, socket.socket]:
@@ -252,15 +259,4 @@ def test_the_source_splices_where_its_pipe_holds_enough_pages(monkeypatch: pytes
     with a, b:
         pio = splice.page_io(a, "multifd channel 9", header)
         assert isinstance(pio, PageSplicer) is spliced
-        got = bytearray()
-
-        def read() -> None:
-            while len(got) < len(want):
-                got.extend(b.recv(1 << 20))
-
-        reader = threading.Thread(target=read)
-        reader.start()
-        assert pio.send_packet(PACKET_HEADER_SIZE, address_of(ram), pages) == len(want)
-        reader.join(10)
-        pio.close()
-    assert bytes(got) == want
+        assert _sent(pio, b, ram, pages, len(want)) == want

@@ -18,7 +18,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from engine.errors import RemoteProtocolError
-from engine.memory.ram import page_runs
+from engine.memory.runs import consecutive_runs, page_runs
 from engine.wire.packet import (
     MULTIFD_FLAG_NOCOMP,
     MULTIFD_FLAG_SYNC,
@@ -30,7 +30,6 @@ from engine.wire.packet import (
     decode_packet_header,
     encode_packet_header,
     PlainPacket,
-    consecutive_runs,
     plain_packet,
 )
 from test_wire import MALFORMED

@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 
 import engine.memory.ram as ram_mod
 from engine.errors import ChannelError
-from engine.memory.ram import BlockSpec, GuestRam, page_runs
+from engine.memory.ram import BlockSpec, GuestRam
+from engine.memory.runs import NUMPY_RUNS_FROM, consecutive_runs, page_runs
 from engine.wire.packet import TARGET_PAGE_SIZE
 
 PAGE = TARGET_PAGE_SIZE
@@ -39,6 +40,15 @@ def test_page_runs_cover_the_indices_in_order(pages: list[int]) -> None:
     assert all(a < b for a, b in runs)
     # maximal: no run ends where the next one starts
     assert all(runs[i][1] != runs[i + 1][0] for i in range(len(runs) - 1))
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.integers(0, 3000), min_size=NUMPY_RUNS_FROM, max_size=1100), st.booleans())
+def test_page_runs_of_big_packets_are_the_loops(pages: list[int], sort: bool) -> None:
+    """From NUMPY_RUNS_FROM pages on numpy finds the runs: the same runs as the loop, in any
+    order and with repeats (indices from the wire)."""
+    idx = np.array(sorted(pages) if sort else pages, dtype=np.int64)
+    assert page_runs(idx) == consecutive_runs(idx.tolist())
 
 
 def _writer(block_name: str, ram: GuestRam, packets: list[np.ndarray]) -> None:

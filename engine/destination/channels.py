@@ -28,7 +28,8 @@ import numpy.typing as npt
 from ..compression import MultiFDMethod
 from ..compression.base import Buffer
 from ..errors import ChannelError, MigrationTimeout
-from ..memory.ram import GuestRam, RamBlock, page_runs
+from ..memory.ram import GuestRam, RamBlock
+from ..memory.runs import consecutive_runs, page_runs
 from ..runtime.buffers import aligned_bytes
 from ..runtime.channels import ChannelEnd, ChannelSet, Eof, Ready, Synced
 from ..runtime.iov import PageIO, address_of
@@ -37,7 +38,7 @@ from ..runtime.trace import BARRIER, DECOMPRESS, RECV_HEADER, RECV_PAYLOAD, WRIT
 from ..runtime.transport import recv_at_least_into_many, recv_exact_into, recv_exact_into_many
 from ..stats import Counters
 from ..wire.packet import (MULTIFD_FLAG_NOCOMP, PACKET_FIXED_SIZE, PAGES_PER_PACKET, TARGET_PAGE_BITS,
-                           TARGET_PAGE_SIZE, consecutive_runs, decode_packet_header, header_size, max_payload,
+                           TARGET_PAGE_SIZE, decode_packet_header, header_size, max_payload,
                            plain_packet)
 
 RELEASE = b"r"

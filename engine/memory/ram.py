@@ -28,11 +28,8 @@ import numpy.typing as npt
 
 from ..errors import ChannelError, ConfigError
 from ..runtime.procs import FORK
-from ..wire.packet import (
-    MAX_RAMBLOCK_NAME,
-    TARGET_PAGE_SIZE,
-    consecutive_runs,
-)
+from ..wire.packet import MAX_RAMBLOCK_NAME, TARGET_PAGE_SIZE
+from .runs import page_runs
 
 SEGMENT_PREFIX = "mfd"
 _ZERO_CHUNK = memoryview(bytes(128 * TARGET_PAGE_SIZE))  # source of zero-fills (read only)
@@ -386,12 +383,6 @@ def block_digest(block: RamBlock) -> str:
     for off in range(0, block.size, step):
         h.update(block.buf[off:off + step])
     return h.hexdigest()
-
-
-def page_runs(idx: npt.NDArray[np.int64]) -> list[tuple[int, int]]:
-    """Coalesce page indices into runs of consecutive pages: ``[(start, stop), ...]``, stops
-    exclusive, in the given order (indices from the wire need not be sorted)."""
-    return consecutive_runs(idx.tolist())
 
 
 def safe_file_name(index: int, name: str) -> str:

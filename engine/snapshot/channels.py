@@ -34,7 +34,8 @@ from ..errors import (
     MigrationTimeout,
     SnapshotCorruptError,
 )
-from ..memory.ram import GuestRam, page_runs, pwrite_all, zero_pages
+from ..memory.ram import GuestRam, pwrite_all, zero_pages
+from ..memory.runs import page_runs
 from ..precopy import RateLimiter
 from ..runtime.buffers import aligned_bytes, aligned_pages
 from ..runtime.channels import ChannelEnd, ChannelSet, Corrupt, Done

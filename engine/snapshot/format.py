@@ -36,7 +36,8 @@ from ..errors import (
     SnapshotError,
     SnapshotFormatError,
 )
-from ..memory.ram import check_block, page_runs
+from ..memory.ram import check_block
+from ..memory.runs import page_runs
 from ..wire.machine import MachineState
 from ..wire.packet import MAX_RAMBLOCK_NAME, TARGET_PAGE_SIZE
 from ..wire.vmstate import parse_tail

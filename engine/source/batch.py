@@ -8,7 +8,8 @@ import numpy as np
 import numpy.typing as npt
 
 from ..errors import ChannelError
-from ..memory.ram import RamBlock, page_runs, zero_pages
+from ..memory.ram import RamBlock, zero_pages
+from ..memory.runs import page_runs
 from ..runtime.buffers import aligned_pages
 from ..wire.packet import TARGET_PAGE_SIZE
 

@@ -420,29 +420,6 @@ def plain_packet(data: bytes | bytearray | memoryview, blocks: Mapping[str, int]
     return PlainPacket(name, listed)
 
 
-def consecutive_runs(values: Sequence[int], step: int = 1) -> list[tuple[int, int]]:
-    """Runs of consecutive values, each ``step`` after the one before, in the given order (the
-    values need not be sorted): ``[(first, last + step), ...]``. Page indices with ``step`` 1
-    (:func:`engine.memory.ram.page_runs`), byte offsets of pages with ``step`` 4096.
-
-    A plain loop: a QEMU packet has at most 128 values, and inside a busy channel process one
-    pass in Python costs less than the several numpy calls (or a C-level ``map`` trick) that
-    would do the same (measured: docs/performance.md, "Python per packet"); bigger packets cost
-    the same per value.
-    """
-    if not values:
-        return []
-    runs = []
-    start = stop = values[0]
-    for value in values:
-        if value != stop:
-            runs.append((start, stop))
-            start = value
-        stop = value + step
-    runs.append((start, stop))
-    return runs
-
-
 _NO_OFFSETS: npt.NDArray[np.int64] = np.zeros(0, dtype=np.int64)
 _NO_OFFSETS.flags.writeable = False
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import mmap
 import os
 import socket
-import struct
 import time
 from dataclasses import dataclass
 from multiprocessing.reduction import recv_handle, send_handle
@@ -38,7 +37,7 @@ from ..runtime.trace import BARRIER, DECOMPRESS, RECV_HEADER, RECV_PAYLOAD, WRIT
 from ..runtime.transport import recv_at_least_into_many, recv_exact_into, recv_exact_into_many
 from ..stats import Counters
 from ..wire.packet import (MULTIFD_FLAG_NOCOMP, PACKET_FIXED_SIZE, PAGES_PER_PACKET, TARGET_PAGE_BITS,
-                           TARGET_PAGE_SIZE, decode_packet_header, header_size, max_payload,
+                           TARGET_PAGE_SIZE, check_header_start, decode_packet_header, header_size, max_payload,
                            plain_packet)
 
 RELEASE = b"r"
@@ -47,7 +46,6 @@ SOCKET = b"s"  # a standby channel's socket follows (SCM_RIGHTS)
 # the counter columns a channel updates per packet
 _PACKETS, _PAGES, _ZERO, _BYTES = Counters.PACKETS, Counters.PAGES, Counters.ZERO, Counters.BYTES
 _OFFSET = np.dtype(">u8")  # a page offset as a header lists it
-_PAGES_ALLOC, _PAGES_ALLOC_AT = struct.Struct(">I"), 12  # a header's pages_alloc (after magic, version, flags)
 
 
 class HeldData:
@@ -222,9 +220,7 @@ def _channel_loop(me: ChannelEnd, setup: RecvSetup) -> None:
             if fixed_first and ahead < PACKET_FIXED_SIZE:
                 if recv_exact_into(sock, hview[:PACKET_FIXED_SIZE], header_what, eof_ok=True, start=ahead):
                     ahead = PACKET_FIXED_SIZE
-                    if _PAGES_ALLOC.unpack_from(header, _PAGES_ALLOC_AT)[0] != packet_pages:  # raises, naming it
-                        decode_packet_header(header, channel=me.index, expected_compression=method.flag,
-                                             blocks=lengths, expected_name=method.name, packet_pages=packet_pages)
+                    check_header_start(header, channel=me.index, packet_pages=packet_pages)
             if not recv_exact_into(sock, hview, header_what, eof_ok=True, start=ahead):
                 me.hand_over(tr)
                 me.send(Eof(me.index))

@@ -7,7 +7,7 @@ All integers are big-endian and the structures are packed (wire doc sections 1.2
 ``MultiFDPacket_t`` is a 320-byte fixed part plus 128 offset slots (1344 bytes on 4 KiB
 pages), always sent whole, followed by ``next_packet_size`` payload bytes when
 ``normal_pages > 0``. Two engines may agree on bigger packets (``packet-pages``, up to 1024):
-the header then has that many slots and ``pages_alloc`` says so; QEMU always uses 128.
+then the header has that many slots, as ``pages_alloc`` says (QEMU's is always 128).
 
 Receive-side validation follows QEMU 7.2 (``multifd_recv_unfill_packet``) with its
 off-by-one fixed (a channel id must be ``< multifd-channels``): ramblock, offsets and
@@ -24,6 +24,7 @@ asked to (a QEMU 7.2 destination would ignore the zero pages).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import struct
 import uuid as uuidlib
 from dataclasses import dataclass
@@ -280,16 +281,9 @@ def decode_packet_header(
         raise RemoteProtocolError(
             f"multifd channel {channel}: packet header is {len(data)} bytes, expected {header_size(packet_pages)}"
         )
-    magic, version, flags, pages_alloc, normal_pages, next_size, packet_num, zero_pages, _, name_field = (
-        PACKET_FIXED.unpack_from(data, 0)
-    )
+    flags, pages_alloc, normal_pages, next_size, packet_num, zero_pages, name_field = check_header_start(
+        data, channel=channel, packet_pages=packet_pages)
     where = f"multifd channel {channel}, packet_num {packet_num}"
-    if magic != MULTIFD_MAGIC:
-        raise RemoteProtocolError(f"{where}: received packet magic {magic:#010x}, expected {MULTIFD_MAGIC:#010x}")
-    if version != MULTIFD_VERSION:
-        raise RemoteProtocolError(f"{where}: received packet version {version}, expected {MULTIFD_VERSION}")
-    if pages_alloc > packet_pages or (packet_pages != PAGES_PER_PACKET and pages_alloc != packet_pages):
-        raise RemoteProtocolError(f"{where}: received pages_alloc {pages_alloc}, expected {_alloc_rule(packet_pages, pages_alloc)}")
     if normal_pages > pages_alloc:
         raise RemoteProtocolError(
             f"{where}: received normal_pages {normal_pages}, expected <= pages_alloc {pages_alloc}"
@@ -356,9 +350,31 @@ def decode_packet_header(
     return PacketHeader(flags, pages_alloc, normal_pages, next_size, packet_num, name, offsets)
 
 
+def check_header_start(data: bytes | bytearray | memoryview, *, channel: int,
+                       packet_pages: int = PAGES_PER_PACKET) -> tuple[int, int, int, int, int, int, bytes]:
+    """Check a header's fixed part (magic, version, ``pages_alloc``), which is all a receiver
+    needs to know the header's length; returns flags, pages_alloc, normal_pages,
+    next_packet_size, packet_num, zero_pages and the ramblock field."""
+    magic, version, flags, pages_alloc, normal, size, num, zero, _, name = PACKET_FIXED.unpack_from(data, 0)
+    where = f"multifd channel {channel}, packet_num {num}"
+    if magic != MULTIFD_MAGIC:
+        raise RemoteProtocolError(f"{where}: received packet magic {magic:#010x}, expected {MULTIFD_MAGIC:#010x}")
+    if version != MULTIFD_VERSION:
+        raise RemoteProtocolError(f"{where}: received packet version {version}, expected {MULTIFD_VERSION}")
+    if not pages_alloc_fits(pages_alloc, packet_pages):
+        raise RemoteProtocolError(f"{where}: received pages_alloc {pages_alloc}, expected"
+                                  f" {_alloc_rule(packet_pages, pages_alloc)}")
+    return flags, pages_alloc, normal, size, num, zero, name
+
+
+def pages_alloc_fits(pages_alloc: int, packet_pages: int) -> bool:
+    """QEMU's rule for its 128 slots (at most 128); with other sizes the header's length
+    depends on ``pages_alloc``, so it must be exactly this side's packet-pages."""
+    return pages_alloc <= packet_pages if packet_pages == PAGES_PER_PACKET else pages_alloc == packet_pages
+
+
 def _alloc_rule(packet_pages: int, pages_alloc: int) -> str:
-    """What ``pages_alloc`` must be: QEMU's rule for its 128 slots; with other sizes the
-    header's length depends on it, so both sides must have set the same packet-pages."""
+    """What ``pages_alloc`` must be (:func:`pages_alloc_fits`), in words, with a hint."""
     if packet_pages == PAGES_PER_PACKET:
         return f"<= {PAGES_PER_PACKET}" + (" (an engine source with packet-pages? set the same on both sides)"
                                            if PAGES_PER_PACKET < pages_alloc <= MAX_PACKET_PAGES else "")
@@ -379,9 +395,12 @@ class PlainPacket(NamedTuple):
     listed: tuple[int, ...]
 
 
-#: ``PACKED_OFFSETS[n]`` reads or writes ``n`` page offsets as a packet header lists them
-#: (8-byte big-endian): the destination's plain packets
-PACKED_OFFSETS = [struct.Struct(f">{n}Q") for n in range(MAX_PACKET_PAGES + 1)]
+@functools.lru_cache(maxsize=None)
+def packed_offsets(n: int) -> struct.Struct:
+    """Reads ``n`` page offsets as a header lists them (8-byte big-endian); made on first use."""
+    return struct.Struct(f">{n}Q")
+
+
 _LOW_NIBBLE = bytes(b & 0x0F for b in range(256))
 
 
@@ -401,15 +420,14 @@ def plain_packet(data: bytes | bytearray | memoryview, blocks: Mapping[str, int]
     """
     magic, version, flags, pages_alloc, normal, size, _, zero, _, name_field = PACKET_FIXED.unpack_from(data, 0)
     if (magic != MULTIFD_MAGIC or version != MULTIFD_VERSION or flags or zero
-            or not 0 < normal <= pages_alloc <= packet_pages
-            or (pages_alloc != packet_pages and packet_pages != PAGES_PER_PACKET)
+            or not 0 < normal <= pages_alloc or not pages_alloc_fits(pages_alloc, packet_pages)
             or (size and size != normal * TARGET_PAGE_SIZE)):
         return None
     name = _block_name(name_field)
     length = blocks.get(name)
     if length is None:
         return None
-    listed = PACKED_OFFSETS[normal].unpack_from(data, PACKET_FIXED_SIZE)
+    listed = packed_offsets(normal).unpack_from(data, PACKET_FIXED_SIZE)
     if max(listed) > length - TARGET_PAGE_SIZE:
         return None
     raw = data.tobytes() if isinstance(data, memoryview) else data

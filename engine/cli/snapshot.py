@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -187,8 +188,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def check_save_path(path: Path) -> None:
     """``incoming --save FILE``: its directory exists and is writable, and FILE is no directory."""
-    import os
-
     parent = path.parent
     if path.is_dir():
         raise ConfigError(f"--save {str(path)!r} is a directory, expected a file to write the snapshot to")

@@ -34,9 +34,6 @@ _vmsplice = getattr(_libc, "vmsplice", None)  # Linux only
 if _vmsplice is not None:
     _vmsplice.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint]
     _vmsplice.restype = ctypes.c_ssize_t
-_F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
-_F_GETPIPE_SZ = getattr(fcntl, "F_GETPIPE_SZ", 1032)
-_SPLICE_F_NONBLOCK = getattr(os, "SPLICE_F_NONBLOCK", 2)
 #: the pipe's size asked for (pipe-max-size's default, which unprivileged processes may use)
 PIPE_SIZE = 1 << 20
 #: fewer pipe slots than this and a packet would go in pieces too small to be worth it
@@ -65,13 +62,12 @@ class PageSplicer(PageIO):
 
     def __init__(self, sock: socket.socket, what: str, header: bytearray, packet_pages: int = PAGES_PER_PACKET) -> None:
         super().__init__(sock, what, header, packet_pages)
-        self._header_bytes = header
         self._r, self._w = os.pipe()
         try:
             try:
-                size = fcntl.fcntl(self._w, _F_SETPIPE_SZ, PIPE_SIZE)
+                size = fcntl.fcntl(self._w, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
             except OSError:  # a lower pipe-max-size: the pipe keeps its size
-                size = fcntl.fcntl(self._w, _F_GETPIPE_SZ)
+                size = fcntl.fcntl(self._w, fcntl.F_GETPIPE_SZ)
             self._slots = size // mmap.PAGESIZE
             self._header_slots = -(-len(header) // mmap.PAGESIZE)  # the header's bytes, written into pipe pages
             if self._slots < self._header_slots + MIN_SLOTS:
@@ -90,12 +86,12 @@ class PageSplicer(PageIO):
         if base % TARGET_PAGE_SIZE:  # a page across two of the kernel's pages would take two slots
             return super().send_packet(header_len, base, pages)
         n = self._fill(base, pages)
-        os.write(self._w, memoryview(self._header_bytes)[:header_len])  # whole: the pipe is empty
+        os.write(self._w, memoryview(self._header)[:header_len])  # whole: the pipe is empty
         room = self._slots - self._header_slots
         queued, first = header_len, 1
         while first <= n:
             k = min(room, n + 1 - first)
-            got = _vmsplice(self._w, self._iov_at + first * ENTRY_SIZE, k, _SPLICE_F_NONBLOCK)  # type: ignore[misc]
+            got = _vmsplice(self._w, self._iov_at + first * ENTRY_SIZE, k, os.SPLICE_F_NONBLOCK)  # type: ignore[misc]
             if got <= 0 or got % TARGET_PAGE_SIZE:  # whole pages, at least one: the pipe had room
                 err = ctypes.get_errno() if got < 0 else 0
                 raise ChannelError(f"{self.what}: vmsplice of {k} pages moved {got} bytes"

@@ -13,7 +13,7 @@ from ..memory.runs import page_runs
 from ..runtime.buffers import aligned_pages
 from ..wire.packet import TARGET_PAGE_SIZE
 
-_NO_PAGES: npt.NDArray[np.int64] = np.zeros(0, dtype=np.int64)
+NO_PAGES: npt.NDArray[np.int64] = np.zeros(0, dtype=np.int64)  # (never written)
 
 
 class Batch:
@@ -39,7 +39,7 @@ class Batch:
         idx = self.idx
         zero = zero_pages(self.block.words, idx)
         if not zero.any():
-            return _NO_PAGES
+            return NO_PAGES
         zeros: npt.NDArray[np.int64] = idx[zero]
         self.idx = idx[~zero]
         return zeros

@@ -1,13 +1,14 @@
 """Source side multifd channels: the migration thread hands out jobs, N channel processes send.
 
 The migration thread batches the pages of one RAM block into packets of at most
-``packet-pages`` pages (QEMU's 128 by default) and writes them, two 128-page packets to a job (half the hand-offs, wake-ups
-and pipe calls), into the job pipe of an idle channel, like QEMU's ``multifd_send_pages``. A
-job names pages and never carries their bytes; every job of a migration has one size, each is
-written and read whole (the pipe has one writer), and the order holds: a SYNC job written after
-data jobs is handled after them. A channel process owns one socket and one compression
-context; per packet it encodes the header from the page indices and sends the header and the
-pages (``runtime.splice``: by reference) or the payload. For a SYNC job it writes an empty SYNC packet and reports :class:`Synced`:
+``packet-pages`` pages (QEMU's 128 by default) and writes them, two 128-page packets to a job
+(half the hand-offs, wake-ups and pipe calls), into the job pipe of an idle channel, like
+QEMU's ``multifd_send_pages``. A job names pages and never carries their bytes; every job of a
+migration has one size, each is written and read whole (the pipe has one writer), and the order
+holds: a SYNC job written after data jobs is handled after them. A channel process owns one
+socket and one compression context; per packet it encodes the header from the page indices and
+sends the header and the pages (``runtime.splice``: by reference) or the payload. For a SYNC
+job it writes an empty SYNC packet and reports :class:`Synced`:
 :meth:`SendChannels.sync` returns once every channel has *written* its SYNC packet
 (``multifd_send_sync_main``), and only then may the main channel carry the EOS.
 """
@@ -40,7 +41,7 @@ from ..runtime.zerocopy import ZeroCopySender
 from ..stats import Counters
 from ..wire.packet import (MULTIFD_FLAG_NOCOMP, MULTIFD_FLAG_SYNC, PAGES_PER_PACKET, TARGET_PAGE_SIZE,
                            PacketEncoder, header_size)
-from .batch import Batch
+from .batch import NO_PAGES, Batch
 
 #: Jobs a channel may have queued in its pipe. QEMU 7.2 uses 1 (one ``pages`` buffer per
 #: channel); with processes, a wake-up on a busy 2-core machine costs more than a thread
@@ -63,16 +64,12 @@ class JobLayout:
     packet records (an unused one has kind 0) in ``size`` bytes."""
 
     def __init__(self, packet_pages: int) -> None:
-        self.packet_pages = packet_pages
         record = _JOB.size + _PAGE_INDEX.itemsize * packet_pages
         self.size = max(1, JOB_PAGES // packet_pages) * record
         self.records = tuple(range(0, self.size, record))
 # the counter columns a channel updates per packet
 _PACKETS, _PAGES, _ZERO, _BYTES = Counters.PACKETS, Counters.PAGES, Counters.ZERO, Counters.BYTES
 _ZC_MISSED = Counters.ZERO_COPY_MISSED
-
-_NO_PAGES: npt.NDArray[np.int64] = np.zeros(0, dtype=np.int64)
-
 
 @dataclass(frozen=True)
 class SendSetup:
@@ -280,7 +277,7 @@ class SendChannels(ChannelSet):
 
     # -- the migration thread's side
 
-    def _record(self, rec: int, kind: int, block_idx: int, flags: int, idx: npt.NDArray[np.int64] = _NO_PAGES) -> None:
+    def _record(self, rec: int, kind: int, block_idx: int, flags: int, idx: npt.NDArray[np.int64] = NO_PAGES) -> None:
         """Write packet record ``rec`` of the job (the next packet_num goes with it)."""
         _JOB.pack_into(self._job, self.jobs.records[rec], kind, len(idx), block_idx, self.packet_num, flags)
         self.packet_num += 1

@@ -6,9 +6,9 @@ One thread (the "migration thread", this process's main thread) writes the main 
 feeds the channel processes. The unit of work is :meth:`RamSaver.save_section`: "send these
 pages of these blocks in one ram section". For every block it scans the given pages in chunks
 with numpy: zero pages become ZERO records on the main channel (QEMU 7.2 behaviour), the others
-go to :class:`MultiFDQueue`, which cuts them into packets of at most ``packet-pages`` pages (128)
-of one block (``multifd_queue_page``: flush on block change or when full). Then the section's sync round:
-``SendChannels.sync`` returns once every channel has written its SYNC packet, and only then is
+go to :class:`MultiFDQueue`, which cuts them into packets of at most ``packet-pages`` pages
+(128) of one block (``multifd_queue_page``: flush on block change or when full). Then the
+section's sync round: ``SendChannels.sync`` returns once every channel has written its SYNC packet, and only then is
 the EOS record written, so the destination's barrier sees every page of the section first.
 
 The migration driver (engine/source/migration.py) calls ``save_setup`` once, ``save_section`` once per

@@ -93,7 +93,9 @@ def test_fails_when_not_converging() -> None:
         log = DirtyLog(ram)
         with Workload(ram, WorkloadSpec(dirty_rate=0, writers=2), log) as guest:
             wait_for(lambda: guest.pages_written() > 1000, 10, "the writers to start")
-            params = MigrationParams(downtime_limit=0, max_iterations=3)
+            # max-bandwidth makes each iteration last long enough for the writers to dirty pages
+            # even when a busy machine runs them late (else an iteration can end with none dirty)
+            params = MigrationParams(downtime_limit=0, max_iterations=3, max_bandwidth=32 << 20)
             before = guest.pages_written()
             with Migration(dst.uri, ram, params, tracker=log, guest=guest) as mig:
                 with pytest.raises(MigrationError, match=r"migration did not converge after 3 iterations \(max-iterations\): \d+ bytes still dirty, expected downtime \d+ ms > downtime-limit 0 ms"):

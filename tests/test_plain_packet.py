@@ -46,11 +46,11 @@ def _header(pages: list[int], *, name: bytes = b"pc.ram", size: int | None = Non
 
 def _runs(plain: PlainPacket) -> list[tuple[int, int]]:
     """The runs of pages the destination receives ``plain``'s pages into."""
-    return [(a >> 12, b >> 12) for a, b in consecutive_runs(plain.listed, PAGE)]
+    return [(a >> 12, b >> 12) for a, b in consecutive_runs(plain.offsets.tolist(), PAGE)]
 
 
 def _offsets(plain: PlainPacket) -> np.ndarray:
-    return np.array(plain.listed, dtype=np.uint64)
+    return np.array(plain.offsets, dtype=np.uint64)
 
 
 def test_runs_of_a_plain_packet() -> None:

@@ -530,7 +530,7 @@ def test_bigger_packets_round_trip_with_their_own_header_size() -> None:
     assert (hdr.pages_alloc, hdr.normal_pages) == (512, 512)
     assert hdr.offsets.tolist() == (pages * PAGE).tolist()
     plain = plain_packet(raw, blocks, 512)
-    assert plain is not None and list(plain.listed) == (pages * PAGE).tolist()
+    assert plain is not None and plain.offsets.tolist() == (pages * PAGE).tolist()
     with pytest.raises(LocalProtocolError, match=r"^packet with 513 pages, at most 512 fit$"):
         enc.encode_pages(flags=0, packet_num=0, ramblock=b"ram", pages=np.arange(513), next_packet_size=0)
 

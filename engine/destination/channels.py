@@ -28,7 +28,7 @@ from ..compression import MultiFDMethod
 from ..compression.base import Buffer
 from ..errors import ChannelError, MigrationTimeout
 from ..memory.ram import GuestRam, RamBlock
-from ..memory.runs import consecutive_runs, page_runs
+from ..memory.runs import page_runs
 from ..runtime.buffers import aligned_bytes
 from ..runtime.channels import ChannelEnd, ChannelSet, Eof, Ready, Synced
 from ..runtime.iov import PageIO, address_of
@@ -45,7 +45,6 @@ QUIT = b"q"
 SOCKET = b"s"  # a standby channel's socket follows (SCM_RIGHTS)
 # the counter columns a channel updates per packet
 _PACKETS, _PAGES, _ZERO, _BYTES = Counters.PACKETS, Counters.PAGES, Counters.ZERO, Counters.BYTES
-_OFFSET = np.dtype(">u8")  # a page offset as a header lists it
 
 
 class HeldData:
@@ -230,15 +229,14 @@ def _channel_loop(me: ChannelEnd, setup: RecvSetup) -> None:
             ahead = 0
             plain = plain_packet(header, lengths, packet_pages) if plain_path else None
             if plain is not None:
-                pages = len(plain.listed)
+                pages = len(plain.offsets)
                 held.mark_written(index_of[plain.ramblock])
                 t0 = now_ns() if tr is not None else 0
                 if pio is not None:  # the offsets go into the iovecs before the next header lands
-                    listed = np.frombuffer(header, _OFFSET, pages, PACKET_FIXED_SIZE)
-                    ahead = pio.recv_pages(bases[plain.ramblock], listed, header_len)
+                    ahead = pio.recv_pages(bases[plain.ramblock], plain.offsets, header_len)
                 else:
                     buf = ram[plain.ramblock].buf
-                    views = [buf[a:b] for a, b in consecutive_runs(plain.listed, page)]
+                    views = [buf[a * page:b * page] for a, b in page_runs(plain.offsets >> TARGET_PAGE_BITS)]
                     views.append(hview)  # and up to a header's worth of what follows
                     ahead = recv_at_least_into_many(sock, views, pages * page, sink.payload_what) - pages * page
                 if tr is not None:

@@ -111,7 +111,7 @@ class PageSplicer(PageIO):
         flags = os.SPLICE_F_MOVE | (os.SPLICE_F_MORE if more else 0)
         while nbytes:
             try:
-                moved = os.splice(self._r, self.fd, nbytes, flags=flags)
+                moved = os.splice(self._r, self.fd, nbytes, None, None, flags)  # positional: no keyword parsing
             except BlockingIOError:  # the socket is full
                 self._wait(select.POLLOUT)
                 continue

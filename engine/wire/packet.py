@@ -24,7 +24,6 @@ asked to (a QEMU 7.2 destination would ignore the zero pages).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import struct
 import uuid as uuidlib
 from dataclasses import dataclass
@@ -388,20 +387,16 @@ def _block_name(field: bytes) -> str:
 
 class PlainPacket(NamedTuple):
     """A packet read by :func:`plain_packet`: its block and its page offsets in bytes, as
-    listed on the wire (checked). A named tuple: made once per packet, so it is cheap to make;
-    the destination receives the pages into the runs of guest RAM that ``listed`` names."""
+    listed on the wire (checked): a big-endian view of the header's offset slots, so it is
+    valid until the header's buffer takes the next header."""
 
     ramblock: str
-    listed: tuple[int, ...]
+    offsets: npt.NDArray[np.uint64]
 
 
-@functools.lru_cache(maxsize=None)
-def packed_offsets(n: int) -> struct.Struct:
-    """Reads ``n`` page offsets as a header lists them (8-byte big-endian); made on first use."""
-    return struct.Struct(f">{n}Q")
 
-
-_LOW_NIBBLE = bytes(b & 0x0F for b in range(256))
+_WIRE_OFFSET = np.dtype(">u8")  # a page offset as a header lists it
+_IN_PAGE = np.uint64(TARGET_PAGE_SIZE - 1)
 
 
 def plain_packet(data: bytes | bytearray | memoryview, blocks: Mapping[str, int],
@@ -412,11 +407,10 @@ def plain_packet(data: bytes | bytearray | memoryview, blocks: Mapping[str, int]
     Anything else, valid or not, gives None and goes to :func:`decode_packet_header`, which
     knows every case and names what is wrong; this only decides "plain or not", so it never
     accepts a header that :func:`decode_packet_header` would reject. The destination's
-    channels take this path for almost every packet, so every check here runs in C: the
-    offsets unpacked by one struct, their bound by ``max``, their alignment by two strided
-    byte slices (the low 12 bits of a big-endian offset are its last byte and the low half of
-    the byte before); inside a busy channel each Python step costs several times its
-    standalone time.
+    channels take this path for almost every packet, so the offsets are checked where they
+    lie, by numpy: their bound by one ``max``, their alignment by one OR of them all (a set
+    low bit anywhere shows in it). No Python object per offset: at 1024-page packets that is
+    a sixth of the time a tuple of them took, and less at QEMU's 128 too.
     """
     magic, version, flags, pages_alloc, normal, size, _, zero, _, name_field = PACKET_FIXED.unpack_from(data, 0)
     if (magic != MULTIFD_MAGIC or version != MULTIFD_VERSION or flags or zero
@@ -427,15 +421,10 @@ def plain_packet(data: bytes | bytearray | memoryview, blocks: Mapping[str, int]
     length = blocks.get(name)
     if length is None:
         return None
-    listed = packed_offsets(normal).unpack_from(data, PACKET_FIXED_SIZE)
-    if max(listed) > length - TARGET_PAGE_SIZE:
+    offsets = np.frombuffer(data, _WIRE_OFFSET, normal, PACKET_FIXED_SIZE)
+    if offsets.max() > length - TARGET_PAGE_SIZE or np.bitwise_or.reduce(offsets) & _IN_PAGE:
         return None
-    raw = data.tobytes() if isinstance(data, memoryview) else data
-    end = PACKET_FIXED_SIZE + 8 * normal
-    if (raw[PACKET_FIXED_SIZE + 7:end:8].count(0) != normal
-            or raw[PACKET_FIXED_SIZE + 6:end:8].translate(_LOW_NIBBLE).count(0) != normal):
-        return None
-    return PlainPacket(name, listed)
+    return PlainPacket(name, offsets)
 
 
 _NO_OFFSETS: npt.NDArray[np.int64] = np.zeros(0, dtype=np.int64)

@@ -10,7 +10,8 @@ socket and one compression context; per packet it encodes the header from the pa
 sends the header and the pages (``runtime.splice``: by reference) or the payload. For a SYNC
 job it writes an empty SYNC packet and reports :class:`Synced`:
 :meth:`SendChannels.sync` returns once every channel has *written* its SYNC packet
-(``multifd_send_sync_main``), and only then may the main channel carry the EOS.
+(``multifd_send_sync_main``), and only then may the main channel carry the EOS. The setup
+section's round, which has no pages, is written by the migration thread before it forks.
 """
 
 from __future__ import annotations
@@ -264,6 +265,8 @@ class SendChannels(ChannelSet):
                            for rec in jobs.records]
         self._held = 0  # data records already written into the job, waiting for the next packet
         self.sync_wait = 0.0  # seconds spent waiting for SYNC rounds
+        self._sync_ahead = False
+        self._sync_before_fork(socks)
         try:
             for sock in socks:
                 setup = SendSetup(sock, ram, method, level, self._ready, self._done, tracing, detect_zero, zero_copy,
@@ -274,6 +277,20 @@ class SendChannels(ChannelSet):
             raise
         for _ in range(n * self.queue_depth):  # every channel starts idle
             self._ready.release()
+
+    def _sync_before_fork(self, socks: Sequence[socket.socket]) -> None:
+        """The setup section's sync round carries no pages, and the sockets are still this
+        thread's: it writes every channel's SYNC packet itself, before forking, so that
+        ``setup-time`` does not wait for new processes to get a CPU. The first :meth:`sync`
+        then returns at once. The packets are the ones the channels would have written."""
+        enc = PacketEncoder(self.packet_pages)
+        for ch, sock in enumerate(socks):
+            header = enc.encode(flags=MULTIFD_FLAG_SYNC, packet_num=self.packet_num)
+            self.packet_num += 1
+            self.counters[ch, _BYTES] += send_all(sock, [header], f"multifd channel {ch}")
+            self.counters[ch, _PACKETS] += 1
+        self.bytes_committed += self.n * self.header_size
+        self._sync_ahead = True
 
     # -- the migration thread's side
 
@@ -349,6 +366,10 @@ class SendChannels(ChannelSet):
 
     def sync(self) -> None:
         """``multifd_send_sync_main``: a SYNC packet on every channel, all of them written."""
+        if self._sync_ahead and not self._held and not any(self._issued):  # written before the fork
+            self._sync_ahead = False
+            return
+        self._sync_ahead = False
         t0 = time.perf_counter()
         self.bytes_committed += self.n * self.header_size
         self._to_every_channel(JOB_SYNC, MULTIFD_FLAG_SYNC)

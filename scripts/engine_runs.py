@@ -405,16 +405,21 @@ def run_engine(image: Path, size: int, *, channels: int, compression: str, level
         src_base: float | None = None
         port = int(dst_uri.rsplit(":", 1)[1]) if dst_uri.startswith("tcp:") else None
         deadline = time.monotonic() + timeout + 30.0 + 5.0 * size / GiB
+        polls = 0
         while not (src.poll() and dst.poll()):
             if time.monotonic() >= deadline:
                 raise RunFailed(f"engine migration not finished after {timeout + 30.0 + 5.0 * size / GiB:g}s")
             if src_base is None and src.returncode is None:
                 # The source's migration starts once it has read the whole image (one read() of
-                # it: rchar jumps at its end) or, failing that, once it has connected.
+                # it: rchar jumps at its end) or, failing that, once it has connected. Reading
+                # /proc/net/tcp walks the kernel's whole connection table, so that fallback is
+                # asked only every 25th poll: asked every time, it took CPU from the source's
+                # own setup as the migration began (docs/performance.md).
+                polls += 1
                 try:
                     cpu = proc_cpu(src.pid, children=True)
                     flt = proc_minflt(src.pid, children=True)
-                    if proc_rchar(src.pid) >= size or (port is not None and tcp_connected(port)):
+                    if proc_rchar(src.pid) >= size or (port is not None and polls % 25 == 0 and tcp_connected(port)):
                         src_base, src_flt0, machine0, vm0 = cpu, flt, machine_cpu(), vmstat()
                 except OSError:
                     pass

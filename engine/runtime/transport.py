@@ -15,6 +15,9 @@ docs/performance.md, "The sender's congestion control".)
 
 from __future__ import annotations
 
+# socket.getaddrinfo encodes host names with the idna codec: imported here, with the rest,
+# rather than at a migration's first connect, inside its setup-time (docs/performance.md)
+import encodings.idna  # noqa: F401
 import errno
 import ipaddress
 import os

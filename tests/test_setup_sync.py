@@ -12,7 +12,12 @@ from engine.compression.registry import get_method
 from engine.memory.ram import BlockSpec, GuestRam
 from engine.runtime.transport import recv_exact_into
 from engine.source.channels import SendChannels
-from engine.wire.packet import MULTIFD_FLAG_NOCOMP, PacketHeader, decode_packet_header, header_size
+from engine.wire.packet import (
+    MULTIFD_FLAG_NOCOMP,
+    PacketHeader,
+    decode_packet_header,
+    header_size,
+)
 
 PAGE = 4096
 

@@ -87,7 +87,7 @@ class PageIO:
     def _fill(self, base: int, pages: npt.NDArray[np.int64]) -> int:
         n = len(pages)
         bases = self._cols[1:n + 1, 0]
-        # page indices are never negative: viewed as unsigned, no casting loop (a third faster)
+        # page indices are never negative: viewed as unsigned, the shift needs no casting loop
         np.left_shift(pages.view(np.uint64), TARGET_PAGE_BITS, out=bases)
         bases += base
         return n

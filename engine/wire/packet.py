@@ -27,7 +27,7 @@ import dataclasses
 import struct
 import uuid as uuidlib
 from dataclasses import dataclass
-from typing import Mapping, NamedTuple, Sequence
+from typing import Mapping, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -394,7 +394,6 @@ class PlainPacket(NamedTuple):
     offsets: npt.NDArray[np.uint64]
 
 
-
 _WIRE_OFFSET = np.dtype(">u8")  # a page offset as a header lists it
 _IN_PAGE = np.uint64(TARGET_PAGE_SIZE - 1)
 
@@ -409,8 +408,8 @@ def plain_packet(data: bytes | bytearray | memoryview, blocks: Mapping[str, int]
     accepts a header that :func:`decode_packet_header` would reject. The destination's
     channels take this path for almost every packet, so the offsets are checked where they
     lie, by numpy: their bound by one ``max``, their alignment by one OR of them all (a set
-    low bit anywhere shows in it). No Python object per offset: at 1024-page packets that is
-    a sixth of the time a tuple of them took, and less at QEMU's 128 too.
+    low bit anywhere shows in it). No Python object per offset, which matters most for
+    bigger packets (docs/performance.md).
     """
     magic, version, flags, pages_alloc, normal, size, _, zero, _, name_field = PACKET_FIXED.unpack_from(data, 0)
     if (magic != MULTIFD_MAGIC or version != MULTIFD_VERSION or flags or zero

@@ -709,6 +709,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--packet-pages", type=int, default=PAGES_PER_PACKET, metavar="N",
                    help="the engine's pages per packet on both sides (default 128, as QEMU, which always uses 128;"
                         " up to 1024)")
+    p.add_argument("--huge-pages", action="store_true",
+                   help="the engine source's guest RAM on 2 MiB pages (migrate --huge-pages), as QEMU's RAM can"
+                        " get transparent huge pages; the collapse happens before the migration starts")
     args = check_run_args(p, p.parse_args(argv))
     try:
         check_packet_pages(args.packet_pages)
@@ -767,10 +770,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                   file=sys.stderr)
         tls = tls_creds.make_pair(workdir / "tls") if args.tls else None
         packets = ["--packet-pages", str(args.packet_pages)] if args.packet_pages != PAGES_PER_PACKET else []
-        engine_extra: dict[str, Any] = {"extra_dst": packets, "extra_src": packets}
+        huge = ["--huge-pages"] if args.huge_pages else []
+        engine_extra: dict[str, Any] = {"extra_dst": packets, "extra_src": [*packets, *huge]}
         if tls is not None:
             engine_extra = {"extra_dst": [*packets, "--tls-creds", str(tls[0])],
-                            "extra_src": [*packets, "--tls-creds", str(tls[1])]}
+                            "extra_src": [*packets, *huge, "--tls-creds", str(tls[1])]}
         groups = plan(args.cases, args.modes, qemus)
         width = max(24, *(len(j.key) for g in groups for j in g))
         print(f"compare-qemu: {args.rounds} rounds of {sum(len(g) for g in groups)} runs, {args.channels} channels,"
@@ -829,7 +833,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     names = " and ".join(q.short if len(qemus) > 1 and i else f"QEMU {q.short}" for i, q in enumerate(qemus))
     title = (f"{names} vs engine: {size / MiB:g} MiB guest, {args.channels} multifd channels, TCP loopback"
              f"{', TLS on every channel' if args.tls else ''}"
-             f"{f', engine packet-pages {args.packet_pages}' if args.packet_pages != PAGES_PER_PACKET else ''},"
+             f"{f', engine packet-pages {args.packet_pages}' if args.packet_pages != PAGES_PER_PACKET else ''}"
+             f"{', engine source on 2 MiB pages' if args.huge_pages else ''},"
              f" medians of {args.rounds} interleaved rounds{slow}")
     summary = [f"{title}\n", table(rows, args.channels, qemus)]
     loads = [r["load"] for runs in results.values() for r in runs if "load" in r]
@@ -850,7 +855,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "started": started,
         "config": {"size": args.size_bytes, "rounds": args.rounds, "cases": args.cases, "modes": args.modes,
                    "channels": args.channels, "level": args.level, "transport": "tcp:127.0.0.1",
-                   "tls": args.tls, "engine-packet-pages": args.packet_pages,
+                   "tls": args.tls, "engine-packet-pages": args.packet_pages, "engine-huge-pages": args.huge_pages,
                    "qemu-max-bandwidth": QEMU_MAX_BANDWIDTH, "cpus": os.cpu_count(),
                    "tcp-congestion": {"qemu": system_cc, "engine": "auto"}},
         "qemu-version": qemus[0].version_line,

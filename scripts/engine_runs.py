@@ -112,6 +112,17 @@ def proc_rchar(pid: int) -> int:
     return 0
 
 
+def has_socket(pid: int) -> bool:
+    """Whether process ``pid`` has a socket open (a few readlinks of ``/proc/PID/fd``)."""
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:"):
+                return True
+        except OSError:  # closed meanwhile
+            continue
+    return False
+
+
 def tcp_connected(port: int) -> bool:
     """Whether an established IPv4/IPv6 TCP connection to local ``port`` exists (``/proc/net/tcp*``)."""
     want = f":{port:04X}"
@@ -405,13 +416,14 @@ def run_engine(image: Path, size: int, *, channels: int, compression: str, level
         src_base: float | None = None
         port = int(dst_uri.rsplit(":", 1)[1]) if dst_uri.startswith("tcp:") else None
         deadline = time.monotonic() + timeout + 30.0 + 5.0 * size / GiB
-        polls = 0
+        polls, loaded = 0, False
         while not (src.poll() and dst.poll()):
             if time.monotonic() >= deadline:
                 raise RunFailed(f"engine migration not finished after {timeout + 30.0 + 5.0 * size / GiB:g}s")
             if src_base is None and src.returncode is None:
                 # The source's migration starts once it has read the whole image (one read() of
-                # it: rchar jumps at its end) or, failing that, once it has connected. Reading
+                # it: rchar jumps at its end) and opened its first socket (--huge-pages collapses
+                # the RAM in between), or, failing that, once it has connected. Reading
                 # /proc/net/tcp walks the kernel's whole connection table, so that fallback is
                 # asked only every 25th poll: asked every time, it took CPU from the source's
                 # own setup as the migration began (docs/performance.md).
@@ -419,7 +431,9 @@ def run_engine(image: Path, size: int, *, channels: int, compression: str, level
                 try:
                     cpu = proc_cpu(src.pid, children=True)
                     flt = proc_minflt(src.pid, children=True)
-                    if proc_rchar(src.pid) >= size or (port is not None and polls % 25 == 0 and tcp_connected(port)):
+                    loaded = loaded or proc_rchar(src.pid) >= size
+                    if ((loaded and has_socket(src.pid))
+                            or (port is not None and polls % 25 == 0 and tcp_connected(port))):
                         src_base, src_flt0, machine0, vm0 = cpu, flt, machine_cpu(), vmstat()
                 except OSError:
                     pass

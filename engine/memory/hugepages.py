@@ -51,7 +51,8 @@ def map_aligned(fd: int, size: int) -> memoryview | None:
     if base + span > start + size:
         _munmap(start + size, base + span - start - size)
     memory = (ctypes.c_char * size).from_address(start)
-    weakref.finalize(memory, _munmap, start, size)
+    # not at interpreter exit, where a view still in use could outlive it (the exit unmaps all)
+    weakref.finalize(memory, _munmap, start, size).atexit = False
     return memoryview(memory).cast("B")
 
 

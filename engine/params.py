@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from .compression import get_method
 from .compression.base import MultiFDMethod
-from .errors import ConfigError, LocalProtocolError
+from .errors import ConfigError
 from .wire.packet import MAX_CHANNELS, PAGES_PER_PACKET, check_packet_pages, parse_uuid
 
 DEFAULT_CHANNELS = 2
@@ -115,10 +115,7 @@ class MigrationParams:
                 f" without a copy)"
             )
         self._check_tls()
-        try:
-            check_packet_pages(self.packet_pages)
-        except LocalProtocolError as exc:
-            raise ConfigError(str(exc)) from None
+        check_packet_pages(self.packet_pages)
         if not _CONGESTION_NAME.match(self.tcp_congestion):
             raise ConfigError(
                 f"tcp-congestion {self.tcp_congestion!r} is not a congestion control name: expected auto or"

@@ -117,7 +117,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import qemu_peer  # noqa: E402
 import tls_creds  # noqa: E402
 from engine.runtime.transport import LOCAL_CONGESTION, congestion_setting  # noqa: E402
-from engine.errors import LocalProtocolError  # noqa: E402
+from engine.errors import ConfigError  # noqa: E402
 from engine.wire.packet import PAGES_PER_PACKET, check_packet_pages  # noqa: E402
 from engine_runs import (  # noqa: E402
     CASES, GiB, MiB, RunFailed, add_run_args, check_run_args, loadavg, machine_busy, machine_cpu, make_image,
@@ -715,7 +715,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = check_run_args(p, p.parse_args(argv))
     try:
         check_packet_pages(args.packet_pages)
-    except LocalProtocolError as exc:
+    except ConfigError as exc:
         p.error(f"--{exc}")
     if args.note is not None and (not args.results or not args.note.replace("-", "").isalnum()):
         p.error("--note needs --results and one word of letters, digits and '-'")

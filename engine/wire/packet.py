@@ -32,7 +32,7 @@ from typing import Mapping, NamedTuple
 import numpy as np
 import numpy.typing as npt
 
-from ..errors import LocalProtocolError, RemoteProtocolError
+from ..errors import ConfigError, LocalProtocolError, RemoteProtocolError
 
 TARGET_PAGE_BITS = 12
 TARGET_PAGE_SIZE = 1 << TARGET_PAGE_BITS  # 4096
@@ -51,8 +51,6 @@ MULTIFD_FLAG_DEVICE_STATE = 32 << 1
 
 MULTIFD_PACKET_SIZE = 512 * 1024
 PAGES_PER_PACKET = MULTIFD_PACKET_SIZE // TARGET_PAGE_SIZE  # 128
-#: The largest payload a QEMU 7.2 receiver accepts (its buffer is 2 x 512 KiB).
-MAX_PACKET_PAYLOAD = 2 * MULTIFD_PACKET_SIZE
 #: packet-pages between two engines: QEMU's 128 (the default) up to this
 MAX_PACKET_PAGES = 1024
 RAMBLOCK_NAME_FIELD = 256
@@ -65,7 +63,6 @@ INIT_SIZE = INIT_STRUCT.size  # 64
 #: zero_pages (QEMU 9.0; reserved in 7.2), reserved, ramblock
 PACKET_FIXED = struct.Struct(">IIIIIIQI28s256s")
 PACKET_FIXED_SIZE = PACKET_FIXED.size  # 320
-PACKET_HEADER_SIZE = PACKET_FIXED_SIZE + 8 * PAGES_PER_PACKET  # 1344
 
 
 def header_size(packet_pages: int = PAGES_PER_PACKET) -> int:
@@ -79,11 +76,16 @@ def max_payload(packet_pages: int = PAGES_PER_PACKET) -> int:
     return 2 * packet_pages * TARGET_PAGE_SIZE
 
 
+PACKET_HEADER_SIZE = header_size()  # 1344
+#: The largest payload a QEMU 7.2 receiver accepts (its buffer is 2 x 512 KiB).
+MAX_PACKET_PAYLOAD = max_payload()
+
+
 def check_packet_pages(packet_pages: int) -> None:
-    """``packet-pages`` is QEMU's 128 up to :data:`MAX_PACKET_PAGES`."""
+    """``packet-pages`` is QEMU's 128 up to :data:`MAX_PACKET_PAGES` (a parameter: ConfigError)."""
     if not PAGES_PER_PACKET <= packet_pages <= MAX_PACKET_PAGES:
-        raise LocalProtocolError(f"packet-pages {packet_pages} is out of range, expected"
-                                 f" {PAGES_PER_PACKET}..{MAX_PACKET_PAGES} ({PAGES_PER_PACKET} for a QEMU peer)")
+        raise ConfigError(f"packet-pages {packet_pages} is out of range, expected"
+                          f" {PAGES_PER_PACKET}..{MAX_PACKET_PAGES} ({PAGES_PER_PACKET} for a QEMU peer)")
 
 _ZERO_UUID = bytes(16)
 

@@ -16,17 +16,16 @@ import ctypes
 import mmap
 import weakref
 
+from ..runtime.libc import libc, madvise
+
 HUGE_PAGE = 2 << 20
 MADV_COLLAPSE = 25  # Linux 6.1
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_mmap = _libc.mmap
+_mmap = libc.mmap
 _mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
 _mmap.restype = ctypes.c_void_p
-_munmap = _libc.munmap
+_munmap = libc.munmap
 _munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-_madvise = _libc.madvise
-_madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 _FAILED = ctypes.c_void_p(-1).value
 _MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)
 _MAP_FIXED = 0x10
@@ -58,5 +57,4 @@ def map_aligned(fd: int, size: int) -> memoryview | None:
 
 def collapse(buf: memoryview) -> bool:
     """``MADV_COLLAPSE`` over ``buf``: True when every 2 MiB range of it now is one page."""
-    address = ctypes.addressof(ctypes.c_char.from_buffer(buf))
-    return int(_madvise(address, len(buf), MADV_COLLAPSE)) == 0
+    return madvise(buf, MADV_COLLAPSE)

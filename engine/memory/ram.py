@@ -27,6 +27,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ..errors import ChannelError, ConfigError
+from ..runtime.libc import madvise
 from ..runtime.procs import FORK
 from ..wire.packet import MAX_RAMBLOCK_NAME, TARGET_PAGE_SIZE
 from .hugepages import HUGE_PAGE, collapse, map_aligned
@@ -164,13 +165,10 @@ class RamBlock:
     def populate_mapping(self) -> None:
         """Map every page of the block into this process now (``MADV_POPULATE_WRITE``): writes
         through the mapping then take no page fault. Allocates (and zeroes) pages not yet
-        allocated; a no-op where the kernel lacks it (Linux < 5.14: pages fault in on first use)."""
-        mm = getattr(self._closer, "_mmap", None)
-        if mm is not None:
-            try:
-                mm.madvise(getattr(mmap, "MADV_POPULATE_WRITE", MADV_POPULATE_WRITE))
-            except OSError:
-                pass
+        allocated; a no-op where the kernel lacks it (Linux < 5.14: pages fault in on first use).
+        It maps ``buf``, the mapping the block's views use (after :meth:`GuestRam.use_huge_pages`
+        not the segment object's own)."""
+        madvise(self.buf, MADV_POPULATE_WRITE)
 
     def rebind(self, buf: memoryview) -> None:
         """Use ``buf``, another mapping of the same segment, from now on (views taken before
@@ -315,7 +313,7 @@ class GuestRam:
         self.close()
 
 
-MADV_POPULATE_WRITE = 23  # Linux 5.14+
+MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Linux 5.14+
 
 
 def prefault(block: RamBlock, start: int = 0, stop: int | None = None, *, populate: bool = True) -> bool:
@@ -324,25 +322,19 @@ def prefault(block: RamBlock, start: int = 0, stop: int | None = None, *, popula
     ``posix_fallocate`` on the segment allocates its pages, then ``MADV_POPULATE_WRITE`` maps
     them: faster than first-touch writes (docs/performance.md).
     """
-    shm = block._closer
-    mm = getattr(shm, "_mmap", None)
-    if mm is None:
-        return False
     stop = block.npages if stop is None else stop
     off, length = start * TARGET_PAGE_SIZE, (stop - start) * TARGET_PAGE_SIZE
     if length <= 0:
         return True
-    try:
-        fd = os.open(f"/dev/shm/{block.segment}", os.O_RDWR)
-        try:
-            os.posix_fallocate(fd, off, length)
-        finally:
-            os.close(fd)
-        if populate:
-            mm.madvise(getattr(mmap, "MADV_POPULATE_WRITE", MADV_POPULATE_WRITE), off, length)
-        return True
-    except (OSError, ValueError):
+    if block.fd < 0:
         return False
+    try:
+        os.posix_fallocate(block.fd, off, length)
+    except OSError:
+        return False
+    if populate:
+        madvise(block.buf[off:off + length], MADV_POPULATE_WRITE)
+    return True
 
 
 def _segment_name() -> str:

@@ -31,6 +31,7 @@ import numpy.typing as npt
 
 from ..errors import ChannelError, MigrationTimeout, TruncatedError
 from ..wire.packet import PAGES_PER_PACKET, TARGET_PAGE_BITS, TARGET_PAGE_SIZE
+from .libc import libc
 
 
 class _IoVec(ctypes.Structure):
@@ -43,11 +44,10 @@ class _MsgHdr(ctypes.Structure):
                 ("flags", ctypes.c_int)]
 
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_sendmsg = _libc.sendmsg
+_sendmsg = libc.sendmsg
 _sendmsg.argtypes = [ctypes.c_int, ctypes.POINTER(_MsgHdr), ctypes.c_int]
 _sendmsg.restype = ctypes.c_ssize_t
-_recvmsg = _libc.recvmsg
+_recvmsg = libc.recvmsg
 _recvmsg.argtypes = [ctypes.c_int, ctypes.POINTER(_MsgHdr), ctypes.c_int]
 _recvmsg.restype = ctypes.c_ssize_t
 _MSG_NOSIGNAL = getattr(socket, "MSG_NOSIGNAL", 0x4000)

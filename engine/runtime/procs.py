@@ -14,7 +14,6 @@ terminates, kills and reaps them (failure), so no zombie is left whatever their 
 
 from __future__ import annotations
 
-import ctypes
 import gc
 import multiprocessing
 import multiprocessing.connection as mpc
@@ -27,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 from ..errors import ChannelError, MigrationError
+from .libc import libc
 
 #: The one multiprocessing context of the engine: children inherit mappings, sockets and locks.
 FORK = multiprocessing.get_context("fork")
@@ -56,14 +56,6 @@ def close_quietly(obj: Any) -> None:
         os.close(obj) if isinstance(obj, int) else obj.close()
     except OSError:
         pass
-
-
-def _libc() -> Any:
-    """The C library (this process's own symbols), for prctl and mallopt; None if unavailable."""
-    try:
-        return ctypes.CDLL(None, use_errno=True)
-    except OSError:
-        return None
 
 
 def _set_pdeathsig(libc: Any) -> None:
@@ -99,7 +91,6 @@ def child_main(
     args: tuple[Any, ...],
 ) -> None:
     """Entry point of every channel process (runs in the child)."""
-    libc = _libc()
     _set_pdeathsig(libc)
     if os.getppid() != parent_pid:  # the parent died before prctl took effect
         os._exit(1)

@@ -28,9 +28,9 @@ import numpy.typing as npt
 from ..errors import ChannelError
 from ..wire.packet import PAGES_PER_PACKET, TARGET_PAGE_SIZE
 from .iov import ENTRY_SIZE, PageIO
+from .libc import libc
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_vmsplice = getattr(_libc, "vmsplice", None)  # Linux only
+_vmsplice = getattr(libc, "vmsplice", None)  # Linux only
 if _vmsplice is not None:
     _vmsplice.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint]
     _vmsplice.restype = ctypes.c_ssize_t

@@ -265,12 +265,13 @@ def run_live_job(args: argparse.Namespace, make_job: Callable[[GuestRam, Any, An
                             writers=args.writers, seed=args.seed)
     if ram is None:
         ram = load_images(args.ram_image) if args.ram_image else generated_ram(args.ram_size, args.fill, args.seed)
-    huge = ram.use_huge_pages() if getattr(args, "huge_pages", False) else None
     show = sys.stderr.isatty() and not args.json
     stats_interval = getattr(args, "stats_interval", 0)
     interval = stats_interval / 1000 if stats_interval > 0 else None
     tick = min(0.25, interval) if interval else 0.25
     with ram:
+        # before the writers fork, so that they inherit the 2 MiB-aligned mapping
+        huge = ram.use_huge_pages() if getattr(args, "huge_pages", False) else None
         log = DirtyLog(ram) if spec else None
         workload = Workload(ram, spec, log).start() if spec else None
         try:

@@ -41,9 +41,9 @@ both sides, every process of both sides:
 * QEMU: ``utime + stime`` of both QEMU processes from ``/proc/PID/stat`` (all their threads),
   read just before ``migrate`` (after start-up and pre-allocation) and just before ``quit``.
 * engine: the destination's ``utime + stime + cutime + cstime`` read once it is listening (after
-  start-up and ``--prealloc``), the source's once it has read the whole image (``rchar`` in
-  ``/proc/PID/io`` has reached the image size: it is one ``read()``) or has connected,
-  whichever is seen first (polled every 2 ms); at the end each main process's ``wait4()``
+  start-up and ``--prealloc``), the source's when it opens its first socket (``/proc/PID/fd``,
+  polled every 2 ms): after loading the image and any ``--huge-pages`` collapse, as its
+  migration connects; at the end each main process's ``wait4()``
   rusage, which covers the process *and* every channel process it reaped. The channel
   processes' own ``cpu-seconds`` (JSON) split that into main and channels. (Adding the JSON
   figures to ``/usr/bin/time``'s would count every channel twice: its rusage includes them.)

@@ -104,14 +104,6 @@ def proc_huge_kib(pid: int) -> int | None:
     return 0
 
 
-def proc_rchar(pid: int) -> int:
-    with open(f"/proc/{pid}/io") as f:
-        for line in f:
-            if line.startswith("rchar:"):
-                return int(line.split()[1])
-    return 0
-
-
 def has_socket(pid: int) -> bool:
     """Whether process ``pid`` has a socket open (a few readlinks of ``/proc/PID/fd``)."""
     for fd in os.listdir(f"/proc/{pid}/fd"):
@@ -119,22 +111,6 @@ def has_socket(pid: int) -> bool:
             if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:"):
                 return True
         except OSError:  # closed meanwhile
-            continue
-    return False
-
-
-def tcp_connected(port: int) -> bool:
-    """Whether an established IPv4/IPv6 TCP connection to local ``port`` exists (``/proc/net/tcp*``)."""
-    want = f":{port:04X}"
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            with open(table) as f:
-                next(f, None)
-                for line in f:
-                    parts = line.split()
-                    if len(parts) > 3 and parts[3] == "01" and parts[2].endswith(want):  # rem_address, ESTABLISHED
-                        return True
-        except OSError:
             continue
     return False
 
@@ -414,26 +390,17 @@ def run_engine(image: Path, size: int, *, channels: int, compression: str, level
         src = EngineProcess(["migrate", dst_uri, *src_args_tail], workdir, "engine-source", env, root)
         procs.append(src)
         src_base: float | None = None
-        port = int(dst_uri.rsplit(":", 1)[1]) if dst_uri.startswith("tcp:") else None
         deadline = time.monotonic() + timeout + 30.0 + 5.0 * size / GiB
-        polls, loaded = 0, False
         while not (src.poll() and dst.poll()):
             if time.monotonic() >= deadline:
                 raise RunFailed(f"engine migration not finished after {timeout + 30.0 + 5.0 * size / GiB:g}s")
             if src_base is None and src.returncode is None:
-                # The source's migration starts once it has read the whole image (one read() of
-                # it: rchar jumps at its end) and opened its first socket (--huge-pages collapses
-                # the RAM in between), or, failing that, once it has connected. Reading
-                # /proc/net/tcp walks the kernel's whole connection table, so that fallback is
-                # asked only every 25th poll: asked every time, it took CPU from the source's
-                # own setup as the migration began (docs/performance.md).
-                polls += 1
+                # The source's migration starts with its first socket: loading the image (and
+                # --huge-pages' collapse) opens none, and the migration connects first thing.
                 try:
                     cpu = proc_cpu(src.pid, children=True)
                     flt = proc_minflt(src.pid, children=True)
-                    loaded = loaded or proc_rchar(src.pid) >= size
-                    if ((loaded and has_socket(src.pid))
-                            or (port is not None and polls % 25 == 0 and tcp_connected(port))):
+                    if has_socket(src.pid):
                         src_base, src_flt0, machine0, vm0 = cpu, flt, machine_cpu(), vmstat()
                 except OSError:
                     pass

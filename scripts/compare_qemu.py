@@ -59,8 +59,10 @@ the engine's include the channel processes it reaped), and machine-wide ``/proc/
 THP and compaction counters (``vmstat``): fresh destination memory is paid for in faults.
 
 RSS: the JSON's per-channel ``peak-rss-kib`` / ``private-rss-kib``; the main processes'
-``VmHWM`` / ``RssAnon`` sampled from ``/proc`` every 10 ms (``VmHWM`` only grows, so the last
-sample is at most 10 ms old).
+``VmHWM`` / ``RssAnon`` sampled from ``/proc`` every 50 ms, QEMU's cadence (``VmHWM`` only
+grows, so the last sample is at most 50 ms old); in between, every 10 ms, only a check that the
+channel processes are still there (a full sample costs about a millisecond of CPU, which the
+engine's migration would otherwise share its two cores with).
 
 Runs are interleaved: every round runs every (case, mode) once on each side (each QEMU and the
 engine), rotating which one goes first from case to case and round to round (with one QEMU:

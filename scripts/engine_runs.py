@@ -29,6 +29,7 @@ GiB = 1 << 30
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 ENGINE_BLOCK = "pc.ram"
 CASES = ("none", "zstd", "zlib", "lz4")
+FULL_EVERY = 5  # polls (10 ms each) per full sample of a running engine process
 MODES = ("fresh", "prealloc")
 
 
@@ -264,17 +265,22 @@ class EngineProcess:
     def pid(self) -> int:
         return self.proc.pid
 
-    def sample(self) -> None:
-        """Update the RSS peaks and notice the end of the migration (see :meth:`track`)."""
+    def sample(self, full: bool = True) -> None:
+        """Notice the end of the migration (see :meth:`track`); when ``full``, also update the
+        RSS peaks and look for new channel processes. A full sample reads several files of
+        ``/proc``, about a millisecond of CPU, so the runs take one every :data:`FULL_EVERY`
+        polls: the cadence of QEMU's runs, polled with ``query-migrate`` every 50 ms."""
         if self.returncode is None:
-            for k, v in proc_memory(self.pid).items():
-                self.peak[k] = max(self.peak.get(k, 0), v)
-            self.track()
+            if full:
+                for k, v in proc_memory(self.pid).items():
+                    self.peak[k] = max(self.peak.get(k, 0), v)
+            self.track(refresh=full or not self.channel_pids)
 
-    def track(self) -> None:
+    def track(self, refresh: bool = True) -> None:
         """Record the CPU (``children=True``) at the moment the last channel process has been
         reaped: the migration is over, tearing down guest RAM (about 0.35 CPU s per GiB to
-        unmap and unlink here) is not, as QEMU's happens after ``quit``."""
+        unmap and unlink here) is not, as QEMU's happens after ``quit``. ``refresh``: list
+        the children again (else only check that the known ones are still there)."""
         if self.done_cpu is not None or self.returncode is not None:
             return
         try:
@@ -282,8 +288,9 @@ class EngineProcess:
             # for an instant (reparenting between threads), so the end is when all of those
             # are gone (reaped), and no other child is there. A child caught between fork and
             # exec of multiprocessing's resource tracker is dropped once it shows as such.
-            self.channel_pids.update(proc_children(self.pid))
-            self.channel_pids = {c for c in self.channel_pids if not _is_resource_tracker(c)}
+            if refresh:
+                self.channel_pids.update(proc_children(self.pid))
+                self.channel_pids = {c for c in self.channel_pids if not _is_resource_tracker(c)}
             if self.channel_pids and not any(os.path.exists(f"/proc/{c}") for c in self.channel_pids):
                 self.done_cpu = proc_cpu(self.pid, children=True)
                 self.done_minflt = proc_minflt(self.pid, children=True)
@@ -390,6 +397,7 @@ def run_engine(image: Path, size: int, *, channels: int, compression: str, level
         src = EngineProcess(["migrate", dst_uri, *src_args_tail], workdir, "engine-source", env, root)
         procs.append(src)
         src_base: float | None = None
+        polls = 0
         deadline = time.monotonic() + timeout + 30.0 + 5.0 * size / GiB
         while not (src.poll() and dst.poll()):
             if time.monotonic() >= deadline:
@@ -406,8 +414,10 @@ def run_engine(image: Path, size: int, *, channels: int, compression: str, level
                     pass
                 time.sleep(0.002)
                 continue
-            src.sample()
-            dst.sample()
+            polls += 1
+            full = polls % FULL_EVERY == 0
+            src.sample(full)
+            dst.sample(full)
             time.sleep(0.01)
         vm = vmstat_delta(vm0)
         exit_machine = machine_cpu()

@@ -57,6 +57,7 @@ def _vm(workdir: Path, image: Path, size: int, binary: str | None, name: str) ->
     if GUEST is None:
         return qemu_peer.QemuPeer(workdir, name=name, memory=f"{size // MiB}M", mem_path=image,
                                   extra_args=["-mem-prealloc"], timeout=60.0 + 10.0 * size / GiB, binary=binary)
+    peer: qemu_peer.QemuPeer
     peer, serial = linux_guest.peer(workdir, GUEST, name, binary=binary)
     try:
         linux_guest.run_until_ticks(peer, serial)
@@ -70,7 +71,8 @@ def _fresh(workdir: Path, size: int, binary: str | None) -> qemu_peer.QemuPeer:
     if GUEST is None:
         return qemu_peer.QemuPeer(workdir, name="resumed", memory=f"{size // MiB}M", incoming=True,
                                   timeout=60.0 + 10.0 * size / GiB, binary=binary)
-    return linux_guest.peer(workdir, GUEST, "resumed", binary=binary, incoming=True)[0]
+    peer: qemu_peer.QemuPeer = linux_guest.peer(workdir, GUEST, "resumed", binary=binary, incoming=True)[0]
+    return peer
 
 
 def _completed(peer: qemu_peer.QemuPeer, timeout: float) -> dict[str, Any]:

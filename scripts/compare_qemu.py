@@ -805,7 +805,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                          binary=qemu.path, tls=tls, **kw)
                             r["qemu-version"] = qemu.version
                         else:
-                            r = run_engine(image, size, workdir=workdir / "engine", tag=tag, **engine_extra, **kw)
+                            r = run_engine(image, size, workdir=workdir / "engine", tag=tag,
+                                           extra_src=engine_extra["extra_src"], extra_dst=engine_extra["extra_dst"], **kw)
                     except RunFailed as exc:
                         r = {"impl": job.impl, "status": "failed", "error": str(exc)}
                         if job.impl == "qemu":

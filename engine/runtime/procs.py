@@ -169,7 +169,12 @@ class Forked:
             finally:
                 os._exit(1)
         self.pid = pid
-        self.sentinel = os.pidfd_open(pid)
+        try:
+            self.sentinel = os.pidfd_open(pid)  # Linux 5.3
+        except OSError:  # no handle on it: do not leave it running
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            raise
         self._closed = False
 
     def join(self, timeout: float | None = None) -> None:

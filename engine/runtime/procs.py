@@ -2,9 +2,10 @@
 
 Channel processes are forked (:class:`Forked`, a bare ``os.fork``) from the process that owns
 the guest RAM and the sockets, so they inherit the shared mappings and their own socket without
-attaching anything by name. A child asks the kernel to SIGKILL it when the parent dies (no orphans), ignores SIGINT
-(Ctrl-C reaches the whole process group, and only the parent decides how a migration ends) and
-closes every inherited socket that is not its own (a peer sees EOF exactly when the owner closes).
+attaching anything by name. A child asks the kernel to SIGKILL it when the parent dies (no
+orphans), ignores SIGINT (Ctrl-C reaches the whole process group, and only the parent decides
+how a migration ends) and closes every inherited socket that is not its own (a peer sees EOF
+exactly when the owner closes).
 A child never raises into the void: :func:`child_main` reports any exception as a :class:`Failed`
 event and exits 1. The parent waits on event pipes and process sentinels together, so an error,
 a crash and a kill -9 all surface as one ``ChannelError`` naming the channel.
@@ -179,9 +180,12 @@ class Forked:
 
     def join(self, timeout: float | None = None) -> None:
         """Wait up to ``timeout`` seconds (None: for ever) for the child to exit, and reap it."""
-        if self.exitcode is None and select.select([self.sentinel], [], [], timeout)[0]:
-            _, status = os.waitpid(self.pid, 0)
-            self.exitcode = os.waitstatus_to_exitcode(status)
+        if self.exitcode is None:
+            poll = select.poll()  # not select(): a process may have descriptors past FD_SETSIZE
+            poll.register(self.sentinel, select.POLLIN)
+            if poll.poll(None if timeout is None else max(0, int(timeout * 1000 + 0.999))):
+                _, status = os.waitpid(self.pid, 0)
+                self.exitcode = os.waitstatus_to_exitcode(status)
 
     def _signal(self, sig: int) -> None:
         if self.exitcode is None:

@@ -157,11 +157,10 @@ def trace_summary(path: Path) -> dict[str, dict[str, float]]:
 
 
 def traced_runs(image: Path, size: int, jobs: Sequence[Job], directory: Path, *, channels: int, level: int,
-                timeout: float, workdir: Path, tag: str,
-                extra: dict[str, list[str]] | None = None) -> list[dict[str, Any]]:
-    """One extra engine run per job with ``--trace`` on both sides (not counted in the medians);
-    ``extra``: the measured runs' ``extra_src`` and ``extra_dst``."""
-    extra = extra or {}
+                timeout: float, workdir: Path, tag: str, extra_src: Sequence[str] = (),
+                extra_dst: Sequence[str] = ()) -> list[dict[str, Any]]:
+    """One extra engine run per job with ``--trace`` on both sides (not counted in the medians),
+    with the measured runs' own ``extra_src`` and ``extra_dst``."""
     directory.mkdir(parents=True, exist_ok=True)
     out = []
     for job in jobs:
@@ -171,8 +170,8 @@ def traced_runs(image: Path, size: int, jobs: Sequence[Job], directory: Path, *,
             r = run_engine(image, size, channels=channels, compression=job.compression,
                            level=level if job.compression != "none" else None, prealloc=job.mode == "prealloc",
                            workdir=workdir, timeout=timeout, tag=tag,
-                           extra_src=[*extra.get("extra_src", []), "--trace", str(files["source"])],
-                           extra_dst=[*extra.get("extra_dst", []), "--trace", str(files["destination"])])
+                           extra_src=[*extra_src, "--trace", str(files["source"])],
+                           extra_dst=[*extra_dst, "--trace", str(files["destination"])])
         except RunFailed as exc:
             print(f"compare-qemu: traced {job.key} failed: {exc}", file=sys.stderr)
             continue
@@ -776,11 +775,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         tls = tls_creds.make_pair(workdir / "tls") if args.tls else None
         # the engine's own options, the same for every engine run (the traced ones too)
         packets = ["--packet-pages", str(args.packet_pages)] if args.packet_pages != PAGES_PER_PACKET else []
-        engine_extra: dict[str, list[str]] = {"extra_dst": [*packets],
-                                              "extra_src": [*packets, *(["--huge-pages"] if args.huge_pages else [])]}
-        if tls is not None:
-            engine_extra["extra_dst"] += ["--tls-creds", str(tls[0])]
-            engine_extra["extra_src"] += ["--tls-creds", str(tls[1])]
+        extra_dst = [*packets, *(["--tls-creds", str(tls[0])] if tls else [])]
+        extra_src = [*packets, *(["--huge-pages"] if args.huge_pages else []),
+                     *(["--tls-creds", str(tls[1])] if tls else [])]
         groups = plan(args.cases, args.modes, qemus)
         width = max(24, *(len(j.key) for g in groups for j in g))
         print(f"compare-qemu: {args.rounds} rounds of {sum(len(g) for g in groups)} runs, {args.channels} channels,"
@@ -806,7 +803,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                             r["qemu-version"] = qemu.version
                         else:
                             r = run_engine(image, size, workdir=workdir / "engine", tag=tag,
-                                           extra_src=engine_extra["extra_src"], extra_dst=engine_extra["extra_dst"], **kw)
+                                           extra_src=extra_src, extra_dst=extra_dst, **kw)
                     except RunFailed as exc:
                         r = {"impl": job.impl, "status": "failed", "error": str(exc)}
                         if job.impl == "qemu":
@@ -822,7 +819,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.trace is not None:
             engine_jobs = [j for g in groups for j in g if j.impl == "engine"]
             traces = traced_runs(image, size, engine_jobs, args.trace, channels=args.channels, level=args.level,
-                                 timeout=args.timeout, workdir=workdir / "engine", tag=tag, extra=engine_extra)
+                                 timeout=args.timeout, workdir=workdir / "engine", tag=tag,
+                                 extra_src=extra_src, extra_dst=extra_dst)
     except KeyboardInterrupt:
         interrupted = True
         print("compare-qemu: interrupted; summarising what completed", file=sys.stderr)

@@ -29,8 +29,8 @@ GiB = 1 << 30
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 ENGINE_BLOCK = "pc.ram"
 CASES = ("none", "zstd", "zlib", "lz4")
-FULL_EVERY = 5  # polls (10 ms each) per full sample of a running engine process
 MODES = ("fresh", "prealloc")
+FULL_EVERY = 5  # polls (10 ms each) per full sample of a running engine process
 
 
 class RunFailed(Exception):

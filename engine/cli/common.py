@@ -271,7 +271,7 @@ def run_live_job(args: argparse.Namespace, make_job: Callable[[GuestRam, Any, An
     tick = min(0.25, interval) if interval else 0.25
     with ram:
         # before the writers fork, so that they inherit the 2 MiB-aligned mapping
-        huge = ram.use_huge_pages() if getattr(args, "huge_pages", False) else None
+        huge = ram.use_huge_pages() if args.huge_pages else None
         log = DirtyLog(ram) if spec else None
         workload = Workload(ram, spec, log).start() if spec else None
         try:

@@ -214,7 +214,6 @@ class ChildGroup:
         self.noun = noun
         self.procs: list[Forked] = []
         self.events: list[Connection] = []  # parent's read ends, index = channel id
-        self._pids: list[int] = []
         self._closed = False
 
     def start(
@@ -242,13 +241,12 @@ class ChildGroup:
         if own is not None:
             own.close()
         self.procs.append(proc)
-        self._pids.append(proc.pid)
         self.events.append(ev_read)
         return ev_read
 
     @property
     def pids(self) -> list[int]:
-        return list(self._pids)
+        return [p.pid for p in self.procs]
 
     def wait_events(self, timeout: float) -> list[Event]:
         """Events from any channel within ``timeout``; raises on a :class:`Failed` event or a dead child."""

@@ -62,6 +62,7 @@ class PageSplicer(PageIO):
 
     def __init__(self, sock: socket.socket, what: str, header: bytearray, packet_pages: int = PAGES_PER_PACKET) -> None:
         super().__init__(sock, what, header, packet_pages)
+        self._head = memoryview(header)
         self._r, self._w = os.pipe()
         try:
             try:
@@ -86,7 +87,7 @@ class PageSplicer(PageIO):
         if base % TARGET_PAGE_SIZE:  # a page across two of the kernel's pages would take two slots
             return super().send_packet(header_len, base, pages)
         n = self._fill(base, pages)
-        os.write(self._w, memoryview(self._header)[:header_len])  # whole: the pipe is empty
+        os.write(self._w, self._head[:header_len])  # whole: the pipe is empty
         room = self._slots - self._header_slots
         queued, first = header_len, 1
         while first <= n:

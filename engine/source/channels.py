@@ -91,6 +91,14 @@ class SendSetup:
     packet_pages: int = PAGES_PER_PACKET
 
 
+def write_sync(sock: socket.socket, enc: PacketEncoder, packet_num: int, row: Any, what: str) -> None:
+    """An empty packet with the SYNC flag on ``sock``, counted in the channel's counter ``row``
+    (a channel's own, or the parent's for the setup round written before the fork)."""
+    header = enc.encode(flags=MULTIFD_FLAG_SYNC, packet_num=packet_num)
+    row[_BYTES] += send_all(sock, [header], what)
+    row[_PACKETS] += 1
+
+
 def _channel_loop(me: ChannelEnd, setup: SendSetup) -> None:
     _Sender(me, setup).run()
 
@@ -224,9 +232,7 @@ class _Sender:
         """A SYNC job: an empty packet with the SYNC flag, then :class:`Synced` to the parent."""
         packet_num = _JOB.unpack_from(msg)[3]
         self.flush_zero_copy()
-        header = self.enc.encode(flags=MULTIFD_FLAG_SYNC, packet_num=packet_num)
-        self.counters[_BYTES] += send_all(self.sock, [header], self.what)
-        self.counters[_PACKETS] += 1
+        write_sync(self.sock, self.enc, packet_num, self.counters, self.what)
         if self.trace is not None:
             self.trace.span(SEND, t0)
         self.me.send(Synced(self.me.index, packet_num))
@@ -285,10 +291,8 @@ class SendChannels(ChannelSet):
         then returns at once. The packets are the ones the channels would have written."""
         enc = PacketEncoder(self.packet_pages)
         for ch, sock in enumerate(socks):
-            header = enc.encode(flags=MULTIFD_FLAG_SYNC, packet_num=self.packet_num)
+            write_sync(sock, enc, self.packet_num, self.counters[ch], f"multifd channel {ch}")
             self.packet_num += 1
-            self.counters[ch, _BYTES] += send_all(sock, [header], f"multifd channel {ch}")
-            self.counters[ch, _PACKETS] += 1
         self.bytes_committed += self.n * self.header_size
         self._sync_ahead = True
 
